@@ -1,0 +1,38 @@
+# Two commands are the contract (README): `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+# The local CPU wheel; override for a CUDA build, e.g. `make test TORCH_SPEC='torch>=2.4'`.
+TORCH_VERSION ?= 2.13.0
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.codedgrad-installed
+DEMO_DIR ?= outputs/demo
+
+.PHONY: setup test lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	mkdir -p $(DEMO_DIR)
+	$(BIN)/codedgrad plan --preset paper --redundancy 1.05
+	$(BIN)/codedgrad simulate --preset paper --redundancy 1,1.05,1.1,1.2 --plot $(DEMO_DIR)/paper.png
+	@echo "plot written to $(DEMO_DIR)/paper.png"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_planner.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

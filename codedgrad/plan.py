@@ -1,0 +1,304 @@
+"""The load split: how many of a job's task slots each worker gets (DESIGN.md §1).
+
+The *optimal split* of Esfahanizadeh, Cohen & Médard gives worker p a real load κ_p ≥ 0 with
+Σ κ_p = K·Ω such that every worker in use has the same cost ``f_p(κ) = E[T_p] + γ·E[T_p²]``.
+f_p is an increasing quadratic in κ, so for a common *water level* θ each κ_p(θ) is the positive
+root of ``γm²κ² + (m + 2γcm + γσ²)κ + (c + γc²) − θ = 0`` and zero below the constant term.
+Σ κ_p(θ) is increasing in θ; a safeguarded Newton iteration finds the level to machine precision.
+Integer loads come from a deterministic rounding that, among all integer splits with the same
+total, minimises the largest cost (see :func:`optimal_split`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from codedgrad.profile import WorkerProfile
+
+__all__ = [
+    "PlanError",
+    "SplitStatistics",
+    "capacity_time",
+    "choose_redundancy",
+    "optimal_split",
+    "real_split",
+    "split_statistics",
+    "stream_lower_bound",
+    "total_slots",
+    "training_step_lower_bound",
+    "uniform_split",
+]
+
+
+class PlanError(ValueError):
+    """The planner's inputs are invalid; the message names the offending argument."""
+
+
+def _check_profiles(profiles: Sequence[WorkerProfile]) -> None:
+    if len(profiles) == 0:
+        raise PlanError("profiles: need at least one worker")
+    for i, p in enumerate(profiles):
+        if not isinstance(p, WorkerProfile):
+            raise PlanError(f"profiles[{i}]: expected a WorkerProfile, got {type(p).__name__}")
+
+
+def _check_gamma(gamma: float) -> None:
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise PlanError(f"gamma: must be finite and >= 0, got {gamma!r}")
+
+
+def total_slots(tasks: int, redundancy: float = 1.0) -> int:
+    """K·Ω rounded to the nearest integer: the number of task slots handed out per job."""
+    if isinstance(tasks, bool) or not isinstance(tasks, (int, np.integer)) or tasks < 1:
+        raise PlanError(f"tasks: must be an integer >= 1, got {tasks!r}")
+    if not (math.isfinite(redundancy) and redundancy >= 1.0):
+        raise PlanError(f"redundancy: must be finite and >= 1, got {redundancy!r}")
+    return round(int(tasks) * float(redundancy))
+
+
+def _cost_coefficients(profiles: Sequence[WorkerProfile], gamma: float) -> tuple[np.ndarray, ...]:
+    """(a, b, c0) with f_p(κ) = a_p κ² + b_p κ + c0_p."""
+    c = np.array([p.shift for p in profiles])
+    m = np.array([p.mean for p in profiles])
+    s = np.array([p.std for p in profiles])
+    return gamma * m * m, m + 2 * gamma * c * m + gamma * s * s, c + gamma * c * c
+
+
+def _load_at_level(theta: float, a: np.ndarray, b: np.ndarray, c0: np.ndarray) -> np.ndarray:
+    """κ_p(θ): the non-negative root of a κ² + b κ + c0 = θ (0 when θ ≤ c0).
+
+    Written as 2d / (b + √(b² + 4ad)) with d = θ − c0, which is exact for a = 0 (γ = 0) and does
+    not cancel when a is small.
+    """
+    d = np.maximum(theta - c0, 0.0)
+    return 2 * d / (b + np.sqrt(b * b + 4 * a * d))
+
+
+def real_split(
+    profiles: Sequence[WorkerProfile],
+    total: float,
+    gamma: float = 1.0,
+    capacity: float | None = None,
+) -> tuple[np.ndarray, float]:
+    """The real-valued optimal loads (summing to ``total``) and the common cost level θ.
+
+    Args:
+        profiles: one profile per worker.
+        total: the number of task slots to hand out (K·Ω).
+        gamma: weight of the second moment in the cost.
+        capacity: optional upper bound on each worker's load (e.g. K for a code that never gives a
+            worker the same task twice); capped workers have a cost below θ.
+    """
+    _check_profiles(profiles)
+    _check_gamma(gamma)
+    if capacity is not None and capacity * len(profiles) < total:
+        raise PlanError(f"capacity: {len(profiles)} workers × {capacity} cannot hold {total} slots")
+    a, b, c0 = _cost_coefficients(profiles, gamma)
+    cap = np.inf if capacity is None else float(capacity)
+
+    def excess(theta: float) -> tuple[float, float, np.ndarray]:
+        load = np.minimum(_load_at_level(theta, a, b, c0), cap)
+        active = (theta > c0) & (load < cap)
+        slope = float(np.sum(np.where(active, 1.0 / (b + 2 * a * load), 0.0)))
+        return float(load.sum()) - total, slope, load
+
+    # Bracket: at θ = min c0 nobody works; at θ = max f_p(min(total, cap)) everyone holds enough.
+    one = min(float(total), cap)
+    lo, hi = float(c0.min()), float(np.max(a * one * one + b * one + c0))
+    theta = hi
+    for _ in range(200):
+        g, slope, load = excess(theta)
+        if g == 0.0:
+            break
+        if g > 0:
+            hi = theta
+        else:
+            lo = theta
+        if hi - lo <= 4 * np.spacing(hi):
+            break
+        step = theta - g / slope if slope > 0 else math.nan
+        theta = step if lo < step < hi else 0.5 * (lo + hi)
+    load = np.minimum(_load_at_level(theta, a, b, c0), cap)
+    return load, theta
+
+
+def optimal_split(
+    profiles: Sequence[WorkerProfile],
+    tasks: int,
+    redundancy: float = 1.0,
+    gamma: float = 1.0,
+    capacity: int | None = None,
+) -> np.ndarray:
+    """Integer loads that minimise the largest worker cost, summing exactly to round(K·Ω).
+
+    The rounding is deterministic: every worker first gets ⌊κ_p⌋ of its real optimal load, then the
+    remaining slots go one at a time to the worker whose cost after taking it is smallest (ties to
+    the lower index). Taking slots in increasing order of marginal cost f_p(k) picks the N smallest
+    of all values {f_p(k) : k ≥ 1}, so the largest cost is the N-th smallest value, which no integer
+    split with the same total can beat; the floors are exactly the values below θ, so starting
+    from them changes nothing but the run time.
+
+    Args:
+        profiles: one profile per worker.
+        tasks: K, the number of equal tasks a job is split into.
+        redundancy: Ω ≥ 1; K·Ω slots are handed out.
+        gamma: weight of the second moment in the cost (0 balances expected finish times only).
+        capacity: optional largest load of one worker.
+
+    Returns:
+        int64 array of loads, one per worker.
+    """
+    total = total_slots(tasks, redundancy)
+    load, _ = real_split(profiles, total, gamma, capacity)
+    a, b, c0 = _cost_coefficients(profiles, gamma)
+    split = np.floor(load).astype(np.int64)
+    cap = np.iinfo(np.int64).max if capacity is None else int(capacity)
+    np.minimum(split, cap, out=split)
+
+    def next_cost(p: int) -> float:
+        k = split[p] + 1
+        return float(a[p] * k * k + b[p] * k + c0[p])
+
+    heap = [(next_cost(p), p) for p in range(len(profiles)) if split[p] < cap]
+    heapq.heapify(heap)
+    for _ in range(total - int(split.sum())):
+        _, p = heapq.heappop(heap)
+        split[p] += 1
+        if split[p] < cap:
+            heapq.heappush(heap, (next_cost(p), p))
+    return split
+
+
+def uniform_split(workers: int | Sequence[WorkerProfile], tasks: int, redundancy: float = 1.0) -> np.ndarray:
+    """The heterogeneity-oblivious baseline: round(K·Ω) slots spread evenly, remainder to the first."""
+    count = workers if isinstance(workers, (int, np.integer)) else len(workers)
+    if count < 1:
+        raise PlanError(f"workers: need at least one, got {count}")
+    total = total_slots(tasks, redundancy)
+    split = np.full(count, total // count, dtype=np.int64)
+    split[: total % count] += 1
+    return split
+
+
+@dataclass(frozen=True)
+class SplitStatistics:
+    """Predicted per-worker finish times and costs of a split (idle workers finish at 0)."""
+
+    loads: np.ndarray
+    mean_finish: np.ndarray
+    std_finish: np.ndarray
+    cost: np.ndarray
+
+    @property
+    def max_cost(self) -> float:
+        """The largest cost among workers with work: what the optimal split minimises."""
+        return float(self.cost[self.loads > 0].max())
+
+
+def split_statistics(
+    profiles: Sequence[WorkerProfile], split: Sequence[int] | np.ndarray, gamma: float = 1.0
+) -> SplitStatistics:
+    """E[T_p], std[T_p] and cost f_p for each worker under ``split``."""
+    _check_profiles(profiles)
+    _check_gamma(gamma)
+    loads = np.asarray(split, dtype=np.int64)
+    if loads.shape != (len(profiles),) or np.any(loads < 0):
+        raise PlanError(f"split: need {len(profiles)} non-negative loads, got {list(loads)}")
+    a, b, c0 = _cost_coefficients(profiles, gamma)
+    busy = loads > 0
+    mean = np.where(busy, [p.expected_time(k) for p, k in zip(profiles, loads)], 0.0)
+    std = np.sqrt(loads) * np.array([p.std for p in profiles])
+    cost = np.where(busy, a * loads * loads + b * loads + c0, 0.0)
+    return SplitStatistics(loads=loads, mean_finish=mean, std_finish=std, cost=cost)
+
+
+def capacity_time(profiles: Sequence[WorkerProfile], tasks: int) -> float:
+    """The fluid lower bound on one job's time: all capacity pooled, no waste.
+
+    The earliest t at which the workers can together have done K tasks on average,
+    Σ_p max(0, t − c_p)/m_p = K; with no shifts this is K / Σ_p (1/m_p) (DESIGN.md §1).
+    """
+    _check_profiles(profiles)
+    total_slots(tasks)
+    order = sorted(profiles, key=lambda p: p.shift)
+    rate_sum = shift_over_mean = 0.0
+    for i, p in enumerate(order):
+        rate_sum += 1.0 / p.mean
+        shift_over_mean += p.shift / p.mean
+        t = (tasks + shift_over_mean) / rate_sum
+        if i + 1 == len(order) or t <= order[i + 1].shift:
+            return t
+    raise AssertionError("unreachable")
+
+
+def stream_lower_bound(profiles: Sequence[WorkerProfile], tasks: int, arrival_rate: float) -> float:
+    """Ideal mean in-order delay: M/G/1 with deterministic service S = :func:`capacity_time`.
+
+    Pollaczek–Khinchine: λS² / (2(1 − λS)) + S. Raises :class:`PlanError` when λS ≥ 1, because no
+    split can keep that queue stable.
+    """
+    if not (math.isfinite(arrival_rate) and arrival_rate > 0):
+        raise PlanError(f"arrival_rate: must be finite and > 0, got {arrival_rate!r}")
+    service = capacity_time(profiles, tasks)
+    load = arrival_rate * service
+    if load >= 1:
+        raise PlanError(
+            f"arrival_rate: {arrival_rate:g} jobs per unit time is at or above capacity "
+            f"({1 / service:.6g}); the queue would be unstable"
+        )
+    return arrival_rate * service**2 / (2 * (1 - load)) + service
+
+
+def training_step_lower_bound(profiles: Sequence[WorkerProfile], tasks: int, allreduce_time: float = 0.0) -> float:
+    """Closed-loop bound on one training step: :func:`capacity_time` plus the gradient all-reduce."""
+    if not (math.isfinite(allreduce_time) and allreduce_time >= 0):
+        raise PlanError(f"allreduce_time: must be finite and >= 0, got {allreduce_time!r}")
+    return capacity_time(profiles, tasks) + allreduce_time
+
+
+def choose_redundancy(
+    profiles: Sequence[WorkerProfile],
+    tasks: int,
+    candidates: Sequence[float] = (1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5),
+    tolerance: float = 0.02,
+    gamma: float = 1.0,
+    arrival_rate: float | None = None,
+    jobs: int = 2000,
+    seed: int = 0,
+) -> float:
+    """The smallest Ω whose simulated mean delay is within ``tolerance`` of the best candidate.
+
+    Redundancy costs compute (and, in training, energy and memory) for every job, so among the
+    candidates that are nearly as fast as the fastest we take the least redundant one. Each
+    candidate is simulated with the optimal split on common random numbers (the same seed), so
+    the comparison is not drowned by sampling noise.
+
+    Args:
+        profiles, tasks, gamma: as for :func:`optimal_split`.
+        candidates: the redundancies to try (each ≥ 1).
+        tolerance: relative slack over the best mean delay (0.02 = within 2 %).
+        arrival_rate: λ of the stream model; None simulates closed-loop training steps instead.
+        jobs: jobs (or steps) simulated per candidate.
+        seed: random seed.
+    """
+    from codedgrad import sim  # plan and sim are peers; import late to keep module loading acyclic
+
+    if not candidates:
+        raise PlanError("candidates: need at least one redundancy")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise PlanError(f"tolerance: must be finite and >= 0, got {tolerance!r}")
+    delays = []
+    for omega in candidates:
+        split = optimal_split(profiles, tasks, omega, gamma)
+        if arrival_rate is None:
+            delay = sim.simulate_training(profiles, split, tasks, steps=jobs, seed=seed).mean_step_time
+        else:
+            delay = sim.simulate_stream(profiles, split, tasks, arrival_rate, jobs=jobs, seed=seed).mean_delay
+        delays.append(delay)
+    best = min(delays)
+    return min(omega for omega, d in zip(candidates, delays) if d <= best * (1 + tolerance))
