@@ -78,6 +78,23 @@ class WorkerProfile:
         """The planner's cost ``E[T] + γ·E[T²]`` of giving this worker ``tasks`` tasks."""
         return self.expected_time(tasks) + gamma * self.second_moment(tasks)
 
+    def sample_task_times(self, rng: np.random.Generator, size: int | tuple[int, ...]) -> np.ndarray:
+        """Draw task times (without the shift) with this profile's mean and std.
+
+        The model fixes only two moments, so the simulators pick the distribution:
+
+        * ``std == 0``: every task takes ``mean``;
+        * ``std <= mean``: shifted exponential, ``(mean − std) + Exp(std)``; ``std == mean`` is the
+          paper's exponential task time, and this is also what :mod:`codedgrad.emulate` produces;
+        * ``std > mean``: gamma with shape ``(mean/std)²`` and scale ``std²/mean`` (a shifted
+          exponential would need a negative floor).
+        """
+        if self.std == 0:
+            return np.full(size, self.mean)
+        if self.std <= self.mean:
+            return (self.mean - self.std) + rng.exponential(self.std, size)
+        return rng.gamma((self.mean / self.std) ** 2, self.std**2 / self.mean, size)
+
 
 def profiles_from_dict(data: object) -> list[WorkerProfile]:
     """Parse the profile file's JSON document; errors name the field, e.g. ``workers[2].mean``."""
