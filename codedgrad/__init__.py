@@ -1,1 +1,18 @@
-"""codedgrad."""
+"""codedgrad: coded, heterogeneity-aware synchronous data parallelism with exact gradients.
+
+The planner, simulators and codes need only numpy; the torch runtime is imported on first use, so
+``codedgrad plan`` and ``codedgrad simulate`` start quickly.
+"""
+
+from codedgrad.profile import WorkerProfile
+
+__all__ = ["CodedDataParallel", "StepReport", "WorkerProfile"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("CodedDataParallel", "StepReport"):
+        from codedgrad.runtime import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'codedgrad' has no attribute {name!r}")

@@ -26,6 +26,7 @@ __all__ = [
     "capacity_time",
     "choose_redundancy",
     "optimal_split",
+    "propose_num_tasks",
     "real_split",
     "split_statistics",
     "stream_lower_bound",
@@ -302,3 +303,46 @@ def choose_redundancy(
         delays.append(delay)
     best = min(delays)
     return min(omega for omega, d in zip(candidates, delays) if d <= best * (1 + tolerance))
+
+
+def propose_num_tasks(
+    world_size: int,
+    step_compute_seconds: float,
+    task_overhead_seconds: float,
+    commit_seconds: float = 0.0,
+    max_tasks: int | None = None,
+) -> int:
+    """A number of tasks K that balances per-task overhead against the tail of a step.
+
+    Splitting a step into more tasks has two opposite effects:
+
+    * every task pays a fixed overhead ``o`` (the commit's Store round trips, kernel launches, the
+      fixed part of a forward/backward), and a rank runs about K/P of them: + K·o/P per step;
+    * the step ends with a *tail*: the ranks finish their last tasks at different moments, and
+      whoever waits, waits for at most the rest of one in-flight task of length ``W/K`` (W the
+      step's compute on one rank of average speed, spread over P ranks): + W/K per step.
+
+    ``T(K) ≈ W/P + K·o/P + W/K`` is smallest at ``K* = sqrt(W·P/o)``. The result is then kept at
+    least P (one task per rank), at least long enough that a task lasts 50 commits (DESIGN.md §4:
+    coordination must stay a small share of the work), and at most ``max_tasks`` (e.g. the global
+    batch size, one sample per task).
+
+    Args:
+        world_size: P, the number of ranks.
+        step_compute_seconds: W, the time one average rank needs for the whole global batch.
+        task_overhead_seconds: o, the fixed cost of one task, commit included.
+        commit_seconds: the median commit time, for the 50× rule (0 to skip it).
+        max_tasks: an upper bound on K.
+    """
+    if world_size < 1:
+        raise PlanError(f"world_size: must be >= 1, got {world_size}")
+    if not (math.isfinite(step_compute_seconds) and step_compute_seconds > 0):
+        raise PlanError(f"step_compute_seconds: must be finite and > 0, got {step_compute_seconds!r}")
+    if not (math.isfinite(task_overhead_seconds) and task_overhead_seconds > 0):
+        raise PlanError(f"task_overhead_seconds: must be finite and > 0, got {task_overhead_seconds!r}")
+    tasks = math.sqrt(step_compute_seconds * world_size / task_overhead_seconds)
+    if commit_seconds > 0:  # a task of one rank lasts W/K·... at least 50 commits: K <= W/(50·commit)
+        tasks = min(tasks, step_compute_seconds / (50 * commit_seconds))
+    if max_tasks is not None:
+        tasks = min(tasks, max_tasks)
+    return max(world_size, round(tasks))

@@ -1,0 +1,353 @@
+"""The ``codedgrad`` command line (DESIGN.md §6).
+
+``codedgrad plan``
+    The optimal and uniform load splits of a job over the workers of a profile file, with each
+    worker's expected finish time and cost, and the lower bound on a job's time.
+``codedgrad simulate``
+    The mean in-order delay of a stream of jobs for several redundancies, with the optimal and the
+    uniform split, against the ideal lower bound; optionally a plot.
+
+Workers come from ``--profile FILE`` (the profile file format, DESIGN.md §6) or from
+``--preset NAME`` (:mod:`codedgrad.presets`), which also supplies the number of tasks, the arrival
+rate, γ and the number of jobs; explicit flags override the preset. A preset's task times are
+for its own number of tasks, so overriding ``--tasks`` changes the job size as well.
+
+User errors print one line, ``codedgrad: error: <message>`` naming the field, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+import numpy as np
+
+from codedgrad import plan, sim
+from codedgrad.presets import PRESETS
+from codedgrad.profile import ProfileError, WorkerProfile, load_profiles
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+DEFAULT_JOBS = 10_000
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing the usage, so every error is one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(message)
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """The workers and workload after merging a preset with explicit flags."""
+
+    profiles: list[WorkerProfile]
+    tasks: int
+    gamma: float
+    arrival_rate: float | None
+    jobs: int | None
+
+
+def _redundancy_list(text: str) -> list[float]:
+    """Parse ``1,1.05,1.1`` into floats, each finite and >= 1."""
+    try:
+        values = [float(item) for item in text.split(",")]
+    except ValueError:
+        raise CliError(f"redundancy: cannot read {text!r} as a comma-separated list of numbers") from None
+    for value in values:
+        if not (math.isfinite(value) and value >= 1):
+            raise CliError(f"redundancy: must be finite and >= 1, got {value:g}")
+    return values
+
+
+def _setting(args: argparse.Namespace, max_redundancy: float) -> _Setting:
+    """Merge ``--preset`` (if any) with the explicit flags; check what the library does not."""
+    if args.profile is not None and args.preset is not None:
+        raise CliError("profile: --profile and --preset are alternatives, give only one")
+    if args.profile is None and args.preset is None:
+        raise CliError("profile: give --profile FILE or --preset NAME")
+    if args.preset is not None:
+        preset = PRESETS[args.preset](max_redundancy)
+        profiles, tasks, gamma = list(preset.profiles), preset.tasks, preset.gamma
+        arrival_rate, jobs = preset.arrival_rate, preset.jobs
+    else:
+        profiles = load_profiles(args.profile)
+        tasks, gamma, arrival_rate, jobs = None, 1.0, None, None
+    tasks = args.tasks if args.tasks is not None else tasks
+    if tasks is None:
+        raise CliError("tasks: --tasks is required with --profile")
+    gamma = args.gamma if args.gamma is not None else gamma
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise CliError(f"gamma: must be finite and >= 0, got {gamma:g}")
+    if getattr(args, "arrival_rate", None) is not None:
+        arrival_rate = args.arrival_rate
+    if getattr(args, "jobs", None) is not None:
+        jobs = args.jobs
+    plan.total_slots(tasks, max_redundancy)  # raises PlanError naming tasks or redundancy
+    return _Setting(profiles, tasks, gamma, arrival_rate, jobs)
+
+
+def _number(value: float) -> str:
+    """Compact, readable numbers for the tables (any scale)."""
+    return f"{value:.5g}"
+
+
+def _plan(args: argparse.Namespace) -> int:
+    redundancy = args.redundancy
+    if not (math.isfinite(redundancy) and redundancy >= 1):
+        raise CliError(f"redundancy: must be finite and >= 1, got {redundancy:g}")
+    s = _setting(args, redundancy)
+    optimal = plan.optimal_split(s.profiles, s.tasks, redundancy, s.gamma)
+    uniform = plan.uniform_split(s.profiles, s.tasks, redundancy)
+    opt_stats = plan.split_statistics(s.profiles, optimal, s.gamma)
+    uni_stats = plan.split_statistics(s.profiles, uniform, s.gamma)
+    job_bound = plan.capacity_time(s.profiles, s.tasks)
+    stream_bound = None if s.arrival_rate is None else plan.stream_lower_bound(s.profiles, s.tasks, s.arrival_rate)
+
+    if args.json:
+        document = {
+            "tasks": s.tasks,
+            "redundancy": redundancy,
+            "gamma": s.gamma,
+            "slots": int(optimal.sum()),
+            "split": optimal.tolist(),
+            "uniform": uniform.tolist(),
+            "expected_finish": opt_stats.mean_finish.tolist(),
+            "worker_cost": opt_stats.cost.tolist(),
+            "cost": opt_stats.max_cost,
+            "uniform_cost": uni_stats.max_cost,
+            "lower_bound": job_bound,
+        }
+        if stream_bound is not None:
+            document["arrival_rate"] = s.arrival_rate
+            document["stream_lower_bound"] = stream_bound
+        print(json.dumps(document))
+        return 0
+
+    print(
+        f"{len(s.profiles)} workers, K = {s.tasks} tasks, redundancy Ω = {redundancy:g} "
+        f"({int(optimal.sum())} slots), γ = {s.gamma:g}"
+    )
+    header = ["worker", "shift", "mean", "std", "optimal", "uniform", "E[finish]", "cost", "E[finish] unif"]
+    rows = [
+        [
+            str(p),
+            *(_number(value) for value in (w.shift, w.mean, w.std)),
+            str(optimal[p]),
+            str(uniform[p]),
+            *(_number(value) for value in (opt_stats.mean_finish[p], opt_stats.cost[p], uni_stats.mean_finish[p])),
+        ]
+        for p, w in enumerate(s.profiles)
+    ]
+    rows.append(["total", "", "", "", str(optimal.sum()), str(uniform.sum()), "", "", ""])
+    _print_table(header, rows)
+    print("E[finish] and cost are for the optimal split; cost = E[T] + γ·E[T²]")
+    print(f"largest cost: optimal split {_number(opt_stats.max_cost)}, uniform split {_number(uni_stats.max_cost)}")
+    print(f"lower bound on one job's time (all capacity pooled, no waste): {_number(job_bound)}")
+    if stream_bound is not None:
+        print(f"lower bound on the mean delay of a stream at λ = {s.arrival_rate:g}: {_number(stream_bound)}")
+    return 0
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    redundancies = _redundancy_list(args.redundancy)
+    s = _setting(args, max(redundancies))
+    if s.arrival_rate is None:
+        raise CliError("arrival_rate: --arrival-rate is required with --profile")
+    jobs = DEFAULT_JOBS if s.jobs is None else s.jobs
+    if jobs < 1:
+        raise CliError(f"jobs: must be >= 1, got {jobs}")
+    if args.seed < 0:
+        raise CliError(f"seed: must be >= 0, got {args.seed}")
+    lower_bound = plan.stream_lower_bound(s.profiles, s.tasks, s.arrival_rate)  # PlanError at/above capacity
+
+    results = []
+    runs = []  # (redundancy, optimal StreamResult, uniform StreamResult) for the plot
+    for omega in redundancies:
+        optimal = plan.optimal_split(s.profiles, s.tasks, omega, s.gamma)
+        uniform = plan.uniform_split(s.profiles, s.tasks, omega)
+        # The same seed for both splits: the same arrival times, a fairer comparison.
+        opt = sim.simulate_stream(s.profiles, optimal, s.tasks, s.arrival_rate, jobs=jobs, seed=args.seed)
+        uni = sim.simulate_stream(s.profiles, uniform, s.tasks, s.arrival_rate, jobs=jobs, seed=args.seed)
+        runs.append((omega, opt, uni))
+        results.append(
+            {
+                "redundancy": omega,
+                "optimal": opt.mean_delay,
+                "uniform": uni.mean_delay,
+                "optimal_stable": opt.stable,
+                "uniform_stable": uni.stable,
+                "optimal_utilisation": opt.utilisation,
+                "uniform_utilisation": uni.utilisation,
+                "optimal_split": optimal.tolist(),
+                "uniform_split": uniform.tolist(),
+            }
+        )
+
+    if args.plot is not None:
+        _plot(args.plot, runs, lower_bound)
+
+    if args.json:
+        document = {
+            "lower_bound": lower_bound,
+            "tasks": s.tasks,
+            "arrival_rate": s.arrival_rate,
+            "gamma": s.gamma,
+            "jobs": jobs,
+            "seed": args.seed,
+            "results": results,
+        }
+        print(json.dumps(document))
+        return 0
+
+    print(
+        f"{len(s.profiles)} workers, K = {s.tasks} tasks, λ = {s.arrival_rate:g} jobs per unit time, "
+        f"{jobs} jobs, seed {args.seed}, γ = {s.gamma:g}"
+    )
+    print(
+        f"mean in-order delay; lower bound = ideal pooled capacity, M/D/1 (Pollaczek–Khinchine): {_number(lower_bound)}"
+    )
+    header = ["redundancy", "optimal", "uniform", "lower bound", "optimal/bound", "uniform/optimal"]
+    rows = []
+    for r in results:
+        rows.append(
+            [
+                f"{r['redundancy']:g}",
+                _delay(r["optimal"], r["optimal_stable"]),
+                _delay(r["uniform"], r["uniform_stable"]),
+                _number(lower_bound),
+                f"{r['optimal'] / lower_bound:.3f}",
+                f"{r['uniform'] / r['optimal']:.3f}",
+            ]
+        )
+    _print_table(header, rows)
+    if not all(r["optimal_stable"] and r["uniform_stable"] for r in results):
+        print("UNSTABLE: utilisation >= 1, the queue grows without bound; its mean delay grows with --jobs")
+    if args.plot is not None:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _delay(value: float, stable: bool) -> str:
+    return _number(value) if stable else f"{_number(value)} UNSTABLE"
+
+
+def _plot(path: str, runs: list[tuple[float, sim.StreamResult, sim.StreamResult]], lower_bound: float) -> None:
+    """Two panels: mean delay against redundancy, and success rate against deadline."""
+    # Figure without pyplot: no global state and no GUI backend; savefig renders with Agg.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
+
+    omegas = [omega for omega, _, _ in runs]
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    delay_ax, success_ax = fig.subplots(1, 2)
+    delay_ax.plot(omegas, [opt.mean_delay for _, opt, _ in runs], "o-", label="optimal split")
+    delay_ax.plot(omegas, [uni.mean_delay for _, _, uni in runs], "s--", label="uniform split")
+    delay_ax.axhline(lower_bound, color="black", linestyle=":", label="lower bound")
+    delay_ax.set_yscale("log")
+    for axis_formatter in (delay_ax.yaxis.set_major_formatter, delay_ax.yaxis.set_minor_formatter):
+        axis_formatter(ScalarFormatter())  # plain numbers (30, 40, 60) rather than 3×10¹ on a log axis
+    delay_ax.set_xlabel("redundancy Ω")
+    delay_ax.set_ylabel("mean in-order delay")
+    delay_ax.set_title("Mean delay")
+    delay_ax.legend()
+
+    # Deadlines up to the 99th percentile of the slowest run, so every curve reaches ~1.
+    top = max(float(np.quantile(result.service_times, 0.99)) for _, opt, uni in runs for result in (opt, uni))
+    deadlines = np.linspace(0.0, top, 400)
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for (omega, opt, uni), colour in zip(runs, colours):
+        success_ax.plot(
+            deadlines,
+            sim.success_rate(opt.service_times, deadlines),
+            "-",
+            color=colour,
+            label=f"optimal, Ω = {omega:g}",
+        )
+        success_ax.plot(
+            deadlines,
+            sim.success_rate(uni.service_times, deadlines),
+            "--",
+            color=colour,
+            label=f"uniform, Ω = {omega:g}",
+        )
+    success_ax.set_xlabel("deadline d")
+    success_ax.set_ylabel("share of jobs with service time ≤ d")
+    success_ax.set_ylim(-0.02, 1.02)
+    success_ax.set_title("Success rate")
+    success_ax.legend(fontsize="small")
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as error:
+        raise CliError(f"plot: cannot write {path}: {error.strerror or error}") from None
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="codedgrad", description="Plan and simulate coded, heterogeneity-aware data parallelism.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--profile", metavar="FILE", help='worker profiles: {"workers": [{"shift", "mean", "std"}, …]}'
+        )
+        sub.add_argument("--preset", choices=sorted(PRESETS), help="a ready-made scenario instead of --profile")
+        sub.add_argument("--tasks", type=int, metavar="K", help="tasks per job (supplied by a preset)")
+        sub.add_argument("--gamma", type=float, metavar="G", help="weight of E[T²] in the cost (default 1)")
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    plan_cmd = commands.add_parser("plan", help="optimal and uniform load split of one job")
+    common(plan_cmd)
+    plan_cmd.add_argument("--redundancy", type=float, default=1.0, metavar="R", help="Ω >= 1 (default 1)")
+    plan_cmd.set_defaults(run=_plan)
+
+    simulate_cmd = commands.add_parser("simulate", help="mean delay of a stream of jobs against redundancy")
+    common(simulate_cmd)
+    simulate_cmd.add_argument("--redundancy", required=True, metavar="R1,R2,…", help="redundancies to simulate")
+    simulate_cmd.add_argument("--arrival-rate", type=float, metavar="L", help="λ, jobs per unit time")
+    simulate_cmd.add_argument("--jobs", type=int, metavar="J", help=f"jobs per simulation (default {DEFAULT_JOBS})")
+    simulate_cmd.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    simulate_cmd.add_argument("--plot", metavar="FILE.png", help="also draw delay and success-rate panels")
+    simulate_cmd.set_defaults(run=_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``codedgrad`` command line.
+
+    Args:
+        argv: the arguments after the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 on a user error (one line on stderr).
+    """
+    try:
+        args = _parser().parse_args(argv)
+        return args.run(args)
+    except (CliError, ProfileError, plan.PlanError, ValueError) as error:
+        message = " ".join(str(error).split())  # one line, whatever the library's message looks like
+        print(f"codedgrad: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exit_:  # --help and --version exit through argparse
+        return exit_.code if isinstance(exit_.code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
