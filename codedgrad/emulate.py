@@ -1,0 +1,351 @@
+"""Heterogeneity and straggler *emulation* for tests and benchmarks (DESIGN.md §3, "Emulation").
+
+One CPU machine cannot show real heterogeneity: all ranks share the same cores. This module makes
+ranks look unequal and noisy by adding a seeded delay after the real compute of every task:
+
+* rank r's mean emulated task time is ``base / speeds[r]``; a share ``jitter`` of it is exponential
+  and the rest fixed (a shifted exponential, the paper's task-time model);
+* with probability ``stall_prob`` a task takes ``stall_factor`` times its mean instead (a straggler);
+* from step ``change_step`` on the speeds become ``change_speeds`` (a node slowing down mid-run);
+* ``forced_stalls`` add a fixed extra delay to one rank's first task of one step, so a test can say
+  "rank 2 stalls 2 s on step 5" without relying on chance.
+
+The delay of ``(rank, step, task index)`` is a pure function of the configuration: it does not depend
+on what the other ranks do, on the order of calls or on timing, so a run can be replayed exactly.
+
+This is emulation, never measurement of real hardware: anything that uses it must report it as
+such (:meth:`Heterogeneity.describe`), and production runs do not use it. torchrun scripts and
+recipes pick it up unchanged from the ``CODEDGRAD_EMULATE`` environment variable
+(:meth:`Heterogeneity.from_env`), whose value is the JSON of :meth:`Heterogeneity.to_json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from codedgrad.profile import WorkerProfile
+
+__all__ = ["ENV_VARIABLE", "EmulationError", "Heterogeneity"]
+
+ENV_VARIABLE = "CODEDGRAD_EMULATE"
+"""The environment variable :meth:`Heterogeneity.from_env` reads by default."""
+
+_FIELDS = (
+    "speeds",
+    "base",
+    "jitter",
+    "stall_prob",
+    "stall_factor",
+    "seed",
+    "change_step",
+    "change_speeds",
+    "forced_stalls",
+)
+
+
+class EmulationError(ValueError):
+    """An emulation setting is invalid; the message starts with the offending field."""
+
+
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def _is_int(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def _finite(name: str, value: object) -> float:
+    if not _is_number(value):
+        raise EmulationError(f"{name}: must be a number, got {value!r}")
+    value = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(value):
+        raise EmulationError(f"{name}: must be finite, got {value!r}")
+    return value
+
+
+def _speed_tuple(name: str, values: object) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+        raise EmulationError(f"{name}: must be a list of speeds, got {values!r}")
+    if len(values) == 0:
+        raise EmulationError(f"{name}: need at least one rank")
+    speeds = []
+    for i, value in enumerate(values):
+        speed = _finite(f"{name}[{i}]", value)
+        if speed <= 0:
+            raise EmulationError(f"{name}[{i}]: must be > 0, got {speed!r}")
+        speeds.append(speed)
+    return tuple(speeds)
+
+
+@dataclass(frozen=True)
+class Heterogeneity:
+    """Seeded per-rank, per-task delays that emulate unequal and noisy workers.
+
+    Args:
+        speeds: relative speed of each rank (positive, finite); ``len(speeds)`` is the world size.
+        base: mean emulated task time, in seconds, of a rank of speed 1 when it does not stall (> 0).
+        jitter: share of the mean that is exponential, in [0, 1]; the rest ``(1 − jitter)·mean`` is
+            fixed. ``jitter=1`` gives exponential task times, ``jitter=0`` constant ones.
+        stall_prob: probability, in [0, 1], that a task stalls.
+        stall_factor: a stalled task takes ``stall_factor`` times the rank's mean (≥ 1).
+        seed: non-negative integer; each rank's delays are derived from ``(seed, rank, step, index)``.
+        change_step: first step at which ``change_speeds`` apply (≥ 0), or None for no change.
+        change_speeds: the speeds from ``change_step`` on; same length as ``speeds``.
+        forced_stalls: ``(rank, step, seconds)`` tuples: an extra delay of ``seconds`` on that rank's
+            first task (index 0) of that step, on top of its random delay.
+
+    Example::
+
+        >>> het = Heterogeneity(speeds=[1.0, 1.0, 0.5], base=0.005, stall_prob=0.01)
+        >>> het.profiles()[2].mean  # slow rank, including its rare stalls
+        0.0109
+    """
+
+    speeds: tuple[float, ...]
+    base: float
+    jitter: float = 0.5
+    stall_prob: float = 0.0
+    stall_factor: float = 10.0
+    seed: int = 0
+    change_step: int | None = None
+    change_speeds: tuple[float, ...] | None = None
+    forced_stalls: tuple[tuple[int, int, float], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        # Normalise to immutable, plain-Python values so instances hash, compare and serialise the
+        # same however they were built (lists from JSON, numpy arrays from a script).
+        set_ = object.__setattr__
+        set_(self, "speeds", _speed_tuple("speeds", self.speeds))
+        base = _finite("base", self.base)
+        if base <= 0:
+            raise EmulationError(f"base: must be > 0, got {base!r}")
+        set_(self, "base", base)
+        for name in ("jitter", "stall_prob"):
+            value = _finite(name, getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise EmulationError(f"{name}: must be in [0, 1], got {value!r}")
+            set_(self, name, value)
+        stall_factor = _finite("stall_factor", self.stall_factor)
+        if stall_factor < 1.0:
+            raise EmulationError(f"stall_factor: must be >= 1, got {stall_factor!r}")
+        set_(self, "stall_factor", stall_factor)
+        if not _is_int(self.seed) or self.seed < 0:
+            raise EmulationError(f"seed: must be an integer >= 0, got {self.seed!r}")
+        set_(self, "seed", int(self.seed))
+        self._check_change()
+        self._check_forced_stalls()
+
+    def _check_change(self) -> None:
+        if (self.change_step is None) != (self.change_speeds is None):
+            missing = "change_speeds" if self.change_speeds is None else "change_step"
+            raise EmulationError(f"{missing}: change_step and change_speeds must be given together")
+        if self.change_step is None:
+            return
+        if not _is_int(self.change_step) or self.change_step < 0:
+            raise EmulationError(f"change_step: must be an integer >= 0, got {self.change_step!r}")
+        object.__setattr__(self, "change_step", int(self.change_step))
+        change_speeds = _speed_tuple("change_speeds", self.change_speeds)
+        if len(change_speeds) != len(self.speeds):
+            raise EmulationError(
+                f"change_speeds: must have one speed per rank ({len(self.speeds)}), got {len(change_speeds)}"
+            )
+        object.__setattr__(self, "change_speeds", change_speeds)
+
+    def _check_forced_stalls(self) -> None:
+        stalls = self.forced_stalls
+        if isinstance(stalls, (str, bytes)) or not isinstance(stalls, Sequence):
+            raise EmulationError(f"forced_stalls: must be a list of (rank, step, seconds), got {stalls!r}")
+        normalised = []
+        for i, entry in enumerate(stalls):
+            name = f"forced_stalls[{i}]"
+            if isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence) or len(entry) != 3:
+                raise EmulationError(f"{name}: must be (rank, step, seconds), got {entry!r}")
+            rank, step, seconds = entry
+            if not _is_int(rank) or not 0 <= rank < len(self.speeds):
+                raise EmulationError(f"{name}.rank: must be an integer in [0, {len(self.speeds)}), got {rank!r}")
+            if not _is_int(step) or step < 0:
+                raise EmulationError(f"{name}.step: must be an integer >= 0, got {step!r}")
+            seconds = _finite(f"{name}.seconds", seconds)
+            if seconds < 0:
+                raise EmulationError(f"{name}.seconds: must be >= 0, got {seconds!r}")
+            normalised.append((int(rank), int(step), seconds))
+        object.__setattr__(self, "forced_stalls", tuple(normalised))
+
+    # -- the delay model -------------------------------------------------------------------------
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks this emulation describes (``len(speeds)``)."""
+        return len(self.speeds)
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise :class:`EmulationError` unless this emulation has one speed per rank of the job.
+
+        Args:
+            world_size: the number of ranks actually running (e.g. ``dist.get_world_size()``).
+        """
+        if world_size != self.world_size:
+            raise EmulationError(
+                f"speeds: the emulation describes {self.world_size} ranks but the job has {world_size}; "
+                f"give one speed per rank"
+            )
+
+    def speeds_at(self, step: int) -> tuple[float, ...]:
+        """The speeds in force at ``step`` (``change_speeds`` from ``change_step`` on)."""
+        if self.change_step is not None and step >= self.change_step:
+            assert self.change_speeds is not None
+            return self.change_speeds
+        return self.speeds
+
+    def mean_task_time(self, rank: int, step: int = 0) -> float:
+        """``base / speed`` of ``rank`` at ``step``: the mean of a task that does not stall."""
+        self._check_call(rank, step, 0)
+        return self.base / self.speeds_at(step)[rank]
+
+    def task_delay(self, rank: int, step: int, index: int) -> float:
+        """The emulated duration, in seconds, of task ``index`` of ``step`` on ``rank``.
+
+        A pure function of the configuration and its arguments: every rank can compute any rank's
+        delays, in any order, and a rerun gets the same values.
+
+        Args:
+            rank: global rank (0 ≤ rank < world_size).
+            step: optimizer step (≥ 0).
+            index: position of the task within the rank's work of that step (≥ 0).
+        """
+        self._check_call(rank, step, index)
+        mean = self.base / self.speeds_at(step)[rank]
+        # One independent stream per (seed, rank, step, index): no shared generator state, so the
+        # value cannot depend on call order or on other ranks. Both draws are always made so the
+        # stream layout does not depend on the parameters.
+        rng = np.random.default_rng([self.seed, rank, step, index])
+        stall_draw, exp_draw = rng.random(), rng.standard_exponential()
+        if stall_draw < self.stall_prob:
+            delay = self.stall_factor * mean
+        else:
+            delay = (1.0 - self.jitter) * mean + self.jitter * mean * float(exp_draw)
+        if index == 0:
+            delay += self._forced_stall(rank, step)
+        return delay
+
+    def sleep(self, rank: int, step: int, index: int) -> float:
+        """Sleep for :meth:`task_delay` (call it after the task's real compute) and return it."""
+        delay = self.task_delay(rank, step, index)
+        if delay > 0:
+            time.sleep(delay)
+        return delay
+
+    def profiles(self) -> list[WorkerProfile]:
+        """The :class:`~codedgrad.profile.WorkerProfile` each rank's emulated task times follow.
+
+        Uses the initial ``speeds`` (before any ``change_step``), includes the stall contribution
+        (mean and std of the mixture) and leaves out ``forced_stalls`` (one-off events, not a rate).
+        The shift is 0: all emulated time is per task.
+        """
+        p, factor, jitter = self.stall_prob, self.stall_factor, self.jitter
+        profiles = []
+        for speed in self.speeds:
+            mean = self.base / speed
+            # Normal task: (1 − j)μ + Exp(jμ), so E = μ and E[X²] = μ² + (jμ)². Stall: exactly Fμ.
+            mixture_mean = (1.0 - p) * mean + p * factor * mean
+            second_moment = (1.0 - p) * (mean**2 + (jitter * mean) ** 2) + p * (factor * mean) ** 2
+            variance = max(second_moment - mixture_mean**2, 0.0)  # clamp rounding below zero
+            profiles.append(WorkerProfile(shift=0.0, mean=mixture_mean, std=math.sqrt(variance)))
+        return profiles
+
+    def describe(self) -> str:
+        """A one-line, human-readable statement that timings are emulated, for logs and reports."""
+        text = (
+            f"EMULATED heterogeneity (not real hardware): speeds={list(self.speeds)}, base={self.base:g}s, "
+            f"jitter={self.jitter:g}, stall_prob={self.stall_prob:g}, stall_factor={self.stall_factor:g}, "
+            f"seed={self.seed}"
+        )
+        if self.change_step is not None:
+            text += f", speeds -> {list(self.change_speeds or ())} from step {self.change_step}"
+        if self.forced_stalls:
+            text += f", forced_stalls={[list(s) for s in self.forced_stalls]}"
+        return text
+
+    def _forced_stall(self, rank: int, step: int) -> float:
+        return sum(seconds for r, s, seconds in self.forced_stalls if r == rank and s == step)
+
+    def _check_call(self, rank: int, step: int, index: int) -> None:
+        if not _is_int(rank) or not 0 <= rank < self.world_size:
+            raise EmulationError(f"rank: must be an integer in [0, {self.world_size}), got {rank!r}")
+        if not _is_int(step) or step < 0:
+            raise EmulationError(f"step: must be an integer >= 0, got {step!r}")
+        if not _is_int(index) or index < 0:
+            raise EmulationError(f"index: must be an integer >= 0, got {index!r}")
+
+    # -- serialisation ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (the inverse of :meth:`from_dict`)."""
+        return {
+            "speeds": list(self.speeds),
+            "base": self.base,
+            "jitter": self.jitter,
+            "stall_prob": self.stall_prob,
+            "stall_factor": self.stall_factor,
+            "seed": self.seed,
+            "change_step": self.change_step,
+            "change_speeds": None if self.change_speeds is None else list(self.change_speeds),
+            "forced_stalls": [list(s) for s in self.forced_stalls],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> Heterogeneity:
+        """Build from a dict with the constructor's fields; ``speeds`` and ``base`` are required.
+
+        Args:
+            data: the settings.
+            source: where they came from (e.g. an environment variable); prefixed to error messages.
+        """
+        prefix = f"{source}: " if source else ""
+        if not isinstance(data, Mapping):
+            raise EmulationError(f"{prefix}expected a JSON object with the emulation settings, got {data!r}")
+        unknown = sorted(set(data) - set(_FIELDS))
+        if unknown:
+            raise EmulationError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(_FIELDS)})")
+        for required in ("speeds", "base"):
+            if required not in data:
+                raise EmulationError(f"{prefix}{required}: missing")
+        try:
+            return cls(**data)
+        except EmulationError as error:
+            raise EmulationError(f"{prefix}{error}") from None
+
+    def to_json(self) -> str:
+        """A compact JSON string, e.g. the value of ``CODEDGRAD_EMULATE``."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, source: str | None = None) -> Heterogeneity:
+        """Parse :meth:`to_json`'s output; errors name ``source`` (if given) and the field."""
+        prefix = f"{source}: " if source else ""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise EmulationError(f"{prefix}not valid JSON ({error.msg} at column {error.colno})") from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_env(cls, variable: str = ENV_VARIABLE) -> Heterogeneity | None:
+        """Read the emulation from an environment variable holding :meth:`to_json`'s output.
+
+        Returns None when the variable is unset or empty (no emulation). A malformed value raises
+        :class:`EmulationError` (a ValueError) whose message names the variable and the field.
+        """
+        text = os.environ.get(variable, "").strip()
+        if not text:
+            return None
+        return cls.from_json(text, source=variable)
