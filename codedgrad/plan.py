@@ -54,7 +54,7 @@ def _check_gamma(gamma: float) -> None:
 
 
 def total_slots(tasks: int, redundancy: float = 1.0) -> int:
-    """K·Ω rounded to the nearest integer: the number of task slots handed out per job."""
+    """K·Ω rounded to the nearest integer (halves to even): the task slots handed out per job."""
     if isinstance(tasks, bool) or not isinstance(tasks, (int, np.integer)) or tasks < 1:
         raise PlanError(f"tasks: must be an integer >= 1, got {tasks!r}")
     if not (math.isfinite(redundancy) and redundancy >= 1.0):
@@ -161,18 +161,18 @@ def optimal_split(
     cap = np.iinfo(np.int64).max if capacity is None else int(capacity)
     np.minimum(split, cap, out=split)
 
-    def next_cost(p: int) -> float:
-        k = split[p] + 1
-        return float(a[p] * k * k + b[p] * k + c0[p])
-
-    heap = [(next_cost(p), p) for p in range(len(profiles)) if split[p] < cap]
+    # The heap loop runs on plain Python floats: numpy scalar indexing would dominate its cost.
+    loads, a_, b_, c_ = split.tolist(), a.tolist(), b.tolist(), c0.tolist()
+    first = (a * (split + 1) ** 2 + b * (split + 1) + c0).tolist()
+    heap = [(first[p], p) for p in range(len(loads)) if loads[p] < cap]
     heapq.heapify(heap)
-    for _ in range(total - int(split.sum())):
+    for _ in range(total - sum(loads)):
         _, p = heapq.heappop(heap)
-        split[p] += 1
-        if split[p] < cap:
-            heapq.heappush(heap, (next_cost(p), p))
-    return split
+        loads[p] += 1
+        if loads[p] < cap:
+            k = loads[p] + 1
+            heapq.heappush(heap, (a_[p] * (k * k) + b_[p] * k + c_[p], p))
+    return np.array(loads, dtype=np.int64)
 
 
 def uniform_split(workers: int | Sequence[WorkerProfile], tasks: int, redundancy: float = 1.0) -> np.ndarray:
@@ -223,6 +223,9 @@ def capacity_time(profiles: Sequence[WorkerProfile], tasks: int) -> float:
 
     The earliest t at which the workers can together have done K tasks on average,
     Σ_p max(0, t − c_p)/m_p = K; with no shifts this is K / Σ_p (1/m_p) (DESIGN.md §1).
+    It bounds the *expected* job time for task times with std ≤ mean (shifted exponential,
+    exponential, deterministic). With heavier-tailed tasks (std > mean) and redundancy a job can
+    on average finish sooner, because the fastest of many long-tailed copies beats the mean.
     """
     _check_profiles(profiles)
     total_slots(tasks)
@@ -276,8 +279,8 @@ def choose_redundancy(
 
     Redundancy costs compute (and, in training, energy and memory) for every job, so among the
     candidates that are nearly as fast as the fastest we take the least redundant one. Each
-    candidate is simulated with the optimal split on common random numbers (the same seed), so
-    the comparison is not drowned by sampling noise.
+    candidate is simulated with the optimal split from the same seed (the arrivals are shared;
+    the task times are drawn per split), with enough jobs that ``tolerance`` exceeds the noise.
 
     Args:
         profiles, tasks, gamma: as for :func:`optimal_split`.
@@ -341,7 +344,7 @@ def propose_num_tasks(
     if not (math.isfinite(task_overhead_seconds) and task_overhead_seconds > 0):
         raise PlanError(f"task_overhead_seconds: must be finite and > 0, got {task_overhead_seconds!r}")
     tasks = math.sqrt(step_compute_seconds * world_size / task_overhead_seconds)
-    if commit_seconds > 0:  # a task of one rank lasts W/K·... at least 50 commits: K <= W/(50·commit)
+    if commit_seconds > 0:  # a task lasts W/K on an average rank; keep it >= 50 commits
         tasks = min(tasks, step_compute_seconds / (50 * commit_seconds))
     if max_tasks is not None:
         tasks = min(tasks, max_tasks)

@@ -196,3 +196,18 @@ def test_choose_redundancy_prefers_the_least_redundant_near_best() -> None:
     assert chosen > 1.0  # redundancy helps here
     with pytest.raises(PlanError, match=r"^candidates:"):
         plan.choose_redundancy(profiles, 40, candidates=())
+
+
+def test_propose_num_tasks_balances_overhead_against_tail():
+    from codedgrad.plan import propose_num_tasks
+
+    # K* = sqrt(W·P/o): 1 s of compute, 4 ranks, 1 ms per task -> 63 tasks.
+    assert propose_num_tasks(4, 1.0, 1e-3) == 63
+    # Cheaper tasks allow finer splits; the commit rule (a task >= 50 commits) caps them.
+    assert propose_num_tasks(4, 1.0, 1e-5) > propose_num_tasks(4, 1.0, 1e-3)
+    assert propose_num_tasks(4, 1.0, 1e-5, commit_seconds=1e-3) == 20
+    # Never fewer tasks than ranks, never more than allowed.
+    assert propose_num_tasks(8, 1e-3, 1.0) == 8
+    assert propose_num_tasks(4, 1.0, 1e-6, max_tasks=32) == 32
+    with pytest.raises(PlanError, match="task_overhead_seconds"):
+        propose_num_tasks(4, 1.0, 0.0)
