@@ -15,17 +15,32 @@ A code answers two questions for the runtime:
 The runtime keeps the decoder state of a step in the c10d Store and updates it with
 compare-and-set, so a state serialises to a few bytes (:meth:`DecoderState.to_bytes`) and every
 rank rebuilds the same state from them (:meth:`GradientCode.state_from_bytes`).
+
+Below the interface: :func:`pack_bits`/:func:`unpack_bits` (the bitmasks the states serialise to)
+and :class:`RankLevelCode`/:class:`ResponderState`, the machinery shared by the codes where each
+rank computes one coded result and the decoder only needs the set of responders.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CodeError", "DecoderState", "Decoding", "GradientCode", "NotDecodable", "Work"]
+__all__ = [
+    "CodeError",
+    "DecoderState",
+    "Decoding",
+    "GradientCode",
+    "NotDecodable",
+    "RankLevelCode",
+    "ResponderState",
+    "Work",
+    "pack_bits",
+    "unpack_bits",
+]
 
 
 class CodeError(ValueError):
@@ -99,6 +114,15 @@ class DecoderState(ABC):
     def to_bytes(self) -> bytes:
         """A compact serialisation; :meth:`GradientCode.state_from_bytes` inverts it."""
 
+    def spare_work(self, rank: int) -> Work | None:
+        """Work ``rank`` may do for others once its own queue has run dry, or None to just wait.
+
+        The no-wait release of DESIGN.md §3: an idle rank covers another rank's uncovered work.
+        Codes whose results are tied to one rank (rank-level codes) have none; this default says so.
+        Several idle ranks may be offered the same Work; the decoder uses the first commit.
+        """
+        return None
+
 
 class GradientCode(ABC):
     """A gradient code over ``num_ranks`` ranks and ``num_tasks`` equal tasks."""
@@ -128,3 +152,147 @@ class GradientCode(ABC):
     @abstractmethod
     def tolerates(self, stragglers: Iterable[int]) -> bool:
         """Whether the code claims to decode when exactly these ranks never commit."""
+
+
+# --- Shared machinery (added with the codes; nothing above depends on it) -------------------------
+
+
+def pack_bits(flags: Sequence[bool] | bytes | bytearray | np.ndarray) -> bytes:
+    """A bitmask of ``flags`` (first flag = most significant bit of the first byte, zero padding)."""
+    if isinstance(flags, (bytes, bytearray)):
+        flags = np.frombuffer(bytes(flags), dtype=np.uint8)
+    return np.packbits(np.asarray(flags, dtype=bool)).tobytes()
+
+
+def unpack_bits(data: bytes, count: int) -> np.ndarray:
+    """Invert :func:`pack_bits` for ``count`` flags; raises :class:`CodeError` on a malformed mask.
+
+    The length must be exactly ⌈count/8⌉ bytes and the padding bits zero, so that one state has
+    exactly one serialisation (ranks compare states byte for byte in compare-and-set).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CodeError(f"data: expected bytes, got {type(data).__name__}")
+    expected = (count + 7) // 8
+    if len(data) != expected:
+        raise CodeError(f"data: expected {expected} bytes for {count} flags, got {len(data)}")
+    bits = np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8))
+    if bits[count:].any():
+        raise CodeError("data: padding bits are set")
+    return bits[:count].astype(bool)
+
+
+class RankLevelCode(GradientCode):
+    """A code where each rank computes one coded result (result id = rank) and the decoder only
+    needs to know *which* ranks responded (Tandon et al.'s fractional repetition and cyclic MDS).
+
+    Subclasses fill ``self._works`` (one :class:`Work` or None per rank) and implement
+    :meth:`_solve`. Decodability is monotone in the responder set (more responders never hurt), so
+    a step is decided at the first commit after which the responders decode, and results that
+    arrive later are not used.
+    """
+
+    def __init__(self, num_ranks: int, num_tasks: int) -> None:
+        super().__init__(num_ranks, num_tasks)
+        self._works: list[Work | None] = [None] * num_ranks
+        # Decoding is a pure function of the responder set; the simulator and every rank ask for
+        # the same few sets over and over, so remember them (bounded: at most 2^P sets exist).
+        self._solved: dict[int, Decoding | None] = {}
+
+    def queue(self, rank: int) -> list[Work]:
+        self._check_rank(rank)
+        work = self._works[rank]
+        return [] if work is None else [work]
+
+    def new_state(self) -> ResponderState:
+        return ResponderState(self, 0)
+
+    def state_from_bytes(self, data: bytes) -> ResponderState:
+        flags = unpack_bits(data, self.num_ranks)
+        return ResponderState(self, sum(1 << r for r in np.flatnonzero(flags).tolist()))
+
+    def tolerates(self, stragglers: Iterable[int]) -> bool:
+        """Exact: True iff the ranks that are not stragglers (and have work) decode."""
+        mask = 0
+        lost = set(stragglers)
+        for rank in lost:
+            self._check_rank(rank)
+        for rank, work in enumerate(self._works):
+            if work is not None and rank not in lost:
+                mask |= 1 << rank
+        return self.decode(mask) is not None
+
+    def decode(self, mask: int) -> Decoding | None:
+        """The decoding for the responders in bitmask ``mask`` (bit r = rank r), None if none exists."""
+        if mask not in self._solved:
+            if len(self._solved) > 65536:  # only reachable for large P; keep memory bounded
+                self._solved.clear()
+            responders = tuple(r for r in range(self.num_ranks) if mask >> r & 1)
+            decoding = self._solve(responders) if responders else None
+            if decoding is not None:
+                decoding.rank_coefficients.setflags(write=False)  # shared between states
+            self._solved[mask] = decoding
+        return self._solved[mask]
+
+    @abstractmethod
+    def _solve(self, responders: tuple[int, ...]) -> Decoding | None:
+        """The decoding from exactly these responders (ascending ranks), or None."""
+
+    def _describe_missing(self, responders: tuple[int, ...]) -> str:
+        waiting = [r for r, w in enumerate(self._works) if w is not None and r not in responders]
+        return f"{self.name}: responders {list(responders)} do not decode yet; waiting for ranks {waiting}"
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.num_ranks:
+            raise CodeError(f"rank: must be in [0, {self.num_ranks}), got {rank}")
+
+
+class ResponderState(DecoderState):
+    """Decoder state of a :class:`RankLevelCode`: the set of ranks whose result was used.
+
+    Serialised as a bitmask of ranks (⌈P/8⌉ bytes). Commits after the decision change nothing, so
+    the set is frozen at the decision and every rank rebuilds the same decoding from the bytes.
+    """
+
+    def __init__(self, code: RankLevelCode, mask: int) -> None:
+        self._code = code
+        self._mask = mask
+        self._decoding = code.decode(mask) if mask else None
+
+    @property
+    def decided(self) -> bool:
+        return self._decoding is not None
+
+    @property
+    def responders(self) -> tuple[int, ...]:
+        """Ranks whose result is used (committed before the decision), ascending."""
+        return tuple(r for r in range(self._code.num_ranks) if self._mask >> r & 1)
+
+    def is_needed(self, rank: int, result: int) -> bool:
+        self._check(rank, result)
+        return self._decoding is None and not self._mask >> rank & 1
+
+    def commit(self, rank: int, result: int) -> bool:
+        if not self.is_needed(rank, result):
+            return False
+        self._mask |= 1 << rank
+        self._decoding = self._code.decode(self._mask)
+        return True
+
+    def decoding(self) -> Decoding:
+        if self._decoding is None:
+            raise NotDecodable(self.missing())
+        return self._decoding
+
+    def missing(self) -> str:
+        if self._decoding is not None:
+            return "nothing (decided)"
+        return self._code._describe_missing(self.responders)
+
+    def to_bytes(self) -> bytes:
+        return pack_bits([bool(self._mask >> r & 1) for r in range(self._code.num_ranks)])
+
+    def _check(self, rank: int, result: int) -> None:
+        self._code._check_rank(rank)
+        work = self._code._works[rank]
+        if work is None or work.result != result:
+            raise CodeError(f"result: rank {rank} has no result {result}")
