@@ -1,0 +1,152 @@
+"""Coded step vs. its baselines under emulated heterogeneity, strategies interleaved in one run.
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/bench_engine.py
+
+Four ranks with emulated speeds 1, 1, 2, 4 (mean task time ``base / speed``, half of it exponential
+jitter, 1 % of tasks stalled 10×). Each round runs one step of every strategy (A B C A B C …), so
+drift of the machine hits all of them alike:
+
+* ``uniform``: K/P tasks per rank, no redundancy (what plain DDP does);
+* ``optimal``: the optimal split from the emulated profiles, no redundancy;
+* ``coded``: repetition with backups, Ω chosen by the planner, plus spare work once a queue is dry.
+
+Reported: median step time (with the interquartile range) per strategy, each as a ratio to the
+ideal bound (pooled capacity ``K / Σ 1/m_p`` plus the measured all-reduce), the speed-ups of coded
+over the baselines, and the commit latency (median, p99) over all ranks. This is emulation on a
+CPU: the ratios are the result, the absolute times are not (DESIGN.md §7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from codedgrad import CodedDataParallel
+from codedgrad.emulate import Heterogeneity
+from codedgrad.plan import capacity_time, choose_redundancy
+from codedgrad.profile import WorkerProfile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=128)
+    parser.add_argument("--base", type=float, default=0.02, help="mean task time of a speed-1 rank (s)")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--stall-prob", type=float, default=0.01)
+    parser.add_argument("--warmup", type=int, default=11, help="steps per strategy before measuring")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    speeds = [1.0, 1.0, 2.0, 4.0][:world] if world <= 4 else [1.0 + r % 4 for r in range(world)]
+    emulate = Heterogeneity(speeds=speeds, base=args.base, jitter=0.5, stall_prob=args.stall_prob, seed=0)
+    profiles = emulate.profiles()
+    omega = choose_redundancy(profiles, args.tasks, candidates=(1.0, 1.05, 1.1, 1.15, 1.2, 1.3), jobs=500)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    x, y = torch.randn(args.tasks * 4, 16), torch.randn(args.tasks * 4, 1)
+
+    def task_loss_for(module: nn.Module):
+        return lambda j: ((module(x[4 * j : 4 * j + 4]) - y[4 * j : 4 * j + 4]) ** 2).mean()
+
+    homogeneous = [WorkerProfile(0.0, 1.0, 0.0)] * world
+    replan = dict(replan_every=5, replan_threshold=0.03)
+    # The baselines are static splits: no backups and no spare work. "optimal" and "coded" start
+    # from the emulated profiles and re-plan from measured task times during the warm-up, which
+    # also teaches them the per-task overhead (autograd, commit) the emulated profiles lack.
+    strategies = {
+        "uniform": dict(code="uncoded", redundancy=1.0, profiles=homogeneous, spare_work=False, replan_every=0),
+        "optimal": dict(code="uncoded", redundancy=1.0, profiles=profiles, spare_work=False, **replan),
+        "coded": dict(code="repetition", redundancy=omega, profiles=profiles, **replan),
+    }
+    engines = {
+        name: CodedDataParallel(copy.deepcopy(model), emulate=emulate, timeout=60, **kw)
+        for name, kw in strategies.items()
+    }
+    for _ in range(args.warmup):  # first plan, first collective, and re-plans from measurements
+        for engine in engines.values():
+            engine.backward(task_loss_for(engine.module), args.tasks)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    decision: dict[str, list[float]] = {name: [] for name in engines}
+    allreduce, commits, task_seconds = [], [], []
+    for _ in range(args.rounds):
+        for name, engine in engines.items():
+            dist.barrier()  # start every step together, as a training loop's optimizer step does
+            report = engine.backward(task_loss_for(engine.module), args.tasks)
+            times[name].append(report.step_time)
+            decision[name].append(report.time_to_decision)
+            allreduce.append(report.allreduce_time)
+            commits.extend(report.commit_seconds)
+            task_seconds.extend(report.task_seconds)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, (commits, float(np.mean(task_seconds))))
+    if rank == 0:
+        all_commits = np.array([c for per_rank, _ in everyone for c in per_rank])
+        ideal = capacity_time(profiles, args.tasks) + float(np.median(allreduce))
+        # The same bound with the per-task times the ranks really achieved here (emulated delay plus
+        # forward/backward, commit and the scheduling of 4 ranks on few cores), for every strategy.
+        achieved = [WorkerProfile(0.0, mean, 0.0) for _, mean in everyone]
+        ideal_achieved = capacity_time(achieved, args.tasks) + float(np.median(allreduce))
+        summary = {
+            "world_size": world,
+            "speeds": speeds,
+            "tasks": args.tasks,
+            "redundancy": omega,
+            "emulation": emulate.describe(),
+            "ideal_seconds": ideal,
+            "ideal_achieved_seconds": ideal_achieved,
+            "mean_task_seconds": [mean for _, mean in everyone],
+            "strategies": {
+                name: {
+                    "median_seconds": float(np.median(t)),
+                    "iqr_seconds": [float(np.quantile(t, 0.25)), float(np.quantile(t, 0.75))],
+                    "ratio_to_ideal": float(np.median(t)) / ideal,
+                    "ratio_to_ideal_achieved": float(np.median(t)) / ideal_achieved,
+                    "median_decision_seconds": float(np.median(decision[name])),
+                    "plan_version": engines[name].plan_version,
+                }
+                for name, t in times.items()
+            },
+            "uniform_over_coded": float(np.median(times["uniform"]) / np.median(times["coded"])),
+            "optimal_over_coded": float(np.median(times["optimal"]) / np.median(times["coded"])),
+            "commit_median_ms": float(np.median(all_commits) * 1e3),
+            "commit_p99_ms": float(np.quantile(all_commits, 0.99) * 1e3),
+        }
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print(f"{world} ranks, speeds {speeds}, K = {args.tasks}, coded Ω = {omega} ({emulate.describe()})")
+            print(f"ideal bound (emulated capacity + measured all-reduce): {ideal * 1e3:.1f} ms")
+            achieved_ms = ", ".join(f"{m * 1e3:.2f}" for _, m in everyone)
+            print(f"ideal bound with achieved per-task times ({achieved_ms} ms): {ideal_achieved * 1e3:.1f} ms")
+            print(f"{'strategy':<10}{'median ms':>11}{'IQR ms':>17}{'/ ideal':>9}{'/ achieved':>12}{'decided ms':>12}")
+            for name, entry in summary["strategies"].items():
+                lo, hi = entry["iqr_seconds"]
+                iqr = f"{lo * 1e3:.1f}–{hi * 1e3:.1f}"
+                print(
+                    f"{name:<10}{entry['median_seconds'] * 1e3:>11.1f}{iqr:>17}{entry['ratio_to_ideal']:>9.2f}"
+                    f"{entry['ratio_to_ideal_achieved']:>12.2f}{entry['median_decision_seconds'] * 1e3:>12.1f}"
+                )
+            print(f"all-reduce (median over strategies): {np.median(allreduce) * 1e3:.2f} ms")
+            print(
+                f"uniform / coded = {summary['uniform_over_coded']:.2f}   optimal / coded = "
+                f"{summary['optimal_over_coded']:.2f}"
+            )
+            print(
+                f"commit: median {summary['commit_median_ms']:.3f} ms, p99 {summary['commit_p99_ms']:.3f} ms "
+                f"over {all_commits.size} commits of {world} contending ranks"
+            )
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Flat gradient buffers: one contiguous tensor per (device, dtype), one view per parameter.
+
+The coded all-reduce must be one SUM collective per bucket, not one per parameter, so a rank
+accumulates its used results directly into flat buffers whose slices are shaped like the
+parameters. Low-precision parameters (bf16, fp16) accumulate in float32: a step sums up to K task
+gradients, and rounding each partial sum to 8 bits of mantissa would lose the exactness the
+decoder guarantees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+__all__ = ["FlatGradients"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+class FlatGradients:
+    """Gradients of ``params`` packed into flat buffers of at most ``bucket_numel`` elements each.
+
+    Args:
+        params: the parameters whose gradients are accumulated (all must require grad).
+        bucket_numel: largest number of elements of one buffer; a parameter never straddles two.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], bucket_numel: int = 2**24) -> None:
+        self.params = list(params)
+        self.buckets: list[torch.Tensor] = []
+        self.views: list[torch.Tensor] = []
+        open_bucket: dict[tuple[torch.device, torch.dtype], tuple[int, int]] = {}  # key -> (bucket index, used)
+        layout: list[tuple[int, int]] = []  # per parameter: (bucket index, offset)
+        sizes: list[int] = []
+        for p in self.params:
+            key = (p.device, _accumulate_dtype(p.dtype))
+            index, used = open_bucket.get(key, (-1, 0))
+            if index < 0 or (used > 0 and used + p.numel() > bucket_numel):
+                index, used = len(sizes), 0
+                sizes.append(0)
+                self.buckets.append(torch.empty(0, device=key[0], dtype=key[1]))  # placeholder
+            layout.append((index, used))
+            used += p.numel()
+            sizes[index] = used
+            open_bucket[key] = (index, used)
+        for index, size in enumerate(sizes):
+            self.buckets[index] = torch.zeros(size, device=self.buckets[index].device, dtype=self.buckets[index].dtype)
+        for p, (index, offset) in zip(self.params, layout):
+            self.views.append(self.buckets[index][offset : offset + p.numel()].view_as(p))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.buckets)
+
+    def zero_(self) -> None:
+        for bucket in self.buckets:
+            bucket.zero_()
+
+    def add_(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """Add one gradient per parameter; None (the parameter got no gradient) adds nothing."""
+        for view, grad in zip(self.views, grads):
+            if grad is not None:
+                view.add_(grad)
+
+    def write_to_params(self) -> None:
+        """Set every ``p.grad`` to its slice of the buffers, in the parameter's own dtype."""
+        for p, view in zip(self.params, self.views):
+            grad = view if view.dtype == p.dtype else view.to(p.dtype)
+            if p.grad is None:
+                p.grad = grad.clone()
+            else:
+                p.grad.copy_(grad)

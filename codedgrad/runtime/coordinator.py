@@ -1,0 +1,175 @@
+"""The step protocol on the c10d Store (DESIGN.md §3): commits, decision, arrival, clean-up.
+
+Keys, all under one :class:`~torch.distributed.PrefixStore` namespace per engine and run:
+
+``s{t}/state``
+    The decoder state of step t, prefixed by a 6-byte header (commit sequence number, last
+    committing rank). A commit is one ``compare_set`` from the rank's last known value to the new
+    one; on a race the Store answers with the current value, the rank re-applies its commit to it
+    and tries again. The header makes every successful transition unique, so a rank never mistakes
+    another rank's identical-looking write for its own.
+``s{t}/decided``
+    Set by the commit that makes the step decodable; ranks whose queue ran dry ``wait`` on it.
+``s{t}/arrived/{r}``
+    Rank r has everything it needs for the coded all-reduce. Every rank waits for all of them
+    before the collective, so a missing rank turns into a timeout naming it instead of a hang
+    inside the collective.
+``s{t}/abandoned``
+    Set by a rank that timed out waiting for the others, so that a latecomer fails as well
+    rather than entering a collective alone.
+``g/{name}/{r}``
+    Rank r's contribution to a gather (configuration agreement, profile exchange).
+
+Waits run on a separate Store client (:meth:`Store.clone`): one client serialises its
+operations, so a pending wait would otherwise hold up every other request (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from codedgrad.codes.base import DecoderState, GradientCode
+
+__all__ = ["CodedStepTimeout", "StoreCoordinator"]
+
+_HEADER = struct.Struct("<IH")  # sequence number of the last successful commit, its rank
+
+
+class CodedStepTimeout(TimeoutError):
+    """A wait of the coded step ran past its timeout; the message names what was missing."""
+
+
+class StoreCoordinator:
+    """One rank's view of the coded step protocol, kept in a c10d Store.
+
+    Args:
+        store: the Store for commits and gets (e.g. a PrefixStore over torchrun's TCPStore).
+        rank: this rank.
+        world_size: number of ranks.
+        timeout: seconds any single wait may take before :class:`CodedStepTimeout`.
+    """
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout: float) -> None:
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout = timeout
+        try:
+            self._wait_store = store.clone()
+        except (RuntimeError, NotImplementedError):  # e.g. a FileStore or HashStore: share the client
+            self._wait_store = store
+        self._code: GradientCode | None = None
+        self._step = -1
+        self._value = b""  # last known value of s{step}/state (header + decoder bytes)
+        self._decided, self._decided_value = False, None
+
+    # ----------------------------------------------------------------- one step's decoder state
+    def begin(self, step: int, code: GradientCode) -> DecoderState:
+        """Start step ``step`` under ``code``: create its state if nobody has yet, and read it."""
+        self._code, self._step = code, step
+        initial = _HEADER.pack(0, self.rank) + code.new_state().to_bytes()
+        self._value = self.store.compare_set(self._key("state"), b"", initial)  # create-or-read
+        return self.state
+
+    @property
+    def state(self) -> DecoderState:
+        """The decoder state as of this rank's last Store round trip (a fresh object: callers may commit to it)."""
+        assert self._code is not None, "begin() first"
+        return self._code.state_from_bytes(self._value[_HEADER.size :])
+
+    @property
+    def decided(self) -> bool:
+        """Whether the last known state is decided (cheap: no decoding object is built twice)."""
+        if self._decided_value is not self._value:
+            self._decided, self._decided_value = self.state.decided, self._value
+        return self._decided
+
+    def refresh(self) -> DecoderState:
+        """Read the current state (one round trip)."""
+        self._value = self.store.get(self._key("state"))
+        return self.state
+
+    def commit(self, result: int) -> bool:
+        """Commit ``result`` of this rank; True if the rank must add it to its accumulator.
+
+        One round trip when no other rank committed since this rank last looked, one more per race.
+        """
+        while True:
+            state = self.state
+            if not state.commit(self.rank, result):
+                return False  # covered or decided already: commits only add, so this is final
+            sequence, _ = _HEADER.unpack_from(self._value)
+            desired = _HEADER.pack(sequence + 1, self.rank) + state.to_bytes()
+            current = self.store.compare_set(self._key("state"), self._value, desired)
+            self._value = current
+            if current == desired:
+                if state.decided:
+                    self.store.set(self._key("decided"), b"1")
+                return True
+
+    def wait_decided(self) -> DecoderState:
+        """Block until the step is decided, or raise :class:`CodedStepTimeout` naming what is missing."""
+        try:
+            self._wait_store.wait([self._key("decided")], timedelta(seconds=self.timeout))
+        except dist.DistStoreError:
+            missing = self.refresh().missing()
+            raise CodedStepTimeout(
+                f"codedgrad: rank {self.rank} waited {self.timeout:g} s for step {self._step} to be decided; "
+                f"still missing: {missing}"
+            ) from None
+        return self.refresh()
+
+    # ----------------------------------------------------------------- arrival before the collective
+    def arrive_and_wait(self) -> None:
+        """Announce this rank is ready for the coded all-reduce and wait until every rank is."""
+        self.store.set(self._key(f"arrived/{self.rank}"), b"1")
+        keys = [self._key(f"arrived/{r}") for r in range(self.world_size)]
+        try:
+            self._wait_store.wait(keys, timedelta(seconds=self.timeout))
+        except dist.DistStoreError:
+            absent = [r for r, key in enumerate(keys) if not self.store.check([key])]
+            # Mark the step abandoned, so that a rank arriving later fails too instead of entering a
+            # collective with ranks that have left.
+            self.store.set(self._key("abandoned"), str(self.rank).encode())
+            raise CodedStepTimeout(
+                f"codedgrad: rank {self.rank} waited {self.timeout:g} s at step {self._step} for ranks {absent} "
+                "to reach the coded all-reduce (stalled, crashed, or running a different number of steps)"
+            ) from None
+        if self.store.check([self._key("abandoned")]):
+            raise CodedStepTimeout(
+                f"codedgrad: rank {self.rank} reached step {self._step} after rank "
+                f"{self.store.get(self._key('abandoned')).decode()} gave up waiting for it (timeout {self.timeout:g} s)"
+            )
+
+    def finish(self) -> None:
+        """Delete this step's keys once the collective is done (every rank is past every wait)."""
+        self.store.delete_key(self._key(f"arrived/{self.rank}"))
+        if self.rank == 0:
+            self.store.delete_key(self._key("state"))
+            self.store.delete_key(self._key("decided"))
+
+    # ----------------------------------------------------------------- gathers
+    def gather(self, name: str, value: bytes) -> list[bytes]:
+        """Every rank's ``value`` for ``name``, in rank order (waits for all, with the timeout)."""
+        self.store.set(f"g/{name}/{self.rank}", value)
+        keys = [f"g/{name}/{r}" for r in range(self.world_size)]
+        try:
+            self._wait_store.wait(keys, timedelta(seconds=self.timeout))
+        except dist.DistStoreError:
+            absent = [r for r, key in enumerate(keys) if not self.store.check([key])]
+            raise CodedStepTimeout(
+                f"codedgrad: rank {self.rank} waited {self.timeout:g} s for ranks {absent} to publish {name!r}"
+            ) from None
+        return list(self.store.multi_get(keys))
+
+    def forget(self, names: Sequence[str]) -> None:
+        """Delete this rank's gather keys (call once every rank has read them)."""
+        for name in names:
+            self.store.delete_key(f"g/{name}/{self.rank}")
+
+    def _key(self, what: str) -> str:
+        return f"s{self._step}/{what}"

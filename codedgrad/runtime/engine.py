@@ -1,0 +1,455 @@
+"""CodedDataParallel: one coded optimizer step over torch.distributed (DESIGN.md §3).
+
+A step is an explicit sequence of phases, each a method below, so that the no-wait release
+(DESIGN.md §3, next step of the design) can later run the reduction of step t−1 on its own thread
+while step t computes:
+
+1. **plan** (:meth:`CodedDataParallel._ensure_plan`): every rank builds the same code from the same
+   inputs and the ranks check through the Store that they agree, before any collective;
+2. **compute** (:meth:`CodedDataParallel._compute_queue`): walk this rank's queue, skip what is
+   already covered, compute each result into a fresh gradient list, commit it by compare-and-set
+   and add it to the step's accumulator only if the commit is used;
+3. **decide**: once the queue is dry, cover other ranks' uncovered work where the code allows it,
+   else wait on the Store for the decision (bounded by ``timeout``);
+4. **reduce** (:meth:`CodedDataParallel._coded_allreduce`): once every rank has arrived, one SUM
+   all-reduce per flat bucket of the accumulators scaled by the decoder's rank coefficients;
+5. **clean up**: delete the step's Store keys; every few steps, exchange measured profiles and
+   re-plan when the predicted step time improves enough.
+
+Every piece of per-step data lives in :class:`_StepContext` (accumulator, counters, clock), not on
+the engine, which is what lets two steps be in flight later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from codedgrad.codes import CodeError, GradientCode, Work, make_code
+from codedgrad.emulate import Heterogeneity
+from codedgrad.plan import PlanError, optimal_split
+from codedgrad.profile import WorkerProfile, fit_profile, profiles_from_dict, profiles_to_dict
+from codedgrad.runtime.buffers import FlatGradients
+from codedgrad.runtime.coordinator import StoreCoordinator
+from codedgrad.runtime.hooks import coded_allreduce_
+
+__all__ = ["CodedDataParallel", "ConfigurationError", "StepReport"]
+
+CODES = ("repetition", "uncoded", "frc", "cyclic")
+_instances = itertools.count()
+
+
+class ConfigurationError(ValueError):
+    """The ranks' configurations are invalid or disagree; raised on every rank, before any collective."""
+
+
+@dataclass
+class StepReport:
+    """What one rank did in one coded step.
+
+    Attributes:
+        step: step index (0-based, counted by the engine).
+        rank: this rank.
+        plan_version: version of the plan the step ran under (bumped at every re-plan).
+        computed: results this rank computed (including those whose commit was not used).
+        used: results of this rank that the decoder used.
+        purged: results in this rank's queue it skipped because they were covered or the step decided.
+        spare: results computed for other ranks after this rank's own queue ran dry.
+        time_to_decision: seconds from the step's start until this rank saw it decided.
+        time_waited: seconds spent waiting for the decision and for the other ranks to arrive.
+        allreduce_time: seconds in the coded all-reduce.
+        step_time: seconds of the whole :meth:`CodedDataParallel.backward`.
+        rank_coefficient: this rank's decoding coefficient in the coded all-reduce.
+        condition_number: of the decoder's linear system (1 for 0/1 codes).
+        task_seconds: wall time of each computed result, commit included (on CUDA after the work is done).
+        commit_seconds: wall time of each commit (Store round trips).
+        emulated_seconds: delay added by :mod:`codedgrad.emulate` (0 in production).
+    """
+
+    step: int
+    rank: int
+    plan_version: int
+    num_tasks: int
+    computed: int = 0
+    used: int = 0
+    purged: int = 0
+    spare: int = 0
+    time_to_decision: float = 0.0
+    time_waited: float = 0.0
+    allreduce_time: float = 0.0
+    step_time: float = 0.0
+    rank_coefficient: float = 1.0
+    condition_number: float = 1.0
+    task_seconds: list[float] = field(default_factory=list)
+    commit_seconds: list[float] = field(default_factory=list)
+    emulated_seconds: float = 0.0
+
+
+@dataclass
+class _Plan:
+    version: int
+    num_tasks: int
+    profiles: list[WorkerProfile]
+    code: GradientCode
+    queue: list[Work]
+
+
+@dataclass
+class _StepContext:
+    """Everything one step owns: its index, plan, accumulator, report and clock."""
+
+    step: int
+    plan: _Plan
+    accumulator: FlatGradients
+    report: StepReport
+    task_loss: Callable[[int], torch.Tensor]
+    start: float = field(default_factory=time.perf_counter)
+    tasks_run: int = 0  # index of the next task for the emulator
+
+
+class CodedDataParallel(nn.Module):
+    """Data parallelism with coded, heterogeneity-aware gradient computation and exact gradients.
+
+    Wrap the model on every rank, then replace ``loss.backward()`` by ``cdp.backward(task_loss, K)``
+    where ``task_loss(j)`` returns the mean loss of task j's micro-batch (the global batch split into
+    K equal tasks). Afterwards ``p.grad`` on every rank is the gradient of the mean loss over the
+    whole global batch, whichever ranks were slow, and the optimizer steps identically everywhere.
+
+    Args:
+        module: the model (its parameters and buffers are broadcast from rank 0 at construction).
+        redundancy: Ω ≥ 1, the share of extra task slots (repetition), or s+1 for ``frc``/``cyclic``.
+            1.05–1.3 is the useful range for repetition on a noisy cluster (see ``codedgrad plan``).
+        gamma: weight of the second moment in the planner's cost (0 balances means only).
+        code: ``"repetition"`` (default), ``"uncoded"``, ``"frc"`` or ``"cyclic"``.
+        profiles: one :class:`WorkerProfile` per rank to start from; None starts homogeneous and
+            re-plans from the measured task times after ``warmup_steps``.
+        emulate: a :class:`~codedgrad.emulate.Heterogeneity` that adds emulated per-task delays;
+            None reads ``CODEDGRAD_EMULATE`` from the environment (absent: no emulation).
+        timeout: seconds any wait on another rank may take before a :class:`CodedStepTimeout`.
+        process_group: group for the coded all-reduce (default: the world).
+        store: c10d Store for the step protocol (default: the default process group's store).
+        replan_every: steps between profile exchanges (0 disables re-planning).
+        replan_threshold: re-plan only when the predicted step time improves by more than this share.
+        warmup_steps: steps measured before the first re-plan when no profiles are given.
+        spare_work: once this rank's queue is dry and the step is not decided, compute other ranks'
+            uncovered tasks (repetition codes) instead of waiting. False gives the static baselines.
+        bucket_cap_mb: largest flat gradient bucket of the coded all-reduce.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        redundancy: float = 1.25,
+        gamma: float = 1.0,
+        code: str = "repetition",
+        profiles: Sequence[WorkerProfile] | None = None,
+        emulate: Heterogeneity | None = None,
+        timeout: float = 300.0,
+        process_group: dist.ProcessGroup | None = None,
+        store: dist.Store | None = None,
+        replan_every: int = 50,
+        replan_threshold: float = 0.1,
+        warmup_steps: int = 3,
+        spare_work: bool = True,
+        bucket_cap_mb: float = 25.0,
+    ) -> None:
+        super().__init__()
+        if not dist.is_initialized():
+            raise RuntimeError("CodedDataParallel needs torch.distributed: call init_process_group first")
+        self.module = module
+        self._group = process_group
+        self._rank = dist.get_rank(process_group)
+        self._world_size = dist.get_world_size(process_group)
+        self._redundancy = redundancy
+        self._gamma = gamma
+        self._code_name = code
+        self._timeout = timeout
+        self._replan_every = replan_every
+        self._replan_threshold = replan_threshold
+        self._warmup_steps = warmup_steps
+        self._spare_work = spare_work
+        self._emulate = emulate if emulate is not None else Heterogeneity.from_env()
+        self._profiles = list(profiles) if profiles is not None else None
+        self._measured_profiles = self._profiles is not None
+        if store is None:
+            store = dist.distributed_c10d._get_default_store()
+        self._coordinator = StoreCoordinator(
+            dist.PrefixStore(f"codedgrad/{next(_instances)}", store), self._rank, self._world_size, timeout
+        )
+        self._stale_gathers: list[str] = []  # Store keys to delete once every rank has read them
+        # Check every rank's configuration through the Store before the first collective.
+        self._agree("config", self._config(), self._validate_config())
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        self._accumulator = FlatGradients(self._params, bucket_numel=max(1, int(bucket_cap_mb * 2**20 / 4)))
+        self._broadcast_state()
+        self._plan: _Plan | None = None
+        self._step = 0
+        self._steps_since_plan = 0
+        self._plan_versions = 0
+        # Per-task seconds since the last profile exchange: a profile describes the recent past, so a
+        # rank that slowed down is not outvoted by the many fast tasks it ran before.
+        self._recent_seconds: deque[float] = deque(maxlen=4096)
+        self.last_report: StepReport | None = None
+
+    # ----------------------------------------------------------------- public API
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @property
+    def plan_version(self) -> int:
+        return self._plan.version if self._plan else -1
+
+    @property
+    def profiles(self) -> list[WorkerProfile] | None:
+        """The profiles the current plan was built from."""
+        return list(self._plan.profiles) if self._plan else self._profiles
+
+    def backward(self, task_loss: Callable[[int], torch.Tensor], num_tasks: int) -> StepReport:
+        """Run one coded step; afterwards ``p.grad`` is the gradient of the mean loss over all tasks.
+
+        Args:
+            task_loss: ``task_loss(j)`` returns the mean loss (a scalar tensor) of task j's micro-batch.
+                It is called only for the tasks this rank computes, in the plan's order.
+            num_tasks: K, the number of equal tasks the global batch is split into (≥ world size).
+
+        Returns:
+            This rank's :class:`StepReport`.
+        """
+        plan = self._ensure_plan(num_tasks)
+        ctx = _StepContext(
+            step=self._step,
+            plan=plan,
+            accumulator=self._accumulator,
+            report=StepReport(step=self._step, rank=self._rank, plan_version=plan.version, num_tasks=num_tasks),
+            task_loss=task_loss,
+        )
+        ctx.accumulator.zero_()
+        self._coordinator.begin(ctx.step, plan.code)
+        self._compute_queue(ctx)
+        self._decide(ctx)
+        self._coded_allreduce(ctx)
+        self._coordinator.finish()
+        ctx.report.step_time = time.perf_counter() - ctx.start
+        self._step += 1
+        self._steps_since_plan += 1
+        self.last_report = ctx.report
+        return ctx.report
+
+    # ----------------------------------------------------------------- phases of a step
+    def _compute_queue(self, ctx: _StepContext) -> None:
+        # No read before each item: begin() read the state, and every successful commit leaves this
+        # rank's view exactly current (a commit that raced is retried on the Store's answer).
+        queue = ctx.plan.queue
+        for position, work in enumerate(queue):
+            state = self._coordinator.state
+            if state.decided:
+                ctx.report.purged += len(queue) - position
+                return
+            if not state.is_needed(self._rank, work.result):
+                ctx.report.purged += 1
+                continue
+            self._compute_and_commit(ctx, work)
+
+    def _decide(self, ctx: _StepContext) -> None:
+        """Cover other ranks' uncovered work while the code allows it, else wait for the decision."""
+        state = self._coordinator.state
+        while not state.decided:
+            spare = state.spare_work(self._rank) if self._spare_work else None
+            if spare is None:
+                start = time.perf_counter()
+                state = self._coordinator.wait_decided()
+                ctx.report.time_waited += time.perf_counter() - start
+                break
+            ctx.report.spare += 1
+            self._compute_and_commit(ctx, spare)
+            state = self._coordinator.state
+        ctx.report.time_to_decision = time.perf_counter() - ctx.start
+        start = time.perf_counter()
+        self._coordinator.arrive_and_wait()
+        ctx.report.time_waited += time.perf_counter() - start
+
+    def _compute_and_commit(self, ctx: _StepContext, work: Work) -> None:
+        start = time.perf_counter()
+        grads: list[torch.Tensor | None] | None = None
+        for i, (task, coefficient) in enumerate(zip(work.tasks, work.coefficients)):
+            if i > 0 and self._coordinator.refresh().decided:
+                return  # a rank-level result the step no longer needs: decided while computing it
+            loss = ctx.task_loss(task) * (coefficient / ctx.plan.num_tasks)
+            task_grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+            grads = list(task_grads) if grads is None else _sum_grads(grads, task_grads)
+            if self._emulate is not None:
+                ctx.report.emulated_seconds += self._emulate.sleep(self._rank, ctx.step, ctx.tasks_run)
+            ctx.tasks_run += 1
+        if any(p.is_cuda for p in self._params):
+            torch.cuda.current_stream().synchronize()  # commit means "done", and the timer must see it
+        commit_start = time.perf_counter()
+        used = self._coordinator.commit(work.result)
+        ctx.report.commit_seconds.append(time.perf_counter() - commit_start)
+        ctx.report.computed += 1
+        if used:
+            ctx.report.used += 1
+            ctx.accumulator.add_(grads)
+        elapsed = time.perf_counter() - start
+        ctx.report.task_seconds.append(elapsed)
+        self._recent_seconds.append(elapsed / len(work.tasks))
+
+    def _coded_allreduce(self, ctx: _StepContext) -> None:
+        decoding = self._coordinator.state.decoding()
+        coefficient = float(decoding.rank_coefficients[self._rank])
+        ctx.report.rank_coefficient = coefficient
+        ctx.report.condition_number = float(decoding.condition_number)
+        start = time.perf_counter()
+        for bucket in ctx.accumulator:
+            coded_allreduce_(bucket, coefficient, self._group)
+        ctx.accumulator.write_to_params()
+        ctx.report.allreduce_time = time.perf_counter() - start
+        if self._stale_gathers:  # every rank has passed the gathers before this collective
+            self._coordinator.forget(self._stale_gathers)
+            self._stale_gathers = []
+
+    # ----------------------------------------------------------------- planning
+    def _ensure_plan(self, num_tasks: int) -> _Plan:
+        if self._plan is None or self._plan.num_tasks != num_tasks:
+            profiles = self._profiles or [WorkerProfile(0.0, 1.0, 0.0)] * self._world_size
+            self._plan = self._agreed_plan(num_tasks, profiles)
+        elif self._replan_due():
+            self._maybe_replan()
+        return self._plan
+
+    def _replan_due(self) -> bool:
+        if self._replan_every <= 0:
+            return False
+        period = self._replan_every if self._measured_profiles else self._warmup_steps
+        return self._steps_since_plan >= period
+
+    def _maybe_replan(self) -> None:
+        """Exchange fitted profiles and switch plans when the predicted step time improves enough.
+
+        Every rank receives the same profiles from the Store and applies the same deterministic rule,
+        so all ranks switch (or not) at the same step without another round of agreement.
+        """
+        assert self._plan is not None
+        own = self._fitted_profile()
+        name = f"profiles/{self._plan.version}/{self._step}"
+        shared = self._coordinator.gather(name, json.dumps(profiles_to_dict([own])).encode())
+        self._stale_gathers.append(name)
+        measured = [profiles_from_dict(json.loads(value))[0] for value in shared]
+        self._steps_since_plan = 0
+        K = self._plan.num_tasks
+        current = _predicted_step_time(measured, optimal_split(self._plan.profiles, K, 1.0, self._gamma))
+        proposed = _predicted_step_time(measured, optimal_split(measured, K, 1.0, self._gamma))
+        self._measured_profiles = True
+        if proposed < (1.0 - self._replan_threshold) * current:
+            self._plan = self._build_plan(K, measured)
+
+    def _fitted_profile(self) -> WorkerProfile:
+        assert self._plan is not None
+        samples = list(self._recent_seconds)
+        self._recent_seconds.clear()
+        if len(samples) < 3:  # too few measurements (e.g. everything purged): keep the old profile
+            return self._plan.profiles[self._rank]
+        return fit_profile(samples)
+
+    def _agreed_plan(self, num_tasks: int, profiles: list[WorkerProfile]) -> _Plan:
+        """Build the plan and check through the Store that every rank built the same one."""
+        plan, error = None, None
+        try:
+            plan = self._build_plan(num_tasks, profiles)
+        except (CodeError, PlanError, ValueError) as exc:
+            error = str(exc)
+        fingerprint = _fingerprint(plan) if plan else ""
+        self._agree(f"plan/{self._plan_versions}", {"num_tasks": num_tasks, "plan": fingerprint}, error)
+        assert plan is not None
+        return plan
+
+    def _build_plan(self, num_tasks: int, profiles: list[WorkerProfile]) -> _Plan:
+        code = make_code(self._code_name, self._world_size, num_tasks, self._redundancy, profiles, self._gamma)
+        version = self._plan_versions
+        self._plan_versions += 1
+        self._steps_since_plan = 0
+        return _Plan(version, num_tasks, profiles, code, code.queue(self._rank))
+
+    # ----------------------------------------------------------------- start-up checks
+    def _config(self) -> dict:
+        shapes = [(tuple(p.shape), str(p.dtype)) for p in self.module.parameters()]
+        return {
+            "world_size": self._world_size,
+            "code": self._code_name,
+            "redundancy": self._redundancy,
+            "gamma": self._gamma,
+            "timeout": self._timeout,
+            "profiles": profiles_to_dict(self._profiles) if self._profiles else None,
+            "emulate": self._emulate.to_json() if self._emulate else None,
+            "spare_work": self._spare_work,
+            "parameters": hashlib.sha256(repr(shapes).encode()).hexdigest()[:16],
+        }
+
+    def _validate_config(self) -> str | None:
+        """This rank's configuration error, if any (reported on every rank by :meth:`_agree`)."""
+        if self._code_name not in CODES:
+            return f"code: must be one of {', '.join(CODES)}, got {self._code_name!r}"
+        if not (isinstance(self._redundancy, (int, float)) and math.isfinite(self._redundancy)):
+            return f"redundancy: must be a finite number, got {self._redundancy!r}"
+        if self._redundancy < 1:
+            return f"redundancy: must be >= 1, got {self._redundancy}"
+        if not (math.isfinite(self._gamma) and self._gamma >= 0):
+            return f"gamma: must be finite and >= 0, got {self._gamma}"
+        if not (self._timeout > 0 and math.isfinite(self._timeout)):
+            return f"timeout: must be a positive number of seconds, got {self._timeout}"
+        if self._profiles is not None and len(self._profiles) != self._world_size:
+            return f"profiles: {len(self._profiles)} profiles for a world of {self._world_size} ranks"
+        if self._emulate is not None and len(self._emulate.speeds) != self._world_size:
+            return f"emulate.speeds: {len(self._emulate.speeds)} speeds for a world of {self._world_size} ranks"
+        return None
+
+    def _agree(self, name: str, config: dict, error: str | None) -> None:
+        """Gather every rank's configuration and error; raise the same ConfigurationError everywhere."""
+        payload = json.dumps({"config": config, "error": error}, sort_keys=True).encode()
+        everyone = [json.loads(value) for value in self._coordinator.gather(name, payload)]
+        ranks_by_error: dict[str, list[int]] = {}
+        for r, entry in enumerate(everyone):
+            if entry["error"]:
+                ranks_by_error.setdefault(entry["error"], []).append(r)
+        problems = [f"{_ranks(ranks)}: {error}" for error, ranks in ranks_by_error.items()]
+        for key in config:
+            values = [json.dumps(entry["config"].get(key), sort_keys=True) for entry in everyone]
+            if len(set(values)) > 1:
+                per_rank = ", ".join(f"rank {r}={v}" for r, v in enumerate(values))
+                problems.append(f"ranks disagree on {key}: {per_rank}")
+        self._stale_gathers.append(name)
+        if problems:
+            raise ConfigurationError("codedgrad: " + "; ".join(problems))
+
+    def _broadcast_state(self) -> None:
+        source = dist.get_global_rank(self._group, 0) if self._group is not None else 0
+        with torch.no_grad():
+            for tensor in itertools.chain(self.module.parameters(), self.module.buffers()):
+                dist.broadcast(tensor.data, src=source, group=self._group)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+def _sum_grads(total: list[torch.Tensor | None], new: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    return [a if b is None else b if a is None else a + b for a, b in zip(total, new)]
+
+
+def _predicted_step_time(profiles: Sequence[WorkerProfile], split: Sequence[int]) -> float:
+    """The slowest rank's expected finish time under ``split`` (the planner's view of a step)."""
+    return max(p.expected_time(k) for p, k in zip(profiles, split) if k > 0)
+
+
+def _fingerprint(plan: _Plan) -> str:
+    queues = [[(w.result, w.tasks, w.coefficients) for w in plan.code.queue(r)] for r in range(plan.code.num_ranks)]
+    return hashlib.sha256(repr(queues).encode()).hexdigest()[:16]

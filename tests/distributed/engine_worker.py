@@ -1,0 +1,264 @@
+"""Worker for tests/test_engine.py: CodedDataParallel under torchrun (gloo), many checks per launch.
+
+Every rank can compute the single-process reference itself: the data and the initial model are
+generated from fixed seeds, so ``reference_grads`` is "one process computing the same global batch".
+
+Scenarios (first argument):
+
+``exact``     every code and dtype against the reference, under emulated heterogeneity and forced
+              stall patterns; 50 SGD steps compared bitwise across ranks and with the reference run;
+              the Store's key count over 200 steps.
+``failures``  bad configurations (every rank must raise before any collective) and a rank that stops
+              committing (the others must time out naming it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from codedgrad import CodedDataParallel
+from codedgrad.emulate import Heterogeneity
+from codedgrad.runtime.coordinator import CodedStepTimeout
+from codedgrad.runtime.engine import ConfigurationError
+
+SAMPLES_PER_TASK = 3
+FEATURES = 5
+
+
+class Net(nn.Module):
+    """A small MLP with a side branch that only even tasks use (parameters without gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.branch = nn.Linear(FEATURES, 1)
+        self.unused = nn.Linear(2, 2)  # never in any loss: must end with a zero gradient
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        out = self.body(x)
+        return out + self.branch(x) if task % 2 == 0 else out
+
+
+def make_model(dtype: torch.dtype) -> Net:
+    torch.manual_seed(1234)
+    return Net().to(dtype)
+
+
+def make_data(num_tasks: int, dtype: torch.dtype, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(10_000 + step)
+    x = torch.randn(num_tasks * SAMPLES_PER_TASK, FEATURES, generator=generator).to(dtype)
+    y = torch.randn(num_tasks * SAMPLES_PER_TASK, 1, generator=generator).to(dtype)
+    return x, y
+
+
+def task_loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    def task_loss(task: int) -> torch.Tensor:
+        rows = slice(task * SAMPLES_PER_TASK, (task + 1) * SAMPLES_PER_TASK)
+        return ((model(x[rows], task) - y[rows]) ** 2).mean()
+
+    return task_loss
+
+
+def reference_grads(model: nn.Module, num_tasks: int, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """One process, the whole global batch: gradient of the mean over tasks of each task's mean loss."""
+    model.zero_grad(set_to_none=False)
+    loss_of = task_loss_fn(model, x, y)
+    total = sum(loss_of(j) for j in range(num_tasks)) / num_tasks
+    total.backward()
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+
+
+def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    num = sum(float((g.double() - w.double()).norm() ** 2) for g, w in zip(got, want)) ** 0.5
+    den = sum(float(w.double().norm() ** 2) for w in want) ** 0.5
+    return num / den
+
+
+def identical_across_ranks(tensors: list[torch.Tensor]) -> bool:
+    flat = torch.cat([t.detach().double().flatten() for t in tensors])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], g) for g in gathered)
+
+
+def run_steps(cdp: CodedDataParallel, steps: int, num_tasks: int, dtype: torch.dtype) -> dict:
+    """Run ``steps`` coded steps (fresh data each) and compare each with the reference."""
+    reference = make_model(dtype)
+    reference.load_state_dict(cdp.module.state_dict())
+    errors, reports = [], []
+    for step in range(steps):
+        x, y = make_data(num_tasks, dtype, step)
+        cdp.module.zero_grad(set_to_none=True)
+        report = cdp.backward(task_loss_fn(cdp.module, x, y), num_tasks)
+        want = reference_grads(reference, num_tasks, x, y)
+        got = [p.grad for p in cdp.module.parameters()]
+        errors.append(relative_error(got, want))
+        reports.append(report)
+    return {
+        "max_error": max(errors),
+        "identical": identical_across_ranks([p.grad for p in cdp.module.parameters()]),
+        "unused_grad_zero": bool(torch.all(cdp.module.unused.weight.grad == 0)),
+        "computed": [r.computed for r in reports],
+        "used": [r.used for r in reports],
+        "purged": [r.purged for r in reports],
+        "spare": [r.spare for r in reports],
+        "time_to_decision": [r.time_to_decision for r in reports],
+        "step_time": [r.step_time for r in reports],
+        "plan_version": [r.plan_version for r in reports],
+        "commit_seconds": [c for r in reports for c in r.commit_seconds],
+    }
+
+
+def scenario_exact(rank: int, world: int) -> dict:
+    results: dict = {}
+    noisy = Heterogeneity(speeds=[1.0, 1.0, 2.0, 4.0][:world], base=0.004, jitter=0.5, stall_prob=0.05, seed=7)
+    configs = {
+        "repetition_1": dict(code="repetition", redundancy=1.0),
+        "repetition_1.25": dict(code="repetition", redundancy=1.25),
+        "repetition_2": dict(code="repetition", redundancy=2.0),
+        "frc_2": dict(code="frc", redundancy=2),
+        "cyclic_2": dict(code="cyclic", redundancy=2),
+    }
+    for name, kwargs in configs.items():
+        cdp = CodedDataParallel(make_model(torch.float64), emulate=noisy, timeout=30, **kwargs)
+        results[name] = run_steps(cdp, steps=3, num_tasks=12, dtype=torch.float64)
+    for dtype in (torch.float32, torch.bfloat16):
+        cdp = CodedDataParallel(make_model(dtype), redundancy=1.25, emulate=noisy, timeout=30)
+        results[f"repetition_1.25_{str(dtype)[6:]}"] = run_steps(cdp, steps=2, num_tasks=12, dtype=dtype)
+
+    # Forced patterns: rank 1 stalls 2 s on its first task of step 1; rank world-1 is 10x slower always.
+    stall = Heterogeneity(speeds=[1.0] * world, base=0.004, jitter=0.0, forced_stalls=((1, 1, 2.0),), seed=3)
+    cdp = CodedDataParallel(make_model(torch.float64), redundancy=1.25, emulate=stall, timeout=30)
+    results["stall"] = run_steps(cdp, steps=3, num_tasks=16, dtype=torch.float64)
+    slow = Heterogeneity(speeds=[1.0] * (world - 1) + [0.1], base=0.004, jitter=0.2, seed=4)
+    for code, redundancy in (("repetition", 1.25), ("cyclic", 2)):
+        cdp = CodedDataParallel(make_model(torch.float64), code=code, redundancy=redundancy, emulate=slow, timeout=30)
+        results[f"slow_{code}"] = run_steps(cdp, steps=3, num_tasks=16, dtype=torch.float64)
+
+    # Re-planning from measured task times: start homogeneous, re-plan after 3 warm-up steps and then
+    # every 4 steps; from step 12 on the speeds are reversed and the plan must follow.
+    speeds = [1.0, 1.0, 2.0, 4.0][:world]
+    drifting = Heterogeneity(speeds=speeds, base=0.01, jitter=0.3, seed=5, change_step=12, change_speeds=speeds[::-1])
+    cdp = CodedDataParallel(
+        make_model(torch.float64), redundancy=1.0, emulate=drifting, replan_every=4, warmup_steps=3, timeout=30
+    )
+    run = run_steps(cdp, steps=24, num_tasks=16, dtype=torch.float64)
+    results["replan"] = {
+        "max_error": run["max_error"],
+        "versions": run["plan_version"],
+        "means_end": [p.mean for p in cdp.profiles],
+        "primaries_end": len(cdp._plan.queue),
+    }
+    cdp = CodedDataParallel(
+        make_model(torch.float64), redundancy=1.0, emulate=drifting, replan_every=4, warmup_steps=3, timeout=30
+    )
+    run = run_steps(cdp, steps=11, num_tasks=16, dtype=torch.float64)
+    results["replan"]["means_mid"] = [p.mean for p in cdp.profiles]
+    results["replan"]["primaries_mid"] = len(cdp._plan.queue)
+
+    # 50 SGD steps: parameters bitwise identical across ranks, and equal to the single-process run.
+    light = Heterogeneity(speeds=noisy.speeds, base=0.001, jitter=0.5, stall_prob=0.05, seed=11)
+    cdp = CodedDataParallel(make_model(torch.float64), redundancy=1.25, emulate=light, timeout=30)
+    reference = make_model(torch.float64)
+    opt = torch.optim.SGD(cdp.module.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    for step in range(50):
+        x, y = make_data(8, torch.float64, step)
+        opt.zero_grad()
+        cdp.backward(task_loss_fn(cdp.module, x, y), 8)
+        opt.step()
+        ref_opt.zero_grad()
+        reference_grads(reference, 8, x, y)
+        ref_opt.step()
+    params = list(cdp.module.parameters())
+    results["sgd"] = {
+        "identical": identical_across_ranks(params),
+        "error": relative_error(params, list(reference.parameters())),
+    }
+
+    # The Store must not grow with the number of steps.
+    store = dist.distributed_c10d._get_default_store()
+    cdp = CodedDataParallel(make_model(torch.float64), redundancy=1.5, timeout=30)
+    counts = {}
+    x, y = make_data(8, torch.float64)
+    for step in range(200):
+        cdp.backward(task_loss_fn(cdp.module, x, y), 8)
+        if step in (9, 199):
+            dist.barrier()  # quiescent: every rank is between steps while the keys are counted
+            counts[step] = store.num_keys()
+            dist.barrier()
+    results["store_keys"] = counts
+    return results
+
+
+def expect_error(results: dict, name: str, make) -> None:
+    try:
+        make()
+    except (ConfigurationError, ValueError) as error:
+        results[name] = {"type": type(error).__name__, "message": str(error)}
+    else:
+        results[name] = {"type": None, "message": ""}
+
+
+def scenario_failures(rank: int, world: int) -> dict:
+    results: dict = {}
+    model = make_model(torch.float64)
+    # Each of these must raise on every rank, from the Store gather, before any collective.
+    expect_error(results, "bad_redundancy", lambda: CodedDataParallel(model, redundancy=0.5 if rank == 1 else 1.25))
+    expect_error(results, "mismatch", lambda: CodedDataParallel(model, redundancy=1.0 + 0.25 * rank))
+    expect_error(
+        results, "world_size", lambda: CodedDataParallel(model, emulate=Heterogeneity([1.0] * (world + 1), 0.01))
+    )
+
+    def too_few_tasks():
+        cdp = CodedDataParallel(model, redundancy=1.0)
+        x, y = make_data(world - 1, torch.float64)
+        cdp.backward(task_loss_fn(cdp.module, x, y), world - 1)
+
+    expect_error(results, "too_few_tasks", too_few_tasks)
+    # The process group must still work after all of that: nothing half-started a collective.
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    results["group_ok"] = float(t) == world
+
+    # A rank that stops committing: rank world-1 stalls far longer than the others' timeout.
+    silent = Heterogeneity(speeds=[1.0] * world, base=0.002, jitter=0.0, forced_stalls=((world - 1, 1, 6.0),))
+    cdp = CodedDataParallel(model, redundancy=1.0, emulate=silent, timeout=2.0)
+    x, y = make_data(8, torch.float64)
+    start = time.perf_counter()
+    try:
+        for _ in range(3):
+            cdp.backward(task_loss_fn(cdp.module, x, y), 8)
+        results["timeout"] = {"type": None, "message": ""}
+    except CodedStepTimeout as error:
+        results["timeout"] = {"type": type(error).__name__, "message": str(error)}
+    results["timeout"]["seconds"] = time.perf_counter() - start
+    return results
+
+
+def main() -> None:
+    scenario, out_dir = sys.argv[1], Path(sys.argv[2])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        results = {"exact": scenario_exact, "failures": scenario_failures}[scenario](rank, world)
+    except Exception:
+        results = {"crash": traceback.format_exc()}
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
+    # After a timeout scenario the group may hold a half-finished step: leave without a collective.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The Store protocol in one process: several StoreCoordinators, one per pretend rank, one TCPStore."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import threading
+
+import pytest
+import torch.distributed as dist
+
+from codedgrad.codes import make_code
+from codedgrad.runtime.coordinator import CodedStepTimeout, StoreCoordinator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def store():
+    master = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=datetime.timedelta(seconds=10))
+    yield dist.PrefixStore("test", master)
+
+
+def coordinators(store, world: int, timeout: float = 5.0) -> list[StoreCoordinator]:
+    return [StoreCoordinator(store, rank, world, timeout) for rank in range(world)]
+
+
+def test_first_commit_is_used_and_a_racing_identical_state_is_not_mistaken(store):
+    code = make_code("repetition", 2, 4, redundancy=2.0)
+    a, b = coordinators(store, 2)
+    a.begin(0, code)
+    b.begin(0, code)
+    # Both ranks hold the same view and commit the same task: the resulting decoder bytes are
+    # identical, only the header tells the two writes apart.
+    assert a.commit(3) is True
+    assert b.commit(3) is False
+    assert b.commit(2) is True  # b's view was refreshed by the failed race
+    assert a.refresh().is_needed(0, 2) is False
+
+
+def test_decision_sets_the_flag_and_wakes_a_waiter(store):
+    code = make_code("repetition", 2, 2, redundancy=1.0)
+    a, b = coordinators(store, 2)
+    a.begin(0, code)
+    b.begin(0, code)
+    woke = []
+    waiter = threading.Thread(target=lambda: woke.append(b.wait_decided().decided))
+    waiter.start()
+    assert a.commit(0) and a.commit(1)
+    waiter.join(timeout=5)
+    assert woke == [True]
+
+
+def test_undecided_step_times_out_naming_what_is_missing(store):
+    code = make_code("repetition", 3, 6, redundancy=1.0)
+    ranks = coordinators(store, 3, timeout=0.3)
+    for c in ranks:
+        c.begin(0, code)
+    for work in code.queue(0):
+        ranks[0].commit(work.result)
+    with pytest.raises(CodedStepTimeout, match=r"step 0 to be decided; still missing: 4 of 6 tasks open: rank 1's 2-3"):
+        ranks[0].wait_decided()
+
+
+def test_frc_waits_for_a_rank_and_names_it(store):
+    code = make_code("frc", 2, 4, redundancy=1)
+    ranks = coordinators(store, 2, timeout=0.3)
+    ranks[0].begin(0, code)
+    ranks[0].commit(code.queue(0)[0].result)
+    with pytest.raises(CodedStepTimeout, match=r"frc: no exact cover.*ranks \[1\]"):
+        ranks[0].wait_decided()
+
+
+def test_arrival_timeout_names_the_absent_rank_and_fails_the_latecomer(store):
+    code = make_code("repetition", 3, 3, redundancy=1.0)
+    ranks = coordinators(store, 3, timeout=0.3)
+    for c in ranks:
+        c.begin(0, code)
+    errors = []
+
+    def arrive(c):
+        try:
+            c.arrive_and_wait()
+        except CodedStepTimeout as error:
+            errors.append(str(error))
+
+    threads = [threading.Thread(target=arrive, args=(c,)) for c in ranks[:2]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=5)
+    assert len(errors) == 2 and all("ranks [2]" in e for e in errors), errors
+    with pytest.raises(CodedStepTimeout, match="gave up waiting"):
+        ranks[2].arrive_and_wait()
+
+
+def test_finished_steps_leave_no_keys(store):
+    code = make_code("repetition", 2, 4, redundancy=1.5)
+    ranks = coordinators(store, 2)
+    before = store.num_keys()
+    for step in range(20):
+        for c in ranks:
+            c.begin(step, code)
+        for c in ranks:
+            for work in code.queue(c.rank):
+                c.commit(work.result)
+        threads = [threading.Thread(target=c.arrive_and_wait) for c in ranks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=5)
+        for c in ranks:
+            c.finish()
+    assert store.num_keys() == before
+
+
+def test_gather_returns_every_rank_in_order(store):
+    ranks = coordinators(store, 3)
+    out = {}
+    threads = [
+        threading.Thread(target=lambda c=c: out.__setitem__(c.rank, c.gather("x", bytes([c.rank])))) for c in ranks
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=5)
+    assert all(out[r] == [b"\x00", b"\x01", b"\x02"] for r in range(3))

@@ -1,0 +1,141 @@
+"""CodedDataParallel under torchrun with gloo: exactness, straggler tolerance, failures, Store hygiene.
+
+Two launches (≈ 10–30 s each) check everything; see tests/distributed/engine_worker.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import DISTRIBUTED_DIR, load_rank_results, run_torchrun
+
+WORLD = 4
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def exact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exact")
+    run_torchrun(DISTRIBUTED_DIR / "engine_worker.py", WORLD, ["exact", out], timeout=240)
+    results = load_rank_results(out, WORLD)
+    for rank, result in enumerate(results):
+        assert "crash" not in result, f"rank {rank} crashed:\n{result['crash']}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory):
+    out = tmp_path_factory.mktemp("failures")
+    run_torchrun(DISTRIBUTED_DIR / "engine_worker.py", 3, ["failures", out], timeout=120)
+    results = load_rank_results(out, 3)
+    for rank, result in enumerate(results):
+        assert "crash" not in result, f"rank {rank} crashed:\n{result['crash']}"
+    return results
+
+
+CODES_FP64 = [
+    "repetition_1",
+    "repetition_1.25",
+    "repetition_2",
+    "frc_2",
+    "cyclic_2",
+    "stall",
+    "slow_repetition",
+    "slow_cyclic",
+]
+
+
+@pytest.mark.parametrize("name", CODES_FP64)
+def test_float64_gradient_equals_single_process(exact, name):
+    for rank, result in enumerate(exact):
+        run = result[name]
+        assert run["max_error"] <= 1e-10, f"rank {rank}: {name} relative error {run['max_error']:.3g}"
+        assert run["identical"], f"rank {rank}: {name} gradients differ across ranks"
+        assert run["unused_grad_zero"], f"{name}: a parameter without gradient got a non-zero one"
+
+
+def test_float32_and_bfloat16(exact):
+    for result in exact:
+        assert result["repetition_1.25_float32"]["max_error"] <= 1e-5
+        assert result["repetition_1.25_float32"]["identical"]
+        # bf16 rounds the forward pass itself (8 bits of mantissa): the reference is bf16 too, and the
+        # coded sum is accumulated in float32, so only the per-task rounding differs.
+        assert result["repetition_1.25_bfloat16"]["max_error"] <= 2e-2
+        assert result["repetition_1.25_bfloat16"]["identical"]
+
+
+def test_every_task_used_exactly_once(exact):
+    """For task-level repetition the used results of all ranks add up to K on every step."""
+    for name, tasks in [("repetition_1", 12), ("repetition_1.25", 12), ("repetition_2", 12), ("stall", 16)]:
+        per_step = [sum(r[name]["used"][s] for r in exact) for s in range(len(exact[0][name]["used"]))]
+        assert per_step == [tasks] * len(per_step), f"{name}: used per step {per_step}"
+
+
+def test_stalled_rank_is_not_waited_for(exact):
+    """Rank 1 stalls 2 s on its first task of step 1: the others cover the rest of its queue.
+
+    The stalled rank computes only the task it was stuck in and finds the rest of its queue purged,
+    so nobody waited for it beyond that in-flight task.
+    """
+    stalled = exact[1]["stall"]
+    assert stalled["computed"][1] == 1, stalled
+    assert stalled["purged"][1] >= 1, stalled
+    others_spare = sum(exact[r]["stall"]["spare"][1] for r in (0, 2, 3))
+    assert others_spare >= 1
+
+
+def test_slow_rank_does_less(exact):
+    slow = exact[WORLD - 1]["slow_repetition"]
+    fast = exact[0]["slow_repetition"]
+    assert sum(slow["used"]) < sum(fast["used"])
+
+
+def test_sgd_parameters_identical_and_exact(exact):
+    for result in exact:
+        assert result["sgd"]["identical"]
+        assert result["sgd"]["error"] <= 1e-10
+
+
+def test_store_keys_bounded(exact):
+    for result in exact:
+        counts = result["store_keys"]
+        assert counts["199"] == counts["9"], counts  # a leak of one key per step would add 190
+
+
+def test_bad_configuration_fails_on_every_rank(failures):
+    for rank, result in enumerate(failures):
+        assert result["bad_redundancy"]["type"] == "ConfigurationError"
+        assert "rank 1: redundancy" in result["bad_redundancy"]["message"]
+        assert result["mismatch"]["type"] == "ConfigurationError"
+        assert "disagree on redundancy" in result["mismatch"]["message"]
+        assert result["world_size"]["type"] == "ConfigurationError"
+        assert "emulate.speeds" in result["world_size"]["message"]
+        assert result["too_few_tasks"]["type"] == "ConfigurationError"
+        assert "num_tasks" in result["too_few_tasks"]["message"]
+        assert result["group_ok"], f"rank {rank}: the process group was left unusable"
+
+
+def test_silent_rank_times_out_with_its_name(failures):
+    for rank in (0, 1):
+        timeout = failures[rank]["timeout"]
+        assert timeout["type"] == "CodedStepTimeout", timeout
+        assert "rank 2" in timeout["message"] or "ranks [2]" in timeout["message"], timeout["message"]
+        assert timeout["seconds"] < 5.9  # failed on the 2 s timeout, not after the 6 s stall ended
+
+
+def test_replanning_follows_measured_speeds(exact):
+    """Homogeneous start, re-plan from measured task times, all ranks switching at the same step."""
+    versions = [r["replan"]["versions"] for r in exact]
+    assert all(v == versions[0] for v in versions), versions  # same plan on the same step everywhere
+    assert versions[0][0] == 0 and versions[0][-1] >= 2, versions[0]  # warm-up re-plan, then the change
+    for result in exact:
+        assert result["replan"]["max_error"] <= 1e-10
+    # Before the change speeds are 1, 1, 2, 4: measured means fall and primaries rise with rank.
+    mid = exact[0]["replan"]["means_mid"]
+    assert mid[3] < mid[2] < min(mid[0], mid[1]), mid
+    primaries_mid = [r["replan"]["primaries_mid"] for r in exact]
+    assert primaries_mid[3] > primaries_mid[2] > max(primaries_mid[0], primaries_mid[1]), primaries_mid
+    # After the change (4, 2, 1, 1) the order flips.
+    end = exact[0]["replan"]["means_end"]
+    assert end[0] < end[1] < min(end[2], end[3]), end
+    primaries_end = [r["replan"]["primaries_end"] for r in exact]
+    assert primaries_end[0] > primaries_end[1] > max(primaries_end[2], primaries_end[3]), primaries_end
