@@ -242,3 +242,37 @@ def test_installed_console_script(profile_file) -> None:
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["codedgrad: error: profile: give --profile FILE or --preset NAME"]
     assert np.isfinite(json.loads(done.stdout)["lower_bound"])
+
+
+def test_simulate_codes_compares_codes_on_the_same_workers(capsys, profile_file) -> None:
+    code, out, _ = run(
+        capsys,
+        "simulate",
+        "--profile",
+        str(profile_file),
+        "--tasks",
+        "12",
+        "--redundancy",
+        "1.25,2",
+        "--code",
+        "uncoded,repetition,cyclic",
+        "--jobs",
+        "300",
+        "--json",
+    )
+    assert code == 0
+    document = json.loads(out)
+    rows = {(r["code"], r["redundancy"]): r for r in document["codes"]}
+    assert set(rows) == {("uncoded", 1.0), ("repetition", 1.25), ("repetition", 2.0), ("cyclic", 1.25), ("cyclic", 2.0)}
+    assert rows[("cyclic", 1.25)]["skipped"] and "integer" in rows[("cyclic", 1.25)]["skipped"]
+    for key in [("uncoded", 1.0), ("repetition", 1.25), ("repetition", 2.0), ("cyclic", 2.0)]:
+        assert rows[key]["mean"] >= document["lower_bound"]
+    # Backups shorten the step on noisy workers (same random numbers for every code).
+    assert rows[("repetition", 2.0)]["mean"] < rows[("uncoded", 1.0)]["mean"]
+
+
+def test_simulate_codes_rejects_an_unknown_code(capsys, profile_file) -> None:
+    code, _, err = run(
+        capsys, "simulate", "--profile", str(profile_file), "--tasks", "12", "--redundancy", "2", "--code", "mds"
+    )
+    assert code == 2 and err.count("\n") == 1 and "code: unknown code 'mds'" in err
