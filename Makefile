@@ -25,14 +25,16 @@ lint: $(STAMP)
 test: lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
+# The main job for now: the paper's setting planned, simulated and plotted, and the codes compared.
 demo: $(STAMP)
 	mkdir -p $(DEMO_DIR)
 	$(BIN)/codedgrad plan --preset paper --redundancy 1.05
 	$(BIN)/codedgrad simulate --preset paper --redundancy 1,1.05,1.1,1.2 --plot $(DEMO_DIR)/paper.png
-	@echo "plot written to $(DEMO_DIR)/paper.png"
+	$(BIN)/codedgrad simulate --preset paper --redundancy 1.05,1.2,2 --code uncoded,repetition,frc,cyclic --jobs 300
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_planner.py
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 4 benchmarks/bench_engine.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
