@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/bench_engine.py
 
 Four ranks with emulated speeds 1, 1, 2, 4 (mean task time ``base / speed``, half of it exponential
-jitter, 1 % of tasks stalled 10×). Each round runs one step of every strategy (A B C A B C …), so
-drift of the machine hits all of them alike:
+jitter, 1 % of tasks stalled 10×), K = 64 tasks per step; about four minutes. Each round runs one
+step of every strategy (A B C A B C …), so drift of the machine hits all of them alike:
 
 * ``uniform``: K/P tasks per rank, no redundancy (what plain DDP does);
 * ``optimal``: the optimal split from the emulated profiles, no redundancy;
@@ -36,8 +36,10 @@ from codedgrad.profile import WorkerProfile
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=128)
-    parser.add_argument("--base", type=float, default=0.02, help="mean task time of a speed-1 rank (s)")
+    parser.add_argument("--tasks", type=int, default=64)
+    # 80 ms for a speed-1 rank makes the fastest rank's task (20 ms) last about 50 commits on this
+    # machine, the task size DESIGN.md §4 asks for; shorter tasks measure the commit, not the code.
+    parser.add_argument("--base", type=float, default=0.08, help="mean task time of a speed-1 rank (s)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--stall-prob", type=float, default=0.01)
     parser.add_argument("--warmup", type=int, default=11, help="steps per strategy before measuring")
