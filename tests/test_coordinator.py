@@ -77,7 +77,7 @@ def test_frc_waits_for_a_rank_and_names_it(store):
 
 def test_arrival_timeout_names_the_absent_rank_and_fails_the_latecomer(store):
     code = make_code("repetition", 3, 3, redundancy=1.0)
-    ranks = coordinators(store, 3, timeout=0.3)
+    ranks = coordinators(store, 3, timeout=1.0)  # long enough that both waiting ranks are there
     for c in ranks:
         c.begin(0, code)
     errors = []
@@ -94,7 +94,7 @@ def test_arrival_timeout_names_the_absent_rank_and_fails_the_latecomer(store):
     for t in threads:
         t.join(timeout=5)
     assert len(errors) == 2 and all("ranks [2]" in e for e in errors), errors
-    with pytest.raises(CodedStepTimeout, match="gave up waiting"):
+    with pytest.raises(CodedStepTimeout, match="had given up on it"):
         ranks[2].arrive_and_wait()
 
 

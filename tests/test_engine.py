@@ -59,7 +59,7 @@ def test_float32_and_bfloat16(exact):
         assert result["repetition_1.25_float32"]["identical"]
         # bf16 rounds the forward pass itself (8 bits of mantissa): the reference is bf16 too, and the
         # coded sum is accumulated in float32, so only the per-task rounding differs.
-        assert result["repetition_1.25_bfloat16"]["max_error"] <= 2e-2
+        assert result["repetition_1.25_bfloat16"]["max_error"] <= 1e-2
         assert result["repetition_1.25_bfloat16"]["identical"]
 
 
@@ -73,14 +73,13 @@ def test_every_task_used_exactly_once(exact):
 def test_stalled_rank_is_not_waited_for(exact):
     """Rank 1 stalls 2 s on its first task of step 1: the others cover the rest of its queue.
 
-    The stalled rank computes only the task it was stuck in and finds the rest of its queue purged,
-    so nobody waited for it beyond that in-flight task.
+    The stalled rank computes at most the task it was stuck in, and the others decide the step
+    without it, so nobody waits for it beyond that in-flight task.
     """
     stalled = exact[1]["stall"]
-    assert stalled["computed"][1] == 1, stalled
-    assert stalled["purged"][1] >= 1, stalled
-    others_spare = sum(exact[r]["stall"]["spare"][1] for r in (0, 2, 3))
-    assert others_spare >= 1
+    assert stalled["computed"][1] <= 1, stalled  # 0 if it started the step after the others decided it
+    for rank in (0, 2, 3):  # the others decided the step long before the 2 s stall ended
+        assert exact[rank]["stall"]["time_to_decision"][1] < 1.0, exact[rank]["stall"]
 
 
 def test_slow_rank_does_less(exact):
@@ -111,6 +110,8 @@ def test_bad_configuration_fails_on_every_rank(failures):
         assert "emulate.speeds" in result["world_size"]["message"]
         assert result["too_few_tasks"]["type"] == "ConfigurationError"
         assert "num_tasks" in result["too_few_tasks"]["message"]
+        assert result["different_tasks"]["type"] == "ConfigurationError"
+        assert "disagree on num_tasks" in result["different_tasks"]["message"]
         assert result["group_ok"], f"rank {rank}: the process group was left unusable"
 
 

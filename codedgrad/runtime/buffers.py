@@ -23,14 +23,15 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class FlatGradients:
-    """Gradients of ``params`` packed into flat buffers of at most ``bucket_numel`` elements each.
+    """Gradients of ``params`` packed into flat buffers of at most ``bucket_bytes`` each.
 
     Args:
         params: the parameters whose gradients are accumulated (all must require grad).
-        bucket_numel: largest number of elements of one buffer; a parameter never straddles two.
+        bucket_bytes: largest size of one buffer (a single larger parameter gets a buffer of its
+            own; a parameter never straddles two).
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], bucket_numel: int = 2**24) -> None:
+    def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = 25 * 2**20) -> None:
         self.params = list(params)
         self.buckets: list[torch.Tensor] = []
         self.views: list[torch.Tensor] = []
@@ -39,6 +40,7 @@ class FlatGradients:
         sizes: list[int] = []
         for p in self.params:
             key = (p.device, _accumulate_dtype(p.dtype))
+            bucket_numel = max(1, bucket_bytes // key[1].itemsize)
             index, used = open_bucket.get(key, (-1, 0))
             if index < 0 or (used > 0 and used + p.numel() > bucket_numel):
                 index, used = len(sizes), 0
@@ -52,6 +54,7 @@ class FlatGradients:
             self.buckets[index] = torch.zeros(size, device=self.buckets[index].device, dtype=self.buckets[index].dtype)
         for p, (index, offset) in zip(self.params, layout):
             self.views.append(self.buckets[index][offset : offset + p.numel()].view_as(p))
+        self.dtypes = [view.dtype for view in self.views]  # accumulation dtype of each parameter
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.buckets)

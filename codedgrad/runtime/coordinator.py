@@ -14,14 +14,21 @@ Keys, all under one :class:`~torch.distributed.PrefixStore` namespace per engine
     Rank r has everything it needs for the coded all-reduce. Every rank waits for all of them
     before the collective, so a missing rank turns into a timeout naming it instead of a hang
     inside the collective.
-``s{t}/abandoned``
-    Set by a rank that timed out waiting for the others, so that a latecomer fails as well
-    rather than entering a collective alone.
-``g/{name}/{r}``
-    Rank r's contribution to a gather (configuration agreement, profile exchange).
+``s{t}/gate``
+    Seals the arrival once: the first rank to see everyone arrived writes ``go`` by
+    compare-and-set, a rank that timed out writes ``abandoned``; whichever comes first holds for
+    all, so either every rank enters the collective or none does.
+``g/{name}/{r}``, ``g/{name}/gate``
+    Rank r's contribution to a gather (configuration agreement, profile exchange), sealed like
+    the arrival.
 
 Waits run on a separate Store client (:meth:`Store.clone`): one client serialises its
-operations, so a pending wait would otherwise hold up every other request (DESIGN.md §4).
+operations, so a pending wait would otherwise hold up every other request (DESIGN.md §4). The
+engine is single-threaded today; the second client is there for the no-wait release, whose
+reduction thread waits while the compute thread commits.
+
+Keys of step t are deleted after its coded all-reduce: every rank has then passed every wait and
+commit of step t, because it had to enter the blocking collective.
 """
 
 from __future__ import annotations
@@ -65,7 +72,6 @@ class StoreCoordinator:
         self._code: GradientCode | None = None
         self._step = -1
         self._value = b""  # last known value of s{step}/state (header + decoder bytes)
-        self._decided, self._decided_value = False, None
 
     # ----------------------------------------------------------------- one step's decoder state
     def begin(self, step: int, code: GradientCode) -> DecoderState:
@@ -80,13 +86,6 @@ class StoreCoordinator:
         """The decoder state as of this rank's last Store round trip (a fresh object: callers may commit to it)."""
         assert self._code is not None, "begin() first"
         return self._code.state_from_bytes(self._value[_HEADER.size :])
-
-    @property
-    def decided(self) -> bool:
-        """Whether the last known state is decided (cheap: no decoding object is built twice)."""
-        if self._decided_value is not self._value:
-            self._decided, self._decided_value = self.state.decided, self._value
-        return self._decided
 
     def refresh(self) -> DecoderState:
         """Read the current state (one round trip)."""
@@ -105,6 +104,8 @@ class StoreCoordinator:
             sequence, _ = _HEADER.unpack_from(self._value)
             desired = _HEADER.pack(sequence + 1, self.rank) + state.to_bytes()
             current = self.store.compare_set(self._key("state"), self._value, desired)
+            if current == self._value:  # c10d answers a missing key with the expected value
+                raise RuntimeError(f"codedgrad: the Store lost the state of step {self._step} (deleted or reset)")
             self._value = current
             if current == desired:
                 if state.decided:
@@ -116,7 +117,10 @@ class StoreCoordinator:
         try:
             self._wait_store.wait([self._key("decided")], timedelta(seconds=self.timeout))
         except dist.DistStoreError:
-            missing = self.refresh().missing()
+            state = self.refresh()
+            if state.decided:  # decided, but the decider's flag never came (it crashed in between)
+                return state
+            missing = state.missing()
             raise CodedStepTimeout(
                 f"codedgrad: rank {self.rank} waited {self.timeout:g} s for step {self._step} to be decided; "
                 f"still missing: {missing}"
@@ -128,48 +132,54 @@ class StoreCoordinator:
         """Announce this rank is ready for the coded all-reduce and wait until every rank is."""
         self.store.set(self._key(f"arrived/{self.rank}"), b"1")
         keys = [self._key(f"arrived/{r}") for r in range(self.world_size)]
-        try:
-            self._wait_store.wait(keys, timedelta(seconds=self.timeout))
-        except dist.DistStoreError:
-            absent = [r for r, key in enumerate(keys) if not self.store.check([key])]
-            # Mark the step abandoned, so that a rank arriving later fails too instead of entering a
-            # collective with ranks that have left.
-            self.store.set(self._key("abandoned"), str(self.rank).encode())
-            raise CodedStepTimeout(
-                f"codedgrad: rank {self.rank} waited {self.timeout:g} s at step {self._step} for ranks {absent} "
-                "to reach the coded all-reduce (stalled, crashed, or running a different number of steps)"
-            ) from None
-        if self.store.check([self._key("abandoned")]):
-            raise CodedStepTimeout(
-                f"codedgrad: rank {self.rank} reached step {self._step} after rank "
-                f"{self.store.get(self._key('abandoned')).decode()} gave up waiting for it (timeout {self.timeout:g} s)"
-            )
+        self._wait_all(keys, self._key("gate"), f"at step {self._step} to reach the coded all-reduce")
 
     def finish(self) -> None:
         """Delete this step's keys once the collective is done (every rank is past every wait)."""
         self.store.delete_key(self._key(f"arrived/{self.rank}"))
         if self.rank == 0:
-            self.store.delete_key(self._key("state"))
-            self.store.delete_key(self._key("decided"))
+            for what in ("state", "decided", "gate"):
+                self.store.delete_key(self._key(what))
 
     # ----------------------------------------------------------------- gathers
     def gather(self, name: str, value: bytes) -> list[bytes]:
         """Every rank's ``value`` for ``name``, in rank order (waits for all, with the timeout)."""
         self.store.set(f"g/{name}/{self.rank}", value)
         keys = [f"g/{name}/{r}" for r in range(self.world_size)]
-        try:
-            self._wait_store.wait(keys, timedelta(seconds=self.timeout))
-        except dist.DistStoreError:
-            absent = [r for r, key in enumerate(keys) if not self.store.check([key])]
-            raise CodedStepTimeout(
-                f"codedgrad: rank {self.rank} waited {self.timeout:g} s for ranks {absent} to publish {name!r}"
-            ) from None
+        self._wait_all(keys, f"g/{name}/gate", f"to publish {name!r}")
         return list(self.store.multi_get(keys))
 
     def forget(self, names: Sequence[str]) -> None:
         """Delete this rank's gather keys (call once every rank has read them)."""
         for name in names:
             self.store.delete_key(f"g/{name}/{self.rank}")
+            if self.rank == 0:
+                self.store.delete_key(f"g/{name}/gate")
+
+    def _wait_all(self, keys: list[str], gate: str, what: str) -> None:
+        """Wait for every key, then seal the outcome at ``gate``: all ranks go on, or all fail.
+
+        A plain wait is not enough: a rank that times out raises, and a rank arriving a moment later
+        would find every key present and enter the collective alone. The first compare-and-set on
+        the gate decides for everyone, whichever happened first.
+        """
+        try:
+            self._wait_store.wait(keys, timedelta(seconds=self.timeout))
+            outcome = self.store.compare_set(gate, b"", b"go")
+        except dist.DistStoreError:
+            absent = [r for r, key in enumerate(keys) if not self.store.check([key])]
+            outcome = self.store.compare_set(gate, b"", f"abandoned by rank {self.rank}".encode())
+            if outcome == b"go":  # everyone did arrive, just after this rank's wait ran out
+                return
+            raise CodedStepTimeout(
+                f"codedgrad: rank {self.rank} waited {self.timeout:g} s for ranks {absent or 'that came too late'} "
+                f"{what} (stalled, crashed, or running a different number of steps)"
+            ) from None
+        if outcome != b"go":
+            raise CodedStepTimeout(
+                f"codedgrad: rank {self.rank} arrived {what}, but the others had given up on it "
+                f"({outcome.decode()} after {self.timeout:g} s)"
+            )
 
     def _key(self, what: str) -> str:
         return f"s{self._step}/{what}"

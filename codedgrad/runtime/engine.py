@@ -13,11 +13,14 @@ while step t computes:
    else wait on the Store for the decision (bounded by ``timeout``);
 4. **reduce** (:meth:`CodedDataParallel._coded_allreduce`): once every rank has arrived, one SUM
    all-reduce per flat bucket of the accumulators scaled by the decoder's rank coefficients;
-5. **clean up**: delete the step's Store keys; every few steps, exchange measured profiles and
-   re-plan when the predicted step time improves enough.
+5. **clean up**: delete the step's Store keys and broadcast rank 0's module buffers.
 
-Every piece of per-step data lives in :class:`_StepContext` (accumulator, counters, clock), not on
-the engine, which is what lets two steps be in flight later.
+Re-planning happens in phase 1 of a later step: every few steps the ranks exchange measured
+profiles and switch plans together when the predicted step time improves enough.
+
+The per-step data a phase needs travels in a :class:`_StepContext` (plan, accumulator, report,
+clock) rather than in engine attributes. Today the accumulator and the coordinator's view still
+belong to the one step in flight; the no-wait release gives each step its own.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from codedgrad.codes import CodeError, GradientCode, Work, make_code
+from codedgrad.codes import CODE_NAMES, CodeError, GradientCode, Work, make_code
+from codedgrad.codes.repetition import homogeneous_profiles
 from codedgrad.emulate import Heterogeneity
 from codedgrad.plan import PlanError, optimal_split
 from codedgrad.profile import WorkerProfile, fit_profile, profiles_from_dict, profiles_to_dict
@@ -45,8 +49,7 @@ from codedgrad.runtime.hooks import coded_allreduce_
 
 __all__ = ["CodedDataParallel", "ConfigurationError", "StepReport"]
 
-CODES = ("repetition", "uncoded", "frc", "cyclic")
-_instances = itertools.count()
+_instances: dict[tuple[int, ...], itertools.count] = {}  # per process group: engines built so far
 
 
 class ConfigurationError(ValueError):
@@ -79,7 +82,7 @@ class StepReport:
     step: int
     rank: int
     plan_version: int
-    num_tasks: int
+    num_tasks: int  # K of the step
     computed: int = 0
     used: int = 0
     purged: int = 0
@@ -125,6 +128,13 @@ class CodedDataParallel(nn.Module):
     K equal tasks). Afterwards ``p.grad`` on every rank is the gradient of the mean loss over the
     whole global batch, whichever ranks were slow, and the optimizer steps identically everywhere.
 
+    Exactness holds for a loss that is a mean over independent tasks, as with gradient
+    accumulation: a forward pass that mixes samples across the batch (BatchNorm in training mode)
+    or draws per-rank randomness (dropout without a per-task seed) computes a different function on
+    micro-batches than on the whole batch. Module buffers (e.g. running statistics) are broadcast
+    from rank 0 after every step so that all ranks hold the same model. Every parameter ends a step
+    with a gradient; one that no task used gets zeros (exclude such parameters from weight decay).
+
     Args:
         module: the model (its parameters and buffers are broadcast from rank 0 at construction).
         redundancy: Ω ≥ 1, the share of extra task slots (repetition), or s+1 for ``frc``/``cyclic``.
@@ -136,13 +146,17 @@ class CodedDataParallel(nn.Module):
         emulate: a :class:`~codedgrad.emulate.Heterogeneity` that adds emulated per-task delays;
             None reads ``CODEDGRAD_EMULATE`` from the environment (absent: no emulation).
         timeout: seconds any wait on another rank may take before a :class:`CodedStepTimeout`.
-        process_group: group for the coded all-reduce (default: the world).
+        process_group: group for the coded all-reduce (default: the world). Several groups (e.g. the
+            data-parallel groups of a 2-D layout) get separate Store namespaces.
         store: c10d Store for the step protocol (default: the default process group's store).
+        name: the engine's Store namespace within its group; needed only when ranks build different
+            numbers of engines (by default the n-th engine of a group on every rank is matched).
         replan_every: steps between profile exchanges (0 disables re-planning).
         replan_threshold: re-plan only when the predicted step time improves by more than this share.
         warmup_steps: steps measured before the first re-plan when no profiles are given.
         spare_work: once this rank's queue is dry and the step is not decided, compute other ranks'
             uncovered tasks (repetition codes) instead of waiting. False gives the static baselines.
+        broadcast_buffers: broadcast rank 0's module buffers after every step.
         bucket_cap_mb: largest flat gradient bucket of the coded all-reduce.
     """
 
@@ -157,10 +171,12 @@ class CodedDataParallel(nn.Module):
         timeout: float = 300.0,
         process_group: dist.ProcessGroup | None = None,
         store: dist.Store | None = None,
+        name: str | None = None,
         replan_every: int = 50,
         replan_threshold: float = 0.1,
         warmup_steps: int = 3,
         spare_work: bool = True,
+        broadcast_buffers: bool = True,
         bucket_cap_mb: float = 25.0,
     ) -> None:
         super().__init__()
@@ -178,19 +194,24 @@ class CodedDataParallel(nn.Module):
         self._replan_threshold = replan_threshold
         self._warmup_steps = warmup_steps
         self._spare_work = spare_work
+        self._broadcast_buffers = broadcast_buffers
         self._emulate = emulate if emulate is not None else Heterogeneity.from_env()
         self._profiles = list(profiles) if profiles is not None else None
         self._measured_profiles = self._profiles is not None
         if store is None:
             store = dist.distributed_c10d._get_default_store()
+        group_ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))
+        if name is None:
+            name = str(next(_instances.setdefault(group_ranks, itertools.count())))
+        group_id = hashlib.sha256(repr(group_ranks).encode()).hexdigest()[:12]
         self._coordinator = StoreCoordinator(
-            dist.PrefixStore(f"codedgrad/{next(_instances)}", store), self._rank, self._world_size, timeout
+            dist.PrefixStore(f"codedgrad/{group_id}/{name}", store), self._rank, self._world_size, timeout
         )
         self._stale_gathers: list[str] = []  # Store keys to delete once every rank has read them
         # Check every rank's configuration through the Store before the first collective.
         self._agree("config", self._config(), self._validate_config())
         self._params = [p for p in module.parameters() if p.requires_grad]
-        self._accumulator = FlatGradients(self._params, bucket_numel=max(1, int(bucket_cap_mb * 2**20 / 4)))
+        self._accumulator = FlatGradients(self._params, bucket_bytes=max(1, int(bucket_cap_mb * 2**20)))
         self._broadcast_state()
         self._plan: _Plan | None = None
         self._step = 0
@@ -239,6 +260,8 @@ class CodedDataParallel(nn.Module):
         self._decide(ctx)
         self._coded_allreduce(ctx)
         self._coordinator.finish()
+        if self._broadcast_buffers:
+            self._broadcast(self.module.buffers())
         ctx.report.step_time = time.perf_counter() - ctx.start
         self._step += 1
         self._steps_since_plan += 1
@@ -280,13 +303,13 @@ class CodedDataParallel(nn.Module):
 
     def _compute_and_commit(self, ctx: _StepContext, work: Work) -> None:
         start = time.perf_counter()
-        grads: list[torch.Tensor | None] | None = None
+        grads: list[torch.Tensor | None] = [None] * len(self._params)
         for i, (task, coefficient) in enumerate(zip(work.tasks, work.coefficients)):
             if i > 0 and self._coordinator.refresh().decided:
                 return  # a rank-level result the step no longer needs: decided while computing it
-            loss = ctx.task_loss(task) * (coefficient / ctx.plan.num_tasks)
-            task_grads = torch.autograd.grad(loss, self._params, allow_unused=True)
-            grads = list(task_grads) if grads is None else _sum_grads(grads, task_grads)
+            task_grads = torch.autograd.grad(ctx.task_loss(task), self._params, allow_unused=True)
+            # Scale in the accumulator's precision: bf16(coefficient / K) would bias every gradient.
+            _add_scaled(grads, task_grads, coefficient / ctx.plan.num_tasks, ctx.accumulator.dtypes)
             if self._emulate is not None:
                 ctx.report.emulated_seconds += self._emulate.sleep(self._rank, ctx.step, ctx.tasks_run)
             ctx.tasks_run += 1
@@ -320,7 +343,8 @@ class CodedDataParallel(nn.Module):
     # ----------------------------------------------------------------- planning
     def _ensure_plan(self, num_tasks: int) -> _Plan:
         if self._plan is None or self._plan.num_tasks != num_tasks:
-            profiles = self._profiles or [WorkerProfile(0.0, 1.0, 0.0)] * self._world_size
+            # Keep what was measured so far; with nothing known, every rank is alike.
+            profiles = self.profiles or homogeneous_profiles(self._world_size)
             self._plan = self._agreed_plan(num_tasks, profiles)
         elif self._replan_due():
             self._maybe_replan()
@@ -344,7 +368,7 @@ class CodedDataParallel(nn.Module):
         shared = self._coordinator.gather(name, json.dumps(profiles_to_dict([own])).encode())
         self._stale_gathers.append(name)
         measured = [profiles_from_dict(json.loads(value))[0] for value in shared]
-        self._steps_since_plan = 0
+        self._steps_since_plan = 0  # also when the plan stays: the next exchange is a period away
         K = self._plan.num_tasks
         current = _predicted_step_time(measured, optimal_split(self._plan.profiles, K, 1.0, self._gamma))
         proposed = _predicted_step_time(measured, optimal_split(measured, K, 1.0, self._gamma))
@@ -362,13 +386,14 @@ class CodedDataParallel(nn.Module):
 
     def _agreed_plan(self, num_tasks: int, profiles: list[WorkerProfile]) -> _Plan:
         """Build the plan and check through the Store that every rank built the same one."""
+        name = f"plan/{self._plan_versions}"  # before building: a failed build must not move the name
         plan, error = None, None
         try:
             plan = self._build_plan(num_tasks, profiles)
         except (CodeError, PlanError, ValueError) as exc:
             error = str(exc)
         fingerprint = _fingerprint(plan) if plan else ""
-        self._agree(f"plan/{self._plan_versions}", {"num_tasks": num_tasks, "plan": fingerprint}, error)
+        self._agree(name, {"num_tasks": num_tasks, "plan": fingerprint}, error)
         assert plan is not None
         return plan
 
@@ -376,7 +401,6 @@ class CodedDataParallel(nn.Module):
         code = make_code(self._code_name, self._world_size, num_tasks, self._redundancy, profiles, self._gamma)
         version = self._plan_versions
         self._plan_versions += 1
-        self._steps_since_plan = 0
         return _Plan(version, num_tasks, profiles, code, code.queue(self._rank))
 
     # ----------------------------------------------------------------- start-up checks
@@ -396,8 +420,8 @@ class CodedDataParallel(nn.Module):
 
     def _validate_config(self) -> str | None:
         """This rank's configuration error, if any (reported on every rank by :meth:`_agree`)."""
-        if self._code_name not in CODES:
-            return f"code: must be one of {', '.join(CODES)}, got {self._code_name!r}"
+        if self._code_name not in CODE_NAMES:
+            return f"code: must be one of {', '.join(CODE_NAMES)}, got {self._code_name!r}"
         if not (isinstance(self._redundancy, (int, float)) and math.isfinite(self._redundancy)):
             return f"redundancy: must be a finite number, got {self._redundancy!r}"
         if self._redundancy < 1:
@@ -431,9 +455,12 @@ class CodedDataParallel(nn.Module):
             raise ConfigurationError("codedgrad: " + "; ".join(problems))
 
     def _broadcast_state(self) -> None:
+        self._broadcast(itertools.chain(self.module.parameters(), self.module.buffers()))
+
+    def _broadcast(self, tensors) -> None:
         source = dist.get_global_rank(self._group, 0) if self._group is not None else 0
         with torch.no_grad():
-            for tensor in itertools.chain(self.module.parameters(), self.module.buffers()):
+            for tensor in tensors:
                 dist.broadcast(tensor.data, src=source, group=self._group)
 
 
@@ -441,8 +468,17 @@ def _ranks(ranks: list[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
 
 
-def _sum_grads(total: list[torch.Tensor | None], new: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    return [a if b is None else b if a is None else a + b for a, b in zip(total, new)]
+def _add_scaled(
+    total: list[torch.Tensor | None], new: Sequence[torch.Tensor | None], scale: float, dtypes: Sequence[torch.dtype]
+) -> None:
+    """total[i] += scale · new[i], in ``dtypes[i]`` (None counts as zero)."""
+    for i, (grad, dtype) in enumerate(zip(new, dtypes)):
+        if grad is None:
+            continue
+        if total[i] is None:
+            total[i] = grad.to(dtype) * scale
+        else:
+            total[i].add_(grad.to(dtype), alpha=scale)
 
 
 def _predicted_step_time(profiles: Sequence[WorkerProfile], split: Sequence[int]) -> float:

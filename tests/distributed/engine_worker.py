@@ -226,6 +226,14 @@ def scenario_failures(rank: int, world: int) -> dict:
         cdp.backward(task_loss_fn(cdp.module, x, y), world - 1)
 
     expect_error(results, "too_few_tasks", too_few_tasks)
+
+    def different_tasks():  # rank 0 asks for another K than the others: caught before any collective
+        cdp = CodedDataParallel(model, redundancy=1.0)
+        tasks = 6 if rank == 0 else 9
+        x, y = make_data(tasks, torch.float64)
+        cdp.backward(task_loss_fn(cdp.module, x, y), tasks)
+
+    expect_error(results, "different_tasks", different_tasks)
     # The process group must still work after all of that: nothing half-started a collective.
     t = torch.ones(1)
     dist.all_reduce(t)
