@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--stall-prob", type=float, default=0.01)
     parser.add_argument("--warmup", type=int, default=11, help="steps per strategy before measuring")
+    parser.add_argument("--redundancy", type=float, help="coded Ω (default: codedgrad.plan.choose_redundancy)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -51,7 +52,7 @@ def main() -> None:
     speeds = [1.0, 1.0, 2.0, 4.0][:world] if world <= 4 else [1.0 + r % 4 for r in range(world)]
     emulate = Heterogeneity(speeds=speeds, base=args.base, jitter=0.5, stall_prob=args.stall_prob, seed=0)
     profiles = emulate.profiles()
-    omega = choose_redundancy(profiles, args.tasks, candidates=(1.0, 1.05, 1.1, 1.15, 1.2, 1.3), jobs=500)
+    omega = args.redundancy or choose_redundancy(profiles, args.tasks, candidates=(1.0, 1.05, 1.1, 1.15, 1.2, 1.3))
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
