@@ -211,6 +211,7 @@ class CodedDataParallel(nn.Module):
         # Check every rank's configuration through the Store before the first collective.
         self._agree("config", self._config(), self._validate_config())
         self._params = [p for p in module.parameters() if p.requires_grad]
+        self._on_cuda = any(p.is_cuda for p in self._params)
         self._accumulator = FlatGradients(self._params, bucket_bytes=max(1, int(bucket_cap_mb * 2**20)))
         self._broadcast_state()
         self._plan: _Plan | None = None
@@ -313,7 +314,7 @@ class CodedDataParallel(nn.Module):
             if self._emulate is not None:
                 ctx.report.emulated_seconds += self._emulate.sleep(self._rank, ctx.step, ctx.tasks_run)
             ctx.tasks_run += 1
-        if any(p.is_cuda for p in self._params):
+        if self._on_cuda:
             torch.cuda.current_stream().synchronize()  # commit means "done", and the timer must see it
         commit_start = time.perf_counter()
         used = self._coordinator.commit(work.result)
