@@ -117,10 +117,15 @@ def test_bad_configuration_fails_on_every_rank(failures):
 
 def test_silent_rank_times_out_with_its_name(failures):
     for rank in (0, 1):
-        timeout = failures[rank]["timeout"]
-        assert timeout["type"] == "CodedStepTimeout", timeout
-        assert "rank 2" in timeout["message"] or "ranks [2]" in timeout["message"], timeout["message"]
-        assert timeout["seconds"] < 5.9  # failed on the 2 s timeout, not after the 6 s stall ended
+        for case, wait in (("timeout_arrival", "to reach the coded all-reduce"), ("timeout_decision", "to be decided")):
+            outcome = failures[rank][case]
+            assert outcome["type"] == "CodedStepTimeout", (case, outcome)
+            assert wait in outcome["message"] and "ranks [2]" in outcome["message"], (case, outcome["message"])
+            assert outcome["seconds"] < 5.9, (case, outcome)  # the 2 s timeout, not the end of the 6 s hang
+    # The silent rank itself fails too when it comes back, instead of entering a collective alone.
+    assert failures[2]["timeout_arrival"]["type"] == "CodedStepTimeout"
+    assert "had given up on it" in failures[2]["timeout_arrival"]["message"]
+    assert failures[2]["timeout_decision"]["type"] == "CodedStepTimeout"
 
 
 def test_replanning_follows_measured_speeds(exact):

@@ -239,19 +239,34 @@ def scenario_failures(rank: int, world: int) -> dict:
     dist.all_reduce(t)
     results["group_ok"] = float(t) == world
 
-    # A rank that stops committing: rank world-1 stalls far longer than the others' timeout.
-    silent = Heterogeneity(speeds=[1.0] * world, base=0.002, jitter=0.0, forced_stalls=((world - 1, 1, 6.0),))
-    cdp = CodedDataParallel(model, redundancy=1.0, emulate=silent, timeout=2.0)
+    # A rank that stops committing, two ways, each bounded by a 2 s timeout.
+    # (a) Rank world-1 hangs for 6 s before step 1, outside any task: the others cover its tasks,
+    #     decide the step and time out at the arrival, naming it; it fails when it comes back.
+    cdp = CodedDataParallel(model, redundancy=1.0, timeout=2.0)
+    results["timeout_arrival"] = run_until_timeout(cdp, rank, hang=(world - 1, 1, 6.0))
+    dist.barrier()  # no collective was entered above, so the group is intact
+    # (b) Fractional repetition with s = 0 cannot lose a rank: rank world-1 stalls 6 s inside its
+    #     task of step 1, the step cannot be decided, and the others time out waiting, naming it.
+    stalled = Heterogeneity(speeds=[1.0] * world, base=0.002, jitter=0.0, forced_stalls=((world - 1, 1, 6.0),))
+    cdp = CodedDataParallel(model, code="frc", redundancy=1, emulate=stalled, timeout=2.0)
+    results["timeout_decision"] = run_until_timeout(cdp, rank)
+    return results
+
+
+def run_until_timeout(cdp: CodedDataParallel, rank: int, hang: tuple[int, int, float] | None = None) -> dict:
+    """Run 3 steps; ``hang = (rank, step, seconds)`` makes that rank sleep before that step."""
     x, y = make_data(8, torch.float64)
     start = time.perf_counter()
+    outcome = {"type": None, "message": ""}
     try:
-        for _ in range(3):
+        for step in range(3):
+            if hang is not None and (rank, step) == hang[:2]:
+                time.sleep(hang[2])
             cdp.backward(task_loss_fn(cdp.module, x, y), 8)
-        results["timeout"] = {"type": None, "message": ""}
     except CodedStepTimeout as error:
-        results["timeout"] = {"type": type(error).__name__, "message": str(error)}
-    results["timeout"]["seconds"] = time.perf_counter() - start
-    return results
+        outcome = {"type": type(error).__name__, "message": str(error)}
+    outcome["seconds"] = time.perf_counter() - start
+    return outcome
 
 
 def main() -> None:
