@@ -33,6 +33,9 @@ def failures(tmp_path_factory):
 
 
 CODES_FP64 = [
+    "repetition_1.25_sync",
+    "frc_2_sync",
+    "stall_sync",
     "repetition_1",
     "repetition_1.25",
     "repetition_2",
@@ -65,7 +68,14 @@ def test_float32_and_bfloat16(exact):
 
 def test_every_task_used_exactly_once(exact):
     """For task-level repetition the used results of all ranks add up to K on every step."""
-    for name, tasks in [("repetition_1", 12), ("repetition_1.25", 12), ("repetition_2", 12), ("stall", 16)]:
+    for name, tasks in [
+        ("repetition_1", 12),
+        ("repetition_1.25", 12),
+        ("repetition_2", 12),
+        ("repetition_1.25_sync", 12),
+        ("stall", 16),
+        ("stall_sync", 16),
+    ]:
         per_step = [sum(r[name]["used"][s] for r in exact) for s in range(len(exact[0][name]["used"]))]
         assert per_step == [tasks] * len(per_step), f"{name}: used per step {per_step}"
 
@@ -76,10 +86,14 @@ def test_stalled_rank_is_not_waited_for(exact):
     The stalled rank computes at most the task it was stuck in, and the others decide the step
     without it, so nobody waits for it beyond that in-flight task.
     """
-    stalled = exact[1]["stall"]
-    assert stalled["computed"][1] <= 1, stalled  # 0 if it started the step after the others decided it
-    for rank in (0, 2, 3):  # the others decided the step long before the 2 s stall ended
-        assert exact[rank]["stall"]["time_to_decision"][1] < 1.0, exact[rank]["stall"]
+    for name in ("stall", "stall_sync"):
+        stalled = exact[1][name]
+        assert stalled["computed"][1] <= 1, stalled  # 0 if it started the step after the others decided it
+        for rank in (0, 2, 3):  # the others decided the step long before the 2 s stall ended
+            assert exact[rank][name]["time_to_decision"][1] < 1.0, exact[rank][name]
+    # With the no-wait release they do not even wait for the stalled task: step 1 ends long before it.
+    for rank in (0, 2, 3):
+        assert exact[rank]["stall"]["step_time"][1] < 1.0, exact[rank]["stall"]
 
 
 def test_slow_rank_does_less(exact):

@@ -22,13 +22,14 @@ Keys, all under one :class:`~torch.distributed.PrefixStore` namespace per engine
     Rank r's contribution to a gather (configuration agreement, profile exchange), sealed like
     the arrival.
 
-Waits run on a separate Store client (:meth:`Store.clone`): one client serialises its
-operations, so a pending wait would otherwise hold up every other request (DESIGN.md §4). The
-engine is single-threaded today; the second client is there for the no-wait release, whose
-reduction thread waits while the compute thread commits.
+Waits (decision, arrival, gathers) run on a separate Store client (:meth:`Store.clone`): one
+client serialises its operations, so a pending wait would otherwise hold up every other request
+(DESIGN.md §4). With the no-wait release the waits run on the release thread while the compute
+thread commits on the main client.
 
-Keys of step t are deleted after its coded all-reduce: every rank has then passed every wait and
-commit of step t, because it had to enter the blocking collective.
+Keys of step t are deleted after its coded all-reduce: every rank has then passed every wait of
+step t, because it had to enter the collective. A rank still computing a task of step t at that
+point (no-wait release) knows the step is released and does not touch its keys again.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class StoreCoordinator:
             self._wait_store = store.clone()
         except (RuntimeError, NotImplementedError):  # e.g. a FileStore or HashStore: share the client
             self._wait_store = store
+        self.has_wait_client = self._wait_store is not store
         self._code: GradientCode | None = None
         self._step = -1
         self._value = b""  # last known value of s{step}/state (header + decoder bytes)
@@ -113,24 +115,34 @@ class StoreCoordinator:
                 return True
 
     def wait_decided(self) -> DecoderState:
-        """Block until the step is decided, or raise :class:`CodedStepTimeout` naming what is missing."""
+        """Block until the step is decided and return the decided state, or raise :class:`CodedStepTimeout`.
+
+        Uses only the wait client and leaves this rank's view alone, so a release thread can call
+        it while the compute thread commits.
+        """
         try:
             self._wait_store.wait([self._key("decided")], timedelta(seconds=self.timeout))
         except dist.DistStoreError:
-            state = self.refresh()
+            state = self._read_on_wait_client()
             if state.decided:  # decided, but the decider's flag never came (it crashed in between)
                 return state
-            missing = state.missing()
             raise CodedStepTimeout(
                 f"codedgrad: rank {self.rank} waited {self.timeout:g} s for step {self._step} to be decided; "
-                f"still missing: {missing}"
+                f"still missing: {state.missing()}"
             ) from None
-        return self.refresh()
+        return self._read_on_wait_client()
+
+    def _read_on_wait_client(self) -> DecoderState:
+        assert self._code is not None, "begin() first"
+        return self._code.state_from_bytes(self._wait_store.get(self._key("state"))[_HEADER.size :])
 
     # ----------------------------------------------------------------- arrival before the collective
     def arrive_and_wait(self) -> None:
-        """Announce this rank is ready for the coded all-reduce and wait until every rank is."""
-        self.store.set(self._key(f"arrived/{self.rank}"), b"1")
+        """Announce this rank is ready for the coded all-reduce and wait until every rank is.
+
+        Uses only the wait client (see :meth:`wait_decided`).
+        """
+        self._wait_store.set(self._key(f"arrived/{self.rank}"), b"1")
         keys = [self._key(f"arrived/{r}") for r in range(self.world_size)]
         self._wait_all(keys, self._key("gate"), f"at step {self._step} to reach the coded all-reduce")
 
@@ -163,12 +175,13 @@ class StoreCoordinator:
         would find every key present and enter the collective alone. The first compare-and-set on
         the gate decides for everyone, whichever happened first.
         """
+        client = self._wait_store
         try:
-            self._wait_store.wait(keys, timedelta(seconds=self.timeout))
-            outcome = self.store.compare_set(gate, b"", b"go")
+            client.wait(keys, timedelta(seconds=self.timeout))
+            outcome = client.compare_set(gate, b"", b"go")
         except dist.DistStoreError:
-            absent = [r for r, key in enumerate(keys) if not self.store.check([key])]
-            outcome = self.store.compare_set(gate, b"", f"abandoned by rank {self.rank}".encode())
+            absent = [r for r, key in enumerate(keys) if not client.check([key])]
+            outcome = client.compare_set(gate, b"", f"abandoned by rank {self.rank}".encode())
             if outcome == b"go":  # everyone did arrive, just after this rank's wait ran out
                 return
             raise CodedStepTimeout(

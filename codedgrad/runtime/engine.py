@@ -11,8 +11,11 @@ while step t computes:
    and add it to the step's accumulator only if the commit is used;
 3. **decide**: once the queue is dry, cover other ranks' uncovered work where the code allows it,
    else wait on the Store for the decision (bounded by ``timeout``);
-4. **reduce** (:meth:`CodedDataParallel._coded_allreduce`): once every rank has arrived, one SUM
-   all-reduce per flat bucket of the accumulators scaled by the decoder's rank coefficients;
+4. **reduce** (:meth:`CodedDataParallel._arrive_and_reduce`): once every rank has arrived, one SUM
+   all-reduce per flat bucket of the accumulators scaled by the decoder's rank coefficients. With
+   the no-wait release (the default) this runs on a release thread with its own Store client and
+   process group as soon as the step is decided (:meth:`CodedDataParallel._release`), so a rank
+   busy with a task that can no longer be used does not hold the others up;
 5. **clean up**: delete the step's Store keys and broadcast rank 0's module buffers.
 
 Re-planning happens in phase 1 of a later step: every few steps the ranks exchange measured
@@ -29,22 +32,25 @@ import hashlib
 import itertools
 import json
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from codedgrad.codes import CODE_NAMES, CodeError, GradientCode, Work, make_code
+from codedgrad.codes.base import DecoderState
 from codedgrad.codes.repetition import homogeneous_profiles
 from codedgrad.emulate import Heterogeneity
 from codedgrad.plan import PlanError, optimal_split
 from codedgrad.profile import WorkerProfile, fit_profile, profiles_from_dict, profiles_to_dict
 from codedgrad.runtime.buffers import FlatGradients
-from codedgrad.runtime.coordinator import StoreCoordinator
+from codedgrad.runtime.coordinator import CodedStepTimeout, StoreCoordinator
 from codedgrad.runtime.hooks import coded_allreduce_
 
 __all__ = ["CodedDataParallel", "ConfigurationError", "StepReport"]
@@ -109,7 +115,11 @@ class _Plan:
 
 @dataclass
 class _StepContext:
-    """Everything one step owns: its index, plan, accumulator, report and clock."""
+    """Everything one step owns: its index, plan, accumulator, report, clock and release state.
+
+    ``lock`` orders the compute thread's commit-and-accumulate against the release: once
+    ``released`` is set (under the lock) no result is added to the accumulator any more.
+    """
 
     step: int
     plan: _Plan
@@ -118,6 +128,11 @@ class _StepContext:
     task_loss: Callable[[int], torch.Tensor]
     start: float = field(default_factory=time.perf_counter)
     tasks_run: int = 0  # index of the next task for the emulator
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    released: bool = False
+    decided_state: DecoderState | None = None
+    reduced: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
 class CodedDataParallel(nn.Module):
@@ -156,7 +171,12 @@ class CodedDataParallel(nn.Module):
         warmup_steps: steps measured before the first re-plan when no profiles are given.
         spare_work: once this rank's queue is dry and the step is not decided, compute other ranks'
             uncovered tasks (repetition codes) instead of waiting. False gives the static baselines.
-        broadcast_buffers: broadcast rank 0's module buffers after every step.
+        no_wait: run the coded all-reduce on a release thread with its own process group as soon as
+            the step is decided, so that no rank waits for another rank's task in flight (a rank that
+            is late skips its remaining work). Needs a Store that can be cloned; with a custom
+            ``process_group`` it is available only on the world group.
+        broadcast_buffers: broadcast rank 0's module buffers after every step. This is a collective
+            on the compute thread, so a module with buffers re-synchronises the ranks every step.
         bucket_cap_mb: largest flat gradient bucket of the coded all-reduce.
     """
 
@@ -176,6 +196,7 @@ class CodedDataParallel(nn.Module):
         replan_threshold: float = 0.1,
         warmup_steps: int = 3,
         spare_work: bool = True,
+        no_wait: bool = True,
         broadcast_buffers: bool = True,
         bucket_cap_mb: float = 25.0,
     ) -> None:
@@ -214,6 +235,11 @@ class CodedDataParallel(nn.Module):
         self._on_cuda = any(p.is_cuda for p in self._params)
         self._accumulator = FlatGradients(self._params, bucket_bytes=max(1, int(bucket_cap_mb * 2**20)))
         self._broadcast_state()
+        # The release thread's collectives need a group of their own: collectives issued from two
+        # threads on one group can interleave (DESIGN.md §4).
+        self._release_group: dist.ProcessGroup | None = None
+        if no_wait and process_group is None and self._coordinator.has_wait_client:
+            self._release_group = dist.new_group(timeout=timedelta(seconds=timeout), backend=dist.get_backend())
         self._plan: _Plan | None = None
         self._step = 0
         self._steps_since_plan = 0
@@ -257,10 +283,17 @@ class CodedDataParallel(nn.Module):
         )
         ctx.accumulator.zero_()
         self._coordinator.begin(ctx.step, plan.code)
+        if self._release_group is not None:
+            threading.Thread(
+                target=self._release, args=(ctx,), name=f"codedgrad-release-{ctx.step}", daemon=True
+            ).start()
         self._compute_queue(ctx)
         self._decide(ctx)
-        self._coded_allreduce(ctx)
+        ctx.accumulator.write_to_params()
         self._coordinator.finish()
+        if self._stale_gathers:  # every rank has passed the gathers before this step's collective
+            self._coordinator.forget(self._stale_gathers)
+            self._stale_gathers = []
         if self._broadcast_buffers:
             self._broadcast(self.module.buffers())
         ctx.report.step_time = time.perf_counter() - ctx.start
@@ -276,7 +309,7 @@ class CodedDataParallel(nn.Module):
         queue = ctx.plan.queue
         for position, work in enumerate(queue):
             state = self._coordinator.state
-            if state.decided:
+            if ctx.released or state.decided:
                 ctx.report.purged += len(queue) - position
                 return
             if not state.is_needed(self._rank, work.result):
@@ -285,28 +318,55 @@ class CodedDataParallel(nn.Module):
             self._compute_and_commit(ctx, work)
 
     def _decide(self, ctx: _StepContext) -> None:
-        """Cover other ranks' uncovered work while the code allows it, else wait for the decision."""
+        """Cover other ranks' uncovered work while the code allows it, then finish the reduction.
+
+        With the no-wait release the reduction runs on the release thread as soon as the step is
+        decided; this thread only waits for it to end. Without it, this thread waits for the
+        decision, the other ranks' arrival and the collective itself.
+        """
         state = self._coordinator.state
-        while not state.decided:
-            spare = state.spare_work(self._rank) if self._spare_work else None
+        while not (ctx.released or state.decided) and self._spare_work:
+            spare = state.spare_work(self._rank)
             if spare is None:
-                start = time.perf_counter()
-                state = self._coordinator.wait_decided()
-                ctx.report.time_waited += time.perf_counter() - start
                 break
             ctx.report.spare += 1
             self._compute_and_commit(ctx, spare)
             state = self._coordinator.state
-        ctx.report.time_to_decision = time.perf_counter() - ctx.start
         start = time.perf_counter()
-        self._coordinator.arrive_and_wait()
-        ctx.report.time_waited += time.perf_counter() - start
+        sync = self._release_group is None
+        if sync:
+            ctx.decided_state = state if state.decided else self._coordinator.wait_decided()
+            ctx.report.time_to_decision = time.perf_counter() - ctx.start
+            self._arrive_and_reduce(ctx, self._group)
+        elif not ctx.reduced.wait(timeout=3 * self._timeout):  # its own waits time out after 2 × timeout
+            raise CodedStepTimeout(f"codedgrad: rank {self._rank}: the release of step {ctx.step} did not finish")
+        # Time this thread spent waiting for others (the all-reduce itself is reported separately).
+        ctx.report.time_waited = time.perf_counter() - start - (ctx.report.allreduce_time if sync else 0.0)
+        if ctx.error is not None:
+            raise ctx.error
+
+    def _release(self, ctx: _StepContext) -> None:
+        """The no-wait release (own thread, own Store client, own process group).
+
+        As soon as the step is decided, freeze this rank's accumulator and reduce it, while the
+        compute thread may still be busy with a task that can no longer be used.
+        """
+        try:
+            state = self._coordinator.wait_decided()
+            with ctx.lock:  # a commit in progress is used or not, and accumulated, before we go on
+                ctx.released, ctx.decided_state = True, state
+            ctx.report.time_to_decision = time.perf_counter() - ctx.start
+            self._arrive_and_reduce(ctx, self._release_group)
+        except BaseException as error:  # handed to the compute thread, which raises it
+            ctx.error = error
+        finally:
+            ctx.reduced.set()
 
     def _compute_and_commit(self, ctx: _StepContext, work: Work) -> None:
         start = time.perf_counter()
         grads: list[torch.Tensor | None] = [None] * len(self._params)
         for i, (task, coefficient) in enumerate(zip(work.tasks, work.coefficients)):
-            if i > 0 and self._coordinator.refresh().decided:
+            if i > 0 and self._decided_meanwhile(ctx):
                 return  # a rank-level result the step no longer needs: decided while computing it
             task_grads = torch.autograd.grad(ctx.task_loss(task), self._params, allow_unused=True)
             # Scale in the accumulator's precision: bf16(coefficient / K) would bias every gradient.
@@ -317,29 +377,34 @@ class CodedDataParallel(nn.Module):
         if self._on_cuda:
             torch.cuda.current_stream().synchronize()  # commit means "done", and the timer must see it
         commit_start = time.perf_counter()
-        used = self._coordinator.commit(work.result)
+        with ctx.lock:
+            # Once released, the step's keys may already be gone and the accumulator is being reduced.
+            used = False if ctx.released else self._coordinator.commit(work.result)
+            if used:
+                ctx.accumulator.add_(grads)
         ctx.report.commit_seconds.append(time.perf_counter() - commit_start)
         ctx.report.computed += 1
-        if used:
-            ctx.report.used += 1
-            ctx.accumulator.add_(grads)
+        ctx.report.used += used
         elapsed = time.perf_counter() - start
         ctx.report.task_seconds.append(elapsed)
         self._recent_seconds.append(elapsed / len(work.tasks))
 
-    def _coded_allreduce(self, ctx: _StepContext) -> None:
-        decoding = self._coordinator.state.decoding()
+    def _decided_meanwhile(self, ctx: _StepContext) -> bool:
+        if self._release_group is not None:
+            return ctx.released  # the release thread watches the Store; no round trip here
+        return self._coordinator.refresh().decided
+
+    def _arrive_and_reduce(self, ctx: _StepContext, group: dist.ProcessGroup | None) -> None:
+        """Wait for every rank at the Store, then the coded all-reduce of the flat buckets."""
+        self._coordinator.arrive_and_wait()
+        decoding = ctx.decided_state.decoding()
         coefficient = float(decoding.rank_coefficients[self._rank])
         ctx.report.rank_coefficient = coefficient
         ctx.report.condition_number = float(decoding.condition_number)
         start = time.perf_counter()
         for bucket in ctx.accumulator:
-            coded_allreduce_(bucket, coefficient, self._group)
-        ctx.accumulator.write_to_params()
+            coded_allreduce_(bucket, coefficient, group)
         ctx.report.allreduce_time = time.perf_counter() - start
-        if self._stale_gathers:  # every rank has passed the gathers before this collective
-            self._coordinator.forget(self._stale_gathers)
-            self._stale_gathers = []
 
     # ----------------------------------------------------------------- planning
     def _ensure_plan(self, num_tasks: int) -> _Plan:

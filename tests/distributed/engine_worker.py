@@ -128,6 +128,8 @@ def scenario_exact(rank: int, world: int) -> dict:
         "repetition_2": dict(code="repetition", redundancy=2.0),
         "frc_2": dict(code="frc", redundancy=2),
         "cyclic_2": dict(code="cyclic", redundancy=2),
+        "repetition_1.25_sync": dict(code="repetition", redundancy=1.25, no_wait=False),
+        "frc_2_sync": dict(code="frc", redundancy=2, no_wait=False),
     }
     for name, kwargs in configs.items():
         cdp = CodedDataParallel(make_model(torch.float64), emulate=noisy, timeout=30, **kwargs)
@@ -138,8 +140,9 @@ def scenario_exact(rank: int, world: int) -> dict:
 
     # Forced patterns: rank 1 stalls 2 s on its first task of step 1; rank world-1 is 10x slower always.
     stall = Heterogeneity(speeds=[1.0] * world, base=0.004, jitter=0.0, forced_stalls=((1, 1, 2.0),), seed=3)
-    cdp = CodedDataParallel(make_model(torch.float64), redundancy=1.25, emulate=stall, timeout=30)
-    results["stall"] = run_steps(cdp, steps=3, num_tasks=16, dtype=torch.float64)
+    for name, no_wait in (("stall", True), ("stall_sync", False)):
+        cdp = CodedDataParallel(make_model(torch.float64), redundancy=1.25, emulate=stall, no_wait=no_wait, timeout=30)
+        results[name] = run_steps(cdp, steps=3, num_tasks=16, dtype=torch.float64)
     slow = Heterogeneity(speeds=[1.0] * (world - 1) + [0.1], base=0.004, jitter=0.2, seed=4)
     for code, redundancy in (("repetition", 1.25), ("cyclic", 2)):
         cdp = CodedDataParallel(make_model(torch.float64), code=code, redundancy=redundancy, emulate=slow, timeout=30)
