@@ -338,7 +338,7 @@ class CodedDataParallel(nn.Module):
             ctx.decided_state = state if state.decided else self._coordinator.wait_decided()
             ctx.report.time_to_decision = time.perf_counter() - ctx.start
             self._arrive_and_reduce(ctx, self._group)
-        elif not ctx.reduced.wait(timeout=3 * self._timeout):  # its own waits time out after 2 × timeout
+        elif not ctx.reduced.wait(timeout=3 * self._timeout + 10):  # its waits and collective each time out
             raise CodedStepTimeout(f"codedgrad: rank {self._rank}: the release of step {ctx.step} did not finish")
         # Time this thread spent waiting for others (the all-reduce itself is reported separately).
         ctx.report.time_waited = time.perf_counter() - start - (ctx.report.allreduce_time if sync else 0.0)
