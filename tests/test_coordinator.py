@@ -94,7 +94,7 @@ def test_arrival_timeout_names_the_absent_rank_and_fails_the_latecomer(store):
     for t in threads:
         t.join(timeout=5)
     assert len(errors) == 2 and all("ranks [2]" in e for e in errors), errors
-    with pytest.raises(CodedStepTimeout, match="had given up on it"):
+    with pytest.raises(CodedStepTimeout, match="but it was abandoned by rank"):
         ranks[2].arrive_and_wait()
 
 

@@ -138,7 +138,7 @@ def test_silent_rank_times_out_with_its_name(failures):
             assert outcome["seconds"] < 5.9, (case, outcome)  # the 2 s timeout, not the end of the 6 s hang
     # The silent rank itself fails too when it comes back, instead of entering a collective alone.
     assert failures[2]["timeout_arrival"]["type"] == "CodedStepTimeout"
-    assert "had given up on it" in failures[2]["timeout_arrival"]["message"]
+    assert "but it was abandoned by rank" in failures[2]["timeout_arrival"]["message"]
     assert failures[2]["timeout_decision"]["type"] == "CodedStepTimeout"
 
 
@@ -159,3 +159,15 @@ def test_replanning_follows_measured_speeds(exact):
     assert end[0] < end[1] < min(end[2], end[3]), end
     primaries_end = [r["replan"]["primaries_end"] for r in exact]
     assert primaries_end[0] > primaries_end[1] > max(primaries_end[2], primaries_end[3]), primaries_end
+
+
+def test_an_exception_in_one_rank_fails_that_step_everywhere_and_training_goes_on(failures):
+    """Rank 1's task_loss raises at step 1: every rank fails step 1, steps 2 and 3 succeed."""
+    for rank, result in enumerate(failures):
+        for name in ("task_error", "task_error_sync"):
+            outcomes = result[name]["outcomes"]
+            assert outcomes[0] == outcomes[2] == outcomes[3] == "ok", (name, rank, outcomes)
+            expected = "ValueError" if rank == 1 else "CodedStepTimeout"
+            assert outcomes[1] == expected, (name, rank, outcomes)
+            assert result[name]["identical"], (name, rank)
+            assert result[name]["step"] == 4, (name, rank, result[name])

@@ -146,6 +146,11 @@ class StoreCoordinator:
         keys = [self._key(f"arrived/{r}") for r in range(self.world_size)]
         self._wait_all(keys, self._key("gate"), f"at step {self._step} to reach the coded all-reduce")
 
+    def abandon(self, reason: str) -> bool:
+        """Seal this step's gate as abandoned (this rank failed); False if every rank had already gone on."""
+        message = f"abandoned by rank {self.rank} ({reason})"[:500].encode()
+        return self.store.compare_set(self._key("gate"), b"", message) != b"go"
+
     def finish(self) -> None:
         """Delete this step's keys once the collective is done (every rank is past every wait)."""
         self.store.delete_key(self._key(f"arrived/{self.rank}"))
@@ -189,10 +194,7 @@ class StoreCoordinator:
                 f"{what} (stalled, crashed, or running a different number of steps)"
             ) from None
         if outcome != b"go":
-            raise CodedStepTimeout(
-                f"codedgrad: rank {self.rank} arrived {what}, but the others had given up on it "
-                f"({outcome.decode()} after {self.timeout:g} s)"
-            )
+            raise CodedStepTimeout(f"codedgrad: rank {self.rank} arrived {what}, but it was {outcome.decode()}")
 
     def _key(self, what: str) -> str:
         return f"s{self._step}/{what}"

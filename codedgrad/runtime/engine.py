@@ -1,8 +1,6 @@
 """CodedDataParallel: one coded optimizer step over torch.distributed (DESIGN.md §3).
 
-A step is an explicit sequence of phases, each a method below, so that the no-wait release
-(DESIGN.md §3, next step of the design) can later run the reduction of step t−1 on its own thread
-while step t computes:
+A step is an explicit sequence of phases, each a method below:
 
 1. **plan** (:meth:`CodedDataParallel._ensure_plan`): every rank builds the same code from the same
    inputs and the ranks check through the Store that they agree, before any collective;
@@ -21,9 +19,12 @@ while step t computes:
 Re-planning happens in phase 1 of a later step: every few steps the ranks exchange measured
 profiles and switch plans together when the predicted step time improves enough.
 
-The per-step data a phase needs travels in a :class:`_StepContext` (plan, accumulator, report,
-clock) rather than in engine attributes. Today the accumulator and the coordinator's view still
-belong to the one step in flight; the no-wait release gives each step its own.
+The per-step data a phase needs, and what the compute and release threads share, travels in a
+:class:`_StepContext`. One step is in flight at a time: ``backward`` returns only after its release
+is done, so the accumulator and the coordinator's view can be reused by the next step.
+
+A failure on one rank (an exception in ``task_loss``, a timeout) seals the step's gate as abandoned,
+so every rank fails the same step and they all move on to the next step index together.
 """
 
 from __future__ import annotations
@@ -133,6 +134,10 @@ class _StepContext:
     decided_state: DecoderState | None = None
     reduced: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    # CUDA only: orders the compute stream's accumulation before, and its use of the gradients
+    # after, the reduction on the release stream.
+    accumulated: torch.cuda.Event | None = None
+    reduced_on_device: torch.cuda.Event | None = None
 
 
 class CodedDataParallel(nn.Module):
@@ -228,6 +233,10 @@ class CodedDataParallel(nn.Module):
         self._coordinator = StoreCoordinator(
             dist.PrefixStore(f"codedgrad/{group_id}/{name}", store), self._rank, self._world_size, timeout
         )
+        # The release thread's collectives need a group of their own (collectives issued from two
+        # threads on one group can interleave, DESIGN.md §4), and its waits a Store client of their own.
+        self._no_wait = bool(no_wait and process_group is None and self._coordinator.has_wait_client)
+        self._broken: BaseException | None = None  # set when a release thread could not be ended
         self._stale_gathers: list[str] = []  # Store keys to delete once every rank has read them
         # Check every rank's configuration through the Store before the first collective.
         self._agree("config", self._config(), self._validate_config())
@@ -235,11 +244,12 @@ class CodedDataParallel(nn.Module):
         self._on_cuda = any(p.is_cuda for p in self._params)
         self._accumulator = FlatGradients(self._params, bucket_bytes=max(1, int(bucket_cap_mb * 2**20)))
         self._broadcast_state()
-        # The release thread's collectives need a group of their own: collectives issued from two
-        # threads on one group can interleave (DESIGN.md §4).
         self._release_group: dist.ProcessGroup | None = None
-        if no_wait and process_group is None and self._coordinator.has_wait_client:
+        self._release_stream: torch.cuda.Stream | None = None
+        if self._no_wait:  # every rank agreed on it above, so every rank joins new_group
             self._release_group = dist.new_group(timeout=timedelta(seconds=timeout), backend=dist.get_backend())
+            if self._on_cuda:
+                self._release_stream = torch.cuda.Stream(device=self._params[0].device)
         self._plan: _Plan | None = None
         self._step = 0
         self._steps_since_plan = 0
@@ -273,6 +283,8 @@ class CodedDataParallel(nn.Module):
         Returns:
             This rank's :class:`StepReport`.
         """
+        if self._broken is not None:
+            raise RuntimeError(f"codedgrad: this engine is unusable since an earlier step failed: {self._broken}")
         plan = self._ensure_plan(num_tasks)
         ctx = _StepContext(
             step=self._step,
@@ -282,13 +294,20 @@ class CodedDataParallel(nn.Module):
             task_loss=task_loss,
         )
         ctx.accumulator.zero_()
+        self._mark_accumulated(ctx)
         self._coordinator.begin(ctx.step, plan.code)
         if self._release_group is not None:
             threading.Thread(
                 target=self._release, args=(ctx,), name=f"codedgrad-release-{ctx.step}", daemon=True
             ).start()
-        self._compute_queue(ctx)
-        self._decide(ctx)
+        try:
+            self._compute_queue(ctx)
+            self._decide(ctx)
+        except BaseException as error:
+            self._fail_step(ctx, error)
+            raise
+        if ctx.reduced_on_device is not None:
+            torch.cuda.current_stream().wait_event(ctx.reduced_on_device)
         ctx.accumulator.write_to_params()
         self._coordinator.finish()
         if self._stale_gathers:  # every rank has passed the gathers before this step's collective
@@ -333,17 +352,39 @@ class CodedDataParallel(nn.Module):
             self._compute_and_commit(ctx, spare)
             state = self._coordinator.state
         start = time.perf_counter()
-        sync = self._release_group is None
-        if sync:
+        if self._release_group is None:
             ctx.decided_state = state if state.decided else self._coordinator.wait_decided()
             ctx.report.time_to_decision = time.perf_counter() - ctx.start
             self._arrive_and_reduce(ctx, self._group)
-        elif not ctx.reduced.wait(timeout=3 * self._timeout + 10):  # its waits and collective each time out
+        elif not self._wait_for_release(ctx):
             raise CodedStepTimeout(f"codedgrad: rank {self._rank}: the release of step {ctx.step} did not finish")
         # Time this thread spent waiting for others (the all-reduce itself is reported separately).
-        ctx.report.time_waited = time.perf_counter() - start - (ctx.report.allreduce_time if sync else 0.0)
+        ctx.report.time_waited = max(0.0, time.perf_counter() - start - ctx.report.allreduce_time)
         if ctx.error is not None:
             raise ctx.error
+
+    def _wait_for_release(self, ctx: _StepContext) -> bool:
+        # The release's decision wait, arrival wait and collective each time out after ``timeout``.
+        return ctx.reduced.wait(timeout=3 * self._timeout + 10)
+
+    def _fail_step(self, ctx: _StepContext, error: BaseException) -> None:
+        """Keep the ranks in step after this rank failed mid-step; the caller re-raises ``error``.
+
+        The step's gate is sealed as abandoned unless every rank had already gone on (``go``): then
+        the others fail the same step at their arrival. If they had gone on, the release finishes
+        the step with what this rank had committed, which is still exact for them. Either way every
+        rank leaves this step index behind, so a caller that catches the error can go on training.
+        """
+        with ctx.lock:
+            ctx.released = True  # nothing more goes into the accumulator
+        abandoned = self._coordinator.abandon(f"{type(error).__name__}: {error}")
+        if self._release_group is not None and not self._wait_for_release(ctx):
+            self._broken = error  # a release thread still holds the accumulator: never reuse it
+            return
+        if not abandoned and ctx.error is None:
+            self._coordinator.finish()  # the step completed everywhere
+        self._step += 1
+        self._steps_since_plan += 1
 
     def _release(self, ctx: _StepContext) -> None:
         """The no-wait release (own thread, own Store client, own process group).
@@ -358,6 +399,8 @@ class CodedDataParallel(nn.Module):
             ctx.report.time_to_decision = time.perf_counter() - ctx.start
             self._arrive_and_reduce(ctx, self._release_group)
         except BaseException as error:  # handed to the compute thread, which raises it
+            with ctx.lock:
+                ctx.released = True  # stop the compute thread from working for a dead step
             ctx.error = error
         finally:
             ctx.reduced.set()
@@ -368,7 +411,10 @@ class CodedDataParallel(nn.Module):
         for i, (task, coefficient) in enumerate(zip(work.tasks, work.coefficients)):
             if i > 0 and self._decided_meanwhile(ctx):
                 return  # a rank-level result the step no longer needs: decided while computing it
-            task_grads = torch.autograd.grad(ctx.task_loss(task), self._params, allow_unused=True)
+            loss = ctx.task_loss(task)
+            if ctx.released:
+                return  # released during the forward pass: the backward would be wasted
+            task_grads = torch.autograd.grad(loss, self._params, allow_unused=True)
             # Scale in the accumulator's precision: bf16(coefficient / K) would bias every gradient.
             _add_scaled(grads, task_grads, coefficient / ctx.plan.num_tasks, ctx.accumulator.dtypes)
             if self._emulate is not None:
@@ -382,12 +428,19 @@ class CodedDataParallel(nn.Module):
             used = False if ctx.released else self._coordinator.commit(work.result)
             if used:
                 ctx.accumulator.add_(grads)
+                self._mark_accumulated(ctx)
         ctx.report.commit_seconds.append(time.perf_counter() - commit_start)
         ctx.report.computed += 1
         ctx.report.used += used
         elapsed = time.perf_counter() - start
         ctx.report.task_seconds.append(elapsed)
         self._recent_seconds.append(elapsed / len(work.tasks))
+
+    def _mark_accumulated(self, ctx: _StepContext) -> None:
+        """CUDA: let the release stream wait for what the compute stream has accumulated so far."""
+        if self._release_stream is not None:
+            ctx.accumulated = torch.cuda.Event()
+            ctx.accumulated.record()
 
     def _decided_meanwhile(self, ctx: _StepContext) -> bool:
         if self._release_group is not None:
@@ -402,8 +455,18 @@ class CodedDataParallel(nn.Module):
         ctx.report.rank_coefficient = coefficient
         ctx.report.condition_number = float(decoding.condition_number)
         start = time.perf_counter()
-        for bucket in ctx.accumulator:
-            coded_allreduce_(bucket, coefficient, group)
+        if self._release_stream is not None and group is self._release_group:
+            # The release thread works on its own stream, after the compute stream's accumulation,
+            # so that it does not queue behind the kernels of a task still in flight.
+            self._release_stream.wait_event(ctx.accumulated)
+            with torch.cuda.stream(self._release_stream):
+                for bucket in ctx.accumulator:
+                    coded_allreduce_(bucket, coefficient, group)
+                ctx.reduced_on_device = torch.cuda.Event()
+                ctx.reduced_on_device.record()
+        else:
+            for bucket in ctx.accumulator:
+                coded_allreduce_(bucket, coefficient, group)
         ctx.report.allreduce_time = time.perf_counter() - start
 
     # ----------------------------------------------------------------- planning
@@ -481,6 +544,7 @@ class CodedDataParallel(nn.Module):
             "profiles": profiles_to_dict(self._profiles) if self._profiles else None,
             "emulate": self._emulate.to_json() if self._emulate else None,
             "spare_work": self._spare_work,
+            "no_wait": self._no_wait,
             "parameters": hashlib.sha256(repr(shapes).encode()).hexdigest()[:16],
         }
 

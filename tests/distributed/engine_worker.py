@@ -242,6 +242,30 @@ def scenario_failures(rank: int, world: int) -> dict:
     dist.all_reduce(t)
     results["group_ok"] = float(t) == world
 
+    # An exception in one rank's task_loss: every rank fails that step, and training goes on.
+    for name, no_wait in (("task_error", True), ("task_error_sync", False)):
+        cdp = CodedDataParallel(model, redundancy=1.0, no_wait=no_wait, timeout=10.0)
+        x, y = make_data(8, torch.float64)
+        outcomes = []
+        for step in range(4):
+            good = task_loss_fn(cdp.module, x, y)
+
+            def task_loss(task, good=good, fail=(rank == 1 and step == 1)):
+                if fail:
+                    raise ValueError("a bad batch")
+                return good(task)
+
+            try:
+                cdp.backward(task_loss, 8)
+                outcomes.append("ok")
+            except (ValueError, CodedStepTimeout) as error:
+                outcomes.append(type(error).__name__)
+        results[name] = {
+            "outcomes": outcomes,
+            "identical": identical_across_ranks([p.grad for p in cdp.module.parameters()]),
+            "step": cdp._step,
+        }
+
     # A rank that stops committing, two ways, each bounded by a 2 s timeout.
     # (a) Rank world-1 hangs for 6 s before step 1, outside any task: the others cover its tasks,
     #     decide the step and time out at the arrival, naming it; it fails when it comes back.
