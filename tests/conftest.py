@@ -18,6 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so a CI result can be reproduced exactly.
+settings.register_profile("codedgrad", derandomize=True, database=None)
+settings.load_profile("codedgrad")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTED_DIR = Path(__file__).resolve().parent / "distributed"

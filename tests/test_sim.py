@@ -189,12 +189,14 @@ workers = st.lists(
 def test_stream_lower_bound_is_below_the_simulated_mean_delay(profiles, tasks, redundancy, load, seed) -> None:
     # The bound is on the expected delay, so compare it with the sample mean plus its standard error.
     # (For std > mean the task times are gamma, and a K-th order statistic over many redundant slots
-    # can beat the pooled-capacity time: the bound is stated for std <= mean.)
+    # can beat the pooled-capacity time: the bound is stated for std <= mean.) It is tight for one
+    # worker with deterministic tasks (M/D/1), where a run that starts with an empty queue is biased
+    # low by its warm-up: 2 % of slack covers that at 20 000 jobs and loads up to 0.8.
     arrival_rate = load / plan.capacity_time(profiles, tasks)
     bound = plan.stream_lower_bound(profiles, tasks, arrival_rate)
     split = plan.optimal_split(profiles, tasks, redundancy)
-    result = sim.simulate_stream(profiles, split, tasks, arrival_rate, jobs=4000, seed=seed)
-    assert bound <= result.mean_delay + 4 * result.delay_standard_error
+    result = sim.simulate_stream(profiles, split, tasks, arrival_rate, jobs=20_000, seed=seed)
+    assert bound <= result.mean_delay * 1.02 + 4 * result.delay_standard_error
 
 
 def test_optimal_split_beats_uniform_on_heterogeneous_workers() -> None:

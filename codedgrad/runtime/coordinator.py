@@ -16,8 +16,9 @@ Keys, all under one :class:`~torch.distributed.PrefixStore` namespace per engine
     inside the collective.
 ``s{t}/gate``
     Seals the arrival once: the first rank to see everyone arrived writes ``go`` by
-    compare-and-set, a rank that timed out writes ``abandoned``; whichever comes first holds for
-    all, so either every rank enters the collective or none does.
+    compare-and-set, a rank that timed out or failed writes ``abandoned``; whichever comes first
+    holds for all, so either every rank enters the collective or none does. A rank that abandons
+    also sets the decision flag and its arrival key, so the others wake at once and find the gate.
 ``g/{name}/{r}``, ``g/{name}/gate``
     Rank r's contribution to a gather (configuration agreement, profile exchange), sealed like
     the arrival.
@@ -130,7 +131,11 @@ class StoreCoordinator:
                 f"codedgrad: rank {self.rank} waited {self.timeout:g} s for step {self._step} to be decided; "
                 f"still missing: {state.missing()}"
             ) from None
-        return self._read_on_wait_client()
+        state = self._read_on_wait_client()
+        if not state.decided:  # woken by a rank that abandoned the step
+            gate = self._wait_store.get(self._key("gate")).decode()
+            raise CodedStepTimeout(f"codedgrad: rank {self.rank}: step {self._step} was {gate}")
+        return state
 
     def _read_on_wait_client(self) -> DecoderState:
         assert self._code is not None, "begin() first"
@@ -147,9 +152,17 @@ class StoreCoordinator:
         self._wait_all(keys, self._key("gate"), f"at step {self._step} to reach the coded all-reduce")
 
     def abandon(self, reason: str) -> bool:
-        """Seal this step's gate as abandoned (this rank failed); False if every rank had already gone on."""
+        """Seal this step's gate as abandoned (this rank failed); False if every rank had already gone on.
+
+        Then wake the others at once instead of letting them run into their timeouts: their
+        decision wait gets its flag, their arrival wait this rank's key, and both then find the gate.
+        """
         message = f"abandoned by rank {self.rank} ({reason})"[:500].encode()
-        return self.store.compare_set(self._key("gate"), b"", message) != b"go"
+        if self.store.compare_set(self._key("gate"), b"", message) == b"go":
+            return False
+        self.store.set(self._key("decided"), b"abandoned")
+        self.store.set(self._key(f"arrived/{self.rank}"), b"abandoned")
+        return True
 
     def finish(self) -> None:
         """Delete this step's keys once the collective is done (every rank is past every wait)."""
