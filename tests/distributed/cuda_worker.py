@@ -1,0 +1,70 @@
+"""Worker for tests/test_cuda.py: CodedDataParallel on CUDA tensors (skipped where there is no GPU).
+
+Two ranks share the first GPU over gloo (NCCL needs one device per rank; gloo reduces CUDA tensors
+through the host), which is enough to exercise the CUDA path of the engine: parameters, buffers
+and accumulators on the device, the stream synchronisation before a commit, and the no-wait
+release's own stream ordered by events. Each step is compared with one process computing the
+same global batch on the same device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from codedgrad import CodedDataParallel
+from codedgrad.emulate import Heterogeneity
+from tests.distributed.engine_worker import make_data, make_model, reference_grads, relative_error, task_loss_fn
+
+
+def run(no_wait: bool, dtype: torch.dtype, device: torch.device) -> dict:
+    noisy = Heterogeneity(speeds=[1.0, 3.0], base=0.004, jitter=0.5, stall_prob=0.1, seed=3)
+    cdp = CodedDataParallel(make_model(dtype).to(device), redundancy=1.25, emulate=noisy, no_wait=no_wait, timeout=60)
+    reference = make_model(dtype).to(device)
+    reference.load_state_dict(cdp.module.state_dict())
+    errors = []
+    for step in range(6):
+        x, y = (t.to(device) for t in make_data(12, dtype, step))
+        cdp.module.zero_grad(set_to_none=True)
+        cdp.backward(task_loss_fn(cdp.module, x, y), 12)
+        want = reference_grads(reference, 12, x, y)
+        errors.append(relative_error([p.grad for p in cdp.module.parameters()], want))
+    flat = torch.cat([p.grad.double().flatten() for p in cdp.module.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return {
+        "max_error": max(errors),
+        "identical": all(torch.equal(gathered[0], g) for g in gathered),
+        "on_device": all(p.grad.device.type == device.type for p in cdp.module.parameters()),
+    }
+
+
+def main() -> None:
+    out_dir = Path(sys.argv[1])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank = dist.get_rank()
+    device = torch.device(os.environ.get("CODEDGRAD_TEST_DEVICE", "cuda:0"))  # "cpu" to dry-run the script
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        results = {
+            f"{'no_wait' if no_wait else 'sync'}_{str(dtype)[6:]}": run(no_wait, dtype, device)
+            for no_wait in (True, False)
+            for dtype in (torch.float64, torch.float32)
+        }
+    except Exception:
+        results = {"crash": traceback.format_exc()}
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
