@@ -342,20 +342,9 @@ def _plot(path: str, runs: list[tuple[float, sim.StreamResult, sim.StreamResult]
     deadlines = np.linspace(0.0, top, 400)
     colours = [f"C{i % 10}" for i in range(len(runs))]
     for (omega, opt, uni), colour in zip(runs, colours):
-        success_ax.plot(
-            deadlines,
-            sim.success_rate(opt.service_times, deadlines),
-            "-",
-            color=colour,
-            label=f"optimal, Ω = {omega:g}",
-        )
-        success_ax.plot(
-            deadlines,
-            sim.success_rate(uni.service_times, deadlines),
-            "--",
-            color=colour,
-            label=f"uniform, Ω = {omega:g}",
-        )
+        for result, style, split in ((opt, "-", "optimal"), (uni, "--", "uniform")):
+            rate = sim.success_rate(result.service_times, deadlines)
+            success_ax.plot(deadlines, rate, style, color=colour, label=f"{split}, Ω = {omega:g}")
     success_ax.set_xlabel("deadline d")
     success_ax.set_ylabel("share of jobs with service time ≤ d")
     success_ax.set_ylim(-0.02, 1.02)

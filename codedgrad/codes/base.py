@@ -153,6 +153,10 @@ class GradientCode(ABC):
     def tolerates(self, stragglers: Iterable[int]) -> bool:
         """Whether the code claims to decode when exactly these ranks never commit."""
 
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.num_ranks:
+            raise CodeError(f"rank: must be in [0, {self.num_ranks}), got {rank}")
+
 
 # --- Shared machinery (added with the codes; nothing above depends on it) -------------------------
 
@@ -240,10 +244,6 @@ class RankLevelCode(GradientCode):
     def _describe_missing(self, responders: tuple[int, ...]) -> str:
         waiting = [r for r, w in enumerate(self._works) if w is not None and r not in responders]
         return f"{self.name}: responders {list(responders)} do not decode yet; waiting for ranks {waiting}"
-
-    def _check_rank(self, rank: int) -> None:
-        if not 0 <= rank < self.num_ranks:
-            raise CodeError(f"rank: must be in [0, {self.num_ranks}), got {rank}")
 
 
 class ResponderState(DecoderState):

@@ -320,10 +320,6 @@ class RepetitionCode(GradientCode):
             self._check_rank(r)
         return all(not lost.issuperset(h) for h in self._holders)
 
-    def _check_rank(self, rank: int) -> None:
-        if not 0 <= rank < self.num_ranks:
-            raise CodeError(f"rank: must be in [0, {self.num_ranks}), got {rank}")
-
 
 class RepetitionState(DecoderState):
     """Which tasks are covered (have a used result); serialised as a bitmask of ⌈K/8⌉ bytes."""

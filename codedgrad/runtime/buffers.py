@@ -33,25 +33,19 @@ class FlatGradients:
 
     def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = 25 * 2**20) -> None:
         self.params = list(params)
-        self.buckets: list[torch.Tensor] = []
         self.views: list[torch.Tensor] = []
-        open_bucket: dict[tuple[torch.device, torch.dtype], tuple[int, int]] = {}  # key -> (bucket index, used)
+        specs: list[list] = []  # per bucket: [device, dtype, elements so far]
+        open_bucket: dict[tuple[torch.device, torch.dtype], int] = {}  # (device, dtype) -> bucket being filled
         layout: list[tuple[int, int]] = []  # per parameter: (bucket index, offset)
-        sizes: list[int] = []
         for p in self.params:
-            key = (p.device, _accumulate_dtype(p.dtype))
-            bucket_numel = max(1, bucket_bytes // key[1].itemsize)
-            index, used = open_bucket.get(key, (-1, 0))
-            if index < 0 or (used > 0 and used + p.numel() > bucket_numel):
-                index, used = len(sizes), 0
-                sizes.append(0)
-                self.buckets.append(torch.empty(0, device=key[0], dtype=key[1]))  # placeholder
-            layout.append((index, used))
-            used += p.numel()
-            sizes[index] = used
-            open_bucket[key] = (index, used)
-        for index, size in enumerate(sizes):
-            self.buckets[index] = torch.zeros(size, device=self.buckets[index].device, dtype=self.buckets[index].dtype)
+            device, dtype = p.device, _accumulate_dtype(p.dtype)
+            index = open_bucket.get((device, dtype))
+            if index is None or (specs[index][2] > 0 and specs[index][2] + p.numel() > bucket_bytes // dtype.itemsize):
+                index = open_bucket[(device, dtype)] = len(specs)
+                specs.append([device, dtype, 0])
+            layout.append((index, specs[index][2]))
+            specs[index][2] += p.numel()
+        self.buckets = [torch.zeros(size, device=device, dtype=dtype) for device, dtype, size in specs]
         for p, (index, offset) in zip(self.params, layout):
             self.views.append(self.buckets[index][offset : offset + p.numel()].view_as(p))
         self.dtypes = [view.dtype for view in self.views]  # accumulation dtype of each parameter

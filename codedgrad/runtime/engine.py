@@ -48,7 +48,7 @@ from codedgrad.codes import CODE_NAMES, CodeError, GradientCode, Work, make_code
 from codedgrad.codes.base import DecoderState
 from codedgrad.codes.repetition import homogeneous_profiles
 from codedgrad.emulate import Heterogeneity
-from codedgrad.plan import PlanError, optimal_split
+from codedgrad.plan import PlanError, optimal_split, split_statistics
 from codedgrad.profile import WorkerProfile, fit_profile, profiles_from_dict, profiles_to_dict
 from codedgrad.runtime.buffers import FlatGradients
 from codedgrad.runtime.coordinator import CodedStepTimeout, StoreCoordinator
@@ -613,7 +613,7 @@ def _add_scaled(
 
 def _predicted_step_time(profiles: Sequence[WorkerProfile], split: Sequence[int]) -> float:
     """The slowest rank's expected finish time under ``split`` (the planner's view of a step)."""
-    return max(p.expected_time(k) for p, k in zip(profiles, split) if k > 0)
+    return float(split_statistics(profiles, split).mean_finish.max())
 
 
 def _fingerprint(plan: _Plan) -> str:
