@@ -87,7 +87,7 @@ def main() -> None:
     # finish keeps that honest.
     times: dict[str, list[float]] = {name: [] for name in engines}
     decision: dict[str, list[float]] = {name: [] for name in engines}
-    allreduce, commits, task_seconds = [], [], []
+    allreduce, commits, task_seconds, round_trips = [], [], [], 0
     for _ in range(args.rounds):
         for name, engine in engines.items():
             dist.barrier()
@@ -97,18 +97,19 @@ def main() -> None:
                 decision[name].append(report.time_to_decision)
                 allreduce.append(report.allreduce_time)
                 commits.extend(report.commit_seconds)
+                round_trips += report.commit_round_trips
                 task_seconds.extend(report.task_seconds)
             block = torch.tensor([(time.perf_counter() - start) / args.block])
             dist.all_reduce(block, op=dist.ReduceOp.MAX)
             times[name].append(float(block))
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, (commits, float(np.mean(task_seconds))))
+    dist.all_gather_object(everyone, (commits, float(np.mean(task_seconds)), round_trips))
     if rank == 0:
-        all_commits = np.array([c for per_rank, _ in everyone for c in per_rank])
+        all_commits = np.array([c for per_rank, *_ in everyone for c in per_rank])
         ideal = capacity_time(profiles, args.tasks) + float(np.median(allreduce))
         # The same bound with the per-task times the ranks really achieved here (emulated delay plus
         # forward/backward, commit and the scheduling of 4 ranks on few cores), for every strategy.
-        achieved = [WorkerProfile(0.0, mean, 0.0) for _, mean in everyone]
+        achieved = [WorkerProfile(0.0, mean, 0.0) for _, mean, _ in everyone]
         ideal_achieved = capacity_time(achieved, args.tasks) + float(np.median(allreduce))
         summary = {
             "world_size": world,
@@ -118,7 +119,7 @@ def main() -> None:
             "emulation": emulate.describe(),
             "ideal_seconds": ideal,
             "ideal_achieved_seconds": ideal_achieved,
-            "mean_task_seconds": [mean for _, mean in everyone],
+            "mean_task_seconds": [mean for _, mean, _ in everyone],
             "strategies": {
                 name: {
                     "median_seconds": float(np.median(t)),
@@ -134,13 +135,14 @@ def main() -> None:
             "optimal_over_coded": float(np.median(times["optimal"]) / np.median(times["coded"])),
             "commit_median_ms": float(np.median(all_commits) * 1e3),
             "commit_p99_ms": float(np.quantile(all_commits, 0.99) * 1e3),
+            "commit_round_trips": sum(trips for *_, trips in everyone) / all_commits.size,
         }
         if args.json:
             print(json.dumps(summary, indent=2))
         else:
             print(f"{world} ranks, speeds {speeds}, K = {args.tasks}, coded Ω = {omega} ({emulate.describe()})")
             print(f"ideal bound (emulated capacity + measured all-reduce): {ideal * 1e3:.1f} ms")
-            achieved_ms = ", ".join(f"{m * 1e3:.2f}" for _, m in everyone)
+            achieved_ms = ", ".join(f"{m * 1e3:.2f}" for _, m, _ in everyone)
             print(f"ideal bound with achieved per-task times ({achieved_ms} ms): {ideal_achieved * 1e3:.1f} ms")
             print(f"{'strategy':<10}{'median ms':>11}{'IQR ms':>17}{'/ ideal':>9}{'/ achieved':>12}{'decided ms':>12}")
             for name, entry in summary["strategies"].items():
@@ -156,8 +158,9 @@ def main() -> None:
                 f"{summary['optimal_over_coded']:.2f}"
             )
             print(
-                f"commit: median {summary['commit_median_ms']:.3f} ms, p99 {summary['commit_p99_ms']:.3f} ms "
-                f"over {all_commits.size} commits of {world} contending ranks"
+                f"commit: median {summary['commit_median_ms']:.3f} ms, p99 {summary['commit_p99_ms']:.3f} ms, "
+                f"{summary['commit_round_trips']:.2f} Store round trips, over {all_commits.size} commits of "
+                f"{world} contending ranks"
             )
     dist.destroy_process_group()
 

@@ -75,6 +75,7 @@ class StoreCoordinator:
         self._code: GradientCode | None = None
         self._step = -1
         self._value = b""  # last known value of s{step}/state (header + decoder bytes)
+        self.commit_round_trips = 0  # Store round trips of all commits so far (for reports and benchmarks)
 
     # ----------------------------------------------------------------- one step's decoder state
     def begin(self, step: int, code: GradientCode) -> DecoderState:
@@ -107,12 +108,14 @@ class StoreCoordinator:
             sequence, _ = _HEADER.unpack_from(self._value)
             desired = _HEADER.pack(sequence + 1, self.rank) + state.to_bytes()
             current = self.store.compare_set(self._key("state"), self._value, desired)
+            self.commit_round_trips += 1
             if current == self._value:  # c10d answers a missing key with the expected value
                 raise RuntimeError(f"codedgrad: the Store lost the state of step {self._step} (deleted or reset)")
             self._value = current
             if current == desired:
                 if state.decided:
                     self.store.set(self._key("decided"), b"1")
+                    self.commit_round_trips += 1
                 return True
 
     def wait_decided(self) -> DecoderState:

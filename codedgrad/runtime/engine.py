@@ -82,7 +82,10 @@ class StepReport:
         rank_coefficient: this rank's decoding coefficient in the coded all-reduce.
         condition_number: of the decoder's linear system (1 for 0/1 codes).
         task_seconds: wall time of each computed result, commit included (on CUDA after the work is done).
-        commit_seconds: wall time of each commit (Store round trips).
+        commit_seconds: wall time of each commit: its Store round trips and the decoder update, not
+            the accumulation.
+        commit_round_trips: Store round trips of this step's commits (one each, plus one per race
+            with another rank's commit, plus one to flag the decision).
         emulated_seconds: delay added by :mod:`codedgrad.emulate` (0 in production).
     """
 
@@ -102,6 +105,7 @@ class StepReport:
     condition_number: float = 1.0
     task_seconds: list[float] = field(default_factory=list)
     commit_seconds: list[float] = field(default_factory=list)
+    commit_round_trips: int = 0
     emulated_seconds: float = 0.0
 
 
@@ -422,14 +426,18 @@ class CodedDataParallel(nn.Module):
             ctx.tasks_run += 1
         if self._on_cuda:
             torch.cuda.current_stream().synchronize()  # commit means "done", and the timer must see it
-        commit_start = time.perf_counter()
         with ctx.lock:
             # Once released, the step's keys may already be gone and the accumulator is being reduced.
-            used = False if ctx.released else self._coordinator.commit(work.result)
+            used = False
+            if not ctx.released:
+                round_trips = self._coordinator.commit_round_trips
+                commit_start = time.perf_counter()
+                used = self._coordinator.commit(work.result)
+                ctx.report.commit_seconds.append(time.perf_counter() - commit_start)
+                ctx.report.commit_round_trips += self._coordinator.commit_round_trips - round_trips
             if used:
                 ctx.accumulator.add_(grads)
                 self._mark_accumulated(ctx)
-        ctx.report.commit_seconds.append(time.perf_counter() - commit_start)
         ctx.report.computed += 1
         ctx.report.used += used
         elapsed = time.perf_counter() - start

@@ -31,22 +31,27 @@ from tests.distributed.engine_worker import (
 )
 
 
-def run(no_wait: bool, dtype: torch.dtype, device: torch.device) -> dict:
+def run(no_wait: bool, dtype: torch.dtype, device: torch.device, code: str = "repetition", redundancy=1.25) -> dict:
     noisy = Heterogeneity(speeds=[1.0, 3.0], base=0.004, jitter=0.5, stall_prob=0.1, seed=3)
-    cdp = CodedDataParallel(make_model(dtype).to(device), redundancy=1.25, emulate=noisy, no_wait=no_wait, timeout=60)
+    model = make_model(dtype).to(device)
+    cdp = CodedDataParallel(model, code=code, redundancy=redundancy, emulate=noisy, no_wait=no_wait, timeout=60)
     reference = make_model(dtype).to(device)
     reference.load_state_dict(cdp.module.state_dict())
-    errors = []
+    errors, used = [], 0
     for step in range(6):
         x, y = (t.to(device) for t in make_data(12, dtype, step))
         cdp.module.zero_grad(set_to_none=True)
-        cdp.backward(task_loss_fn(cdp.module, x, y), 12)
+        used += cdp.backward(task_loss_fn(cdp.module, x, y), 12).used
         want = reference_grads(reference, 12, x, y)
         errors.append(relative_error([p.grad for p in cdp.module.parameters()], want))
     return {
         "max_error": max(errors),
         "identical": identical_across_ranks([p.grad for p in cdp.module.parameters()]),
-        "on_device": all(p.grad.device.type == device.type for p in cdp.module.parameters()),
+        "on_device": all(p.grad.device == p.device and p.device.type == device.type for p in cdp.module.parameters()),
+        # The release really ran on its own stream (CUDA) or thread (CPU dry run), as asked.
+        "release_as_asked": (cdp._release_group is not None) == no_wait
+        and (cdp._release_stream is not None) == (no_wait and device.type == "cuda"),
+        "used": used,
     }
 
 
@@ -61,8 +66,10 @@ def main() -> None:
         results = {
             f"{'no_wait' if no_wait else 'sync'}_{str(dtype)[6:]}": run(no_wait, dtype, device)
             for no_wait in (True, False)
-            for dtype in (torch.float64, torch.float32)
+            for dtype in (torch.float64, torch.float32, torch.bfloat16)
         }
+        # A code whose decoding coefficients are not 0/1 (least squares on the host, applied on the device).
+        results["cyclic_float64"] = run(True, torch.float64, device, code="cyclic", redundancy=2)
     except Exception:
         results = {"crash": traceback.format_exc()}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
