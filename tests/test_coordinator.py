@@ -98,24 +98,66 @@ def test_arrival_timeout_names_the_absent_rank_and_fails_the_latecomer(store):
         ranks[2].arrive_and_wait()
 
 
-def test_finished_steps_leave_no_keys(store):
+def run_step(ranks: list[StoreCoordinator], step: int, code) -> None:
+    """One step on every pretend rank: begin, commit the whole queue, arrive together."""
+    for c in ranks:
+        c.begin(step, code)
+    for c in ranks:
+        for work in code.queue(c.rank):
+            c.commit(work.result)
+    threads = [threading.Thread(target=c.arrive_and_wait) for c in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=5)
+
+
+def test_finished_steps_leave_only_the_last_gate(store):
     code = make_code("repetition", 2, 4, redundancy=1.5)
     ranks = coordinators(store, 2)
     before = store.num_keys()
     for step in range(20):
-        for c in ranks:
-            c.begin(step, code)
-        for c in ranks:
-            for work in code.queue(c.rank):
-                c.commit(work.result)
-        threads = [threading.Thread(target=c.arrive_and_wait) for c in ranks]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=5)
+        run_step(ranks, step, code)
         for c in ranks:
             c.finish()
-    assert store.num_keys() == before
+        # The last finished step's gate stays until the next step finishes (see the next test).
+        assert store.num_keys() == before + 1
+
+
+def test_a_late_failure_finds_the_finished_step_completed(store):
+    # Rank 1's release reduced step 0 while its compute thread was still in a task; every rank
+    # finished step 0. When that task then fails, abandoning must report "already completed"
+    # instead of sealing a deleted gate as abandoned (which would leave keys and fail rank 1 alone).
+    code = make_code("repetition", 2, 4, redundancy=1.0)
+    ranks = coordinators(store, 2)
+    before = store.num_keys()
+    run_step(ranks, 0, code)
+    ranks[0].finish()
+    assert ranks[1].abandon("ValueError: late") is False
+    ranks[1].finish()
+    run_step(ranks, 1, code)
+    for c in ranks:
+        c.finish()
+    assert store.num_keys() == before + 1
+
+
+def test_a_failed_steps_keys_go_when_the_next_step_finishes(store):
+    code = make_code("repetition", 2, 4, redundancy=1.0)
+    ranks = coordinators(store, 2, timeout=0.3)
+    before = store.num_keys()
+    for c in ranks:
+        c.begin(0, code)
+    ranks[0].commit(code.queue(0)[0].result)
+    assert ranks[0].abandon("ValueError: a bad batch") is True
+    with pytest.raises(CodedStepTimeout, match="step 0 was abandoned by rank 0"):
+        ranks[1].wait_decided()
+    for c in ranks:
+        c.leave_failed()
+    assert store.num_keys() > before + 1
+    run_step(ranks, 1, code)
+    for c in ranks:
+        c.finish()
+    assert store.num_keys() == before + 1
 
 
 def test_gather_returns_every_rank_in_order(store):

@@ -29,9 +29,8 @@ def test_cuda_gradients_equal_single_process(tmp_path):
     run_torchrun(DISTRIBUTED_DIR / "cuda_worker.py", 2, [tmp_path], timeout=300)
     for rank, result in enumerate(load_rank_results(tmp_path, 2)):
         assert "crash" not in result, f"rank {rank} crashed:\n{result['crash']}"
-        assert set(result) == {f"{mode}_{dtype}" for mode in ("no_wait", "sync") for dtype in TOLERANCE} | {
-            "cyclic_float64"
-        }
+        runs = {f"{mode}_{dtype}" for mode in ("no_wait", "sync") for dtype in TOLERANCE}
+        assert set(result) == runs | {"cyclic_float64", "ddp_hook_float64"}
         for name, run in result.items():
             assert run["max_error"] <= TOLERANCE[name.rsplit("_", 1)[1]], (rank, name, run)
             assert run["identical"] and run["on_device"] and run["release_as_asked"], (rank, name, run)

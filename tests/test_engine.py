@@ -162,12 +162,30 @@ def test_replanning_follows_measured_speeds(exact):
 
 
 def test_an_exception_in_one_rank_fails_that_step_everywhere_and_training_goes_on(failures):
-    """Rank 1's task_loss raises at step 1: every rank fails step 1, steps 2 and 3 succeed."""
+    """Rank 1's task_loss raises at step 1 before the step can be decided: every rank fails step 1,
+    steps 2 and 3 succeed, and the gradients stay identical across ranks."""
     for rank, result in enumerate(failures):
         for name in ("task_error", "task_error_sync"):
             outcomes = result[name]["outcomes"]
             assert outcomes[0] == outcomes[2] == outcomes[3] == "ok", (name, rank, outcomes)
             expected = "ValueError" if rank == 1 else "CodedStepTimeout"
             assert outcomes[1] == expected, (name, rank, outcomes)
-            assert result[name]["identical"], (name, rank)
+            assert all(result[name]["identical"]), (name, rank, result[name])
             assert result[name]["step"] == 4, (name, rank, result[name])
+
+
+def test_an_exception_after_the_decision_completes_the_step_on_every_rank(failures):
+    """The same error after the others had decided and reduced step 1 without rank 1's task: every
+    rank goes on with the exact step, and rank 1 reports the error instead of raising it alone."""
+    for rank, result in enumerate(failures):
+        late = result["late_task_error"]
+        assert late["outcomes"] == ["ok"] * 4, (rank, late)
+        assert all(late["identical"]) and late["step"] == 4, (rank, late)
+        error, warned = late["late_errors"][1]
+        if rank == 1:
+            assert error == "ValueError: a bad batch", late
+            assert len(warned) == 1 and "a bad batch" in warned[0] and "step 1" in warned[0], warned
+        else:
+            assert error is None and warned == [], late
+        for step in (0, 2, 3):
+            assert late["late_errors"][step] == [None, []], (rank, step, late)

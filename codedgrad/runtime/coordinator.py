@@ -30,7 +30,8 @@ thread commits on the main client.
 
 Keys of step t are deleted after its coded all-reduce: every rank has then passed every wait of
 step t, because it had to enter the collective. A rank still computing a task of step t at that
-point (no-wait release) knows the step is released and does not touch its keys again.
+point (no-wait release) knows the step is released and touches only the gate again, which is
+therefore deleted one step later, with the keys of steps that failed.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class StoreCoordinator:
         self._code: GradientCode | None = None
         self._step = -1
         self._value = b""  # last known value of s{step}/state (header + decoder bytes)
+        self._leftovers: list[str] = []  # keys of earlier steps, deleted at the next finish()
         self.commit_round_trips = 0  # Store round trips of all commits so far (for reports and benchmarks)
 
     # ----------------------------------------------------------------- one step's decoder state
@@ -168,11 +170,30 @@ class StoreCoordinator:
         return True
 
     def finish(self) -> None:
-        """Delete this step's keys once the collective is done (every rank is past every wait)."""
+        """Delete this step's keys once the collective is done (every rank is past every wait).
+
+        The gate stays until the next step finishes: a rank whose release reduced this step while
+        its compute thread was still in a task may fail in that task afterwards, and must then find
+        ``go`` at the gate (the step completed) rather than an empty key it would seal as abandoned.
+        Every rank has left this step once the next one finishes, because that needs all of them.
+        """
+        self._delete_leftovers()
         self.store.delete_key(self._key(f"arrived/{self.rank}"))
         if self.rank == 0:
-            for what in ("state", "decided", "gate"):
+            for what in ("state", "decided"):
                 self.store.delete_key(self._key(what))
+            self._leftovers.append(self._key("gate"))
+
+    def leave_failed(self) -> None:
+        """This step failed on every rank: delete its keys when the next step finishes (see :meth:`finish`)."""
+        self._leftovers.append(self._key(f"arrived/{self.rank}"))
+        if self.rank == 0:
+            self._leftovers.extend(self._key(what) for what in ("state", "decided", "gate"))
+
+    def _delete_leftovers(self) -> None:
+        for key in self._leftovers:
+            self.store.delete_key(key)
+        self._leftovers = []
 
     # ----------------------------------------------------------------- gathers
     def gather(self, name: str, value: bytes) -> list[bytes]:

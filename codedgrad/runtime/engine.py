@@ -35,6 +35,7 @@ import json
 import math
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,10 @@ class StepReport:
         commit_round_trips: Store round trips of this step's commits (one each, plus one per race
             with another rank's commit, plus one to flag the decision).
         emulated_seconds: delay added by :mod:`codedgrad.emulate` (0 in production).
+        late_error: an exception on this rank (e.g. from ``task_loss``) that came after the step was
+            decided without this rank's remaining work (no-wait release): the step completed on every
+            rank and is exact, so the error is reported here and as a ``RuntimeWarning`` instead of
+            being raised on one rank only.
     """
 
     step: int
@@ -107,6 +112,7 @@ class StepReport:
     commit_seconds: list[float] = field(default_factory=list)
     commit_round_trips: int = 0
     emulated_seconds: float = 0.0
+    late_error: str | None = None
 
 
 @dataclass
@@ -308,8 +314,18 @@ class CodedDataParallel(nn.Module):
             self._compute_queue(ctx)
             self._decide(ctx)
         except BaseException as error:
-            self._fail_step(ctx, error)
-            raise
+            completed = self._fail_step(ctx, error)
+            if not completed or not isinstance(error, Exception):  # Ctrl-C and SystemExit always stop
+                raise
+            # Every rank already reduced this step without the failed work (it was decided before
+            # this rank's task ended): applying it here too keeps all ranks on the same path.
+            ctx.report.late_error = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"codedgrad: rank {self._rank}: {ctx.report.late_error}, after step {ctx.step} was decided without "
+                "this rank's remaining work; the step completed exactly on every rank and is applied here too",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if ctx.reduced_on_device is not None:
             torch.cuda.current_stream().wait_event(ctx.reduced_on_device)
         ctx.accumulator.write_to_params()
@@ -371,24 +387,30 @@ class CodedDataParallel(nn.Module):
         # The release's decision wait, arrival wait and collective each time out after ``timeout``.
         return ctx.reduced.wait(timeout=3 * self._timeout + 10)
 
-    def _fail_step(self, ctx: _StepContext, error: BaseException) -> None:
-        """Keep the ranks in step after this rank failed mid-step; the caller re-raises ``error``.
+    def _fail_step(self, ctx: _StepContext, error: BaseException) -> bool:
+        """Keep the ranks in step after this rank failed mid-step; True if the step completed anyway.
 
         The step's gate is sealed as abandoned unless every rank had already gone on (``go``): then
-        the others fail the same step at their arrival. If they had gone on, the release finishes
-        the step with what this rank had committed, which is still exact for them. Either way every
-        rank leaves this step index behind, so a caller that catches the error can go on training.
+        the others fail the same step at their arrival, and every rank leaves this step index
+        behind, so a caller that catches the error can go on training. If they had gone on (the
+        no-wait release reduced the step while this rank's failed task was still running), the
+        step completed on every rank with what this rank had committed, which is exact; the caller
+        then finishes it like any other step.
         """
         with ctx.lock:
             ctx.released = True  # nothing more goes into the accumulator
         abandoned = self._coordinator.abandon(f"{type(error).__name__}: {error}")
         if self._release_group is not None and not self._wait_for_release(ctx):
             self._broken = error  # a release thread still holds the accumulator: never reuse it
-            return
-        if not abandoned and ctx.error is None:
-            self._coordinator.finish()  # the step completed everywhere
-        self._step += 1
-        self._steps_since_plan += 1
+            return False
+        # Only the release can have gone on without this thread: in the synchronous step this thread
+        # arrives itself, so a failure after "go" is a failure of the collective, never a completion.
+        completed = self._release_group is not None and not abandoned and ctx.error is None
+        if not completed:
+            self._coordinator.leave_failed()
+            self._step += 1
+            self._steps_since_plan += 1
+        return completed
 
     def _release(self, ctx: _StepContext) -> None:
         """The no-wait release (own thread, own Store client, own process group).

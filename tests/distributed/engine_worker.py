@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -213,6 +214,33 @@ def expect_error(results: dict, name: str, make) -> None:
         results[name] = {"type": None, "message": ""}
 
 
+def run_with_task_error(cdp: CodedDataParallel, rank: int, delay: float) -> dict:
+    """Four steps where rank 1's task_loss raises ValueError at step 1 (after ``delay`` seconds)."""
+    x, y = make_data(8, torch.float64)
+    outcomes, late_errors, identical = [], [], []
+    for step in range(4):
+        good = task_loss_fn(cdp.module, x, y)
+        cdp.module.zero_grad(set_to_none=False)
+
+        def task_loss(task, good=good, fail=(rank == 1 and step == 1)):
+            if fail:
+                time.sleep(delay)
+                raise ValueError("a bad batch")
+            return good(task)
+
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                report = cdp.backward(task_loss, 8)
+            outcomes.append("ok")
+            late_errors.append([report.late_error, [str(w.message) for w in caught]])
+        except (ValueError, CodedStepTimeout) as error:
+            outcomes.append(type(error).__name__)
+            late_errors.append(None)
+        identical.append(identical_across_ranks([p.grad for p in cdp.module.parameters()]))
+    return {"outcomes": outcomes, "late_errors": late_errors, "identical": identical, "step": cdp._step}
+
+
 def scenario_failures(rank: int, world: int) -> dict:
     results: dict = {}
     model = make_model(torch.float64)
@@ -242,29 +270,16 @@ def scenario_failures(rank: int, world: int) -> dict:
     dist.all_reduce(t)
     results["group_ok"] = float(t) == world
 
-    # An exception in one rank's task_loss: every rank fails that step, and training goes on.
+    # An exception in one rank's task_loss at step 1, before the step can be decided (no backups, no
+    # spare work): every rank fails that step, and training goes on.
     for name, no_wait in (("task_error", True), ("task_error_sync", False)):
-        cdp = CodedDataParallel(model, redundancy=1.0, no_wait=no_wait, timeout=10.0)
-        x, y = make_data(8, torch.float64)
-        outcomes = []
-        for step in range(4):
-            good = task_loss_fn(cdp.module, x, y)
-
-            def task_loss(task, good=good, fail=(rank == 1 and step == 1)):
-                if fail:
-                    raise ValueError("a bad batch")
-                return good(task)
-
-            try:
-                cdp.backward(task_loss, 8)
-                outcomes.append("ok")
-            except (ValueError, CodedStepTimeout) as error:
-                outcomes.append(type(error).__name__)
-        results[name] = {
-            "outcomes": outcomes,
-            "identical": identical_across_ranks([p.grad for p in cdp.module.parameters()]),
-            "step": cdp._step,
-        }
+        cdp = CodedDataParallel(model, redundancy=1.0, no_wait=no_wait, spare_work=False, timeout=10.0)
+        results[name] = run_with_task_error(cdp, rank, delay=0.0)
+    # The same error after the step was decided without it: rank 1's first task of step 1 runs 1.5 s,
+    # the others cover its work (spare work), the release reduces the step on every rank, and only
+    # then does the task raise. The step completed everywhere, so every rank must go on as "ok".
+    cdp = CodedDataParallel(model, redundancy=1.0, spare_work=True, timeout=10.0)
+    results["late_task_error"] = run_with_task_error(cdp, rank, delay=1.5)
 
     # A rank that stops committing, two ways, each bounded by a 2 s timeout.
     # (a) Rank world-1 hangs for 6 s before step 1, outside any task: the others cover its tasks,
