@@ -171,3 +171,25 @@ def test_gather_returns_every_rank_in_order(store):
     for t in threads:
         t.join(timeout=5)
     assert all(out[r] == [b"\x00", b"\x01", b"\x02"] for r in range(3))
+
+
+def test_a_failed_gather_retried_under_the_same_name_reads_only_the_new_values(store):
+    ranks = coordinators(store, 2, timeout=0.3)
+    before = store.num_keys()
+    with pytest.raises(CodedStepTimeout, match=r"ranks \[1\] to publish 'plan'"):
+        ranks[0].gather("plan", b"old 0")  # rank 1 is late ...
+    with pytest.raises(CodedStepTimeout, match="abandoned by rank 0"):
+        ranks[1].gather("plan", b"old 1")  # ... and finds the gather sealed as failed
+    out = {}
+    threads = [
+        threading.Thread(target=lambda c=c: out.__setitem__(c.rank, c.gather("plan", b"new %d" % c.rank)))
+        for c in ranks
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=5)
+    assert out == {0: [b"new 0", b"new 1"], 1: [b"new 0", b"new 1"]}
+    for c in ranks:
+        c.forget_gathers()
+    assert store.num_keys() == before

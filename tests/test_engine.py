@@ -127,6 +127,9 @@ def test_bad_configuration_fails_on_every_rank(failures):
         assert result["different_tasks"]["type"] == "ConfigurationError"
         assert "disagree on num_tasks" in result["different_tasks"]["message"]
         assert result["group_ok"], f"rank {rank}: the process group was left unusable"
+        # After the error, the same engine agrees afresh (not on the failed attempt's keys) and is exact.
+        assert result["retry_after_error"]["max_error"] <= 1e-10, result["retry_after_error"]
+        assert result["retry_after_error"]["identical"]
 
 
 def test_silent_rank_times_out_with_its_name(failures):
@@ -172,6 +175,8 @@ def test_an_exception_in_one_rank_fails_that_step_everywhere_and_training_goes_o
             assert outcomes[1] == expected, (name, rank, outcomes)
             assert all(result[name]["identical"]), (name, rank, result[name])
             assert result[name]["step"] == 4, (name, rank, result[name])
+            # The failed step's keys went with the next successful step's clean-up.
+            assert result[name]["new_keys"] == 0, (name, rank, result[name])
 
 
 def test_an_exception_after_the_decision_completes_the_step_on_every_rank(failures):
@@ -180,7 +185,7 @@ def test_an_exception_after_the_decision_completes_the_step_on_every_rank(failur
     for rank, result in enumerate(failures):
         late = result["late_task_error"]
         assert late["outcomes"] == ["ok"] * 4, (rank, late)
-        assert all(late["identical"]) and late["step"] == 4, (rank, late)
+        assert all(late["identical"]) and late["step"] == 4 and late["new_keys"] == 0, (rank, late)
         error, warned = late["late_errors"][1]
         if rank == 1:
             assert error == "ValueError: a bad batch", late

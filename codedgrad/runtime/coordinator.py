@@ -19,9 +19,11 @@ Keys, all under one :class:`~torch.distributed.PrefixStore` namespace per engine
     compare-and-set, a rank that timed out or failed writes ``abandoned``; whichever comes first
     holds for all, so either every rank enters the collective or none does. A rank that abandons
     also sets the decision flag and its arrival key, so the others wake at once and find the gate.
-``g/{name}/{r}``, ``g/{name}/gate``
-    Rank r's contribution to a gather (configuration agreement, profile exchange), sealed like
-    the arrival.
+``g/{n}/{name}/{r}``, ``g/{n}/{name}/gate``
+    Rank r's contribution to this engine's n-th gather (configuration agreement, plan agreement,
+    profile exchange), sealed like the arrival. Every rank runs the same sequence of gathers, so n
+    agrees; a new n per attempt means a gather that failed (and is retried with the same name)
+    never reads the keys of the failed attempt.
 
 Waits (decision, arrival, gathers) run on a separate Store client (:meth:`Store.clone`): one
 client serialises its operations, so a pending wait would otherwise hold up every other request
@@ -31,13 +33,12 @@ thread commits on the main client.
 Keys of step t are deleted after its coded all-reduce: every rank has then passed every wait of
 step t, because it had to enter the collective. A rank still computing a task of step t at that
 point (no-wait release) knows the step is released and touches only the gate again, which is
-therefore deleted one step later, with the keys of steps that failed.
+therefore deleted at the next successful step's clean-up, together with the keys of failed steps.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -77,6 +78,8 @@ class StoreCoordinator:
         self._step = -1
         self._value = b""  # last known value of s{step}/state (header + decoder bytes)
         self._leftovers: list[str] = []  # keys of earlier steps, deleted at the next finish()
+        self._gathers = 0  # gathers run so far: numbers each gather's keys
+        self._stale_gathers: list[str] = []  # key prefixes of gathers not yet forgotten
         self.commit_round_trips = 0  # Store round trips of all commits so far (for reports and benchmarks)
 
     # ----------------------------------------------------------------- one step's decoder state
@@ -115,9 +118,8 @@ class StoreCoordinator:
                 raise RuntimeError(f"codedgrad: the Store lost the state of step {self._step} (deleted or reset)")
             self._value = current
             if current == desired:
-                if state.decided:
+                if state.decided:  # a set is sent without waiting for the reply: not a round trip
                     self.store.set(self._key("decided"), b"1")
-                    self.commit_round_trips += 1
                 return True
 
     def wait_decided(self) -> DecoderState:
@@ -185,7 +187,10 @@ class StoreCoordinator:
             self._leftovers.append(self._key("gate"))
 
     def leave_failed(self) -> None:
-        """This step failed on every rank: delete its keys when the next step finishes (see :meth:`finish`)."""
+        """This rank leaves the step without finishing it (abandoned, or its collective failed).
+
+        Its keys are deleted when the next step finishes: every rank has left this one by then.
+        """
         self._leftovers.append(self._key(f"arrived/{self.rank}"))
         if self.rank == 0:
             self._leftovers.extend(self._key(what) for what in ("state", "decided", "gate"))
@@ -197,18 +202,26 @@ class StoreCoordinator:
 
     # ----------------------------------------------------------------- gathers
     def gather(self, name: str, value: bytes) -> list[bytes]:
-        """Every rank's ``value`` for ``name``, in rank order (waits for all, with the timeout)."""
-        self.store.set(f"g/{name}/{self.rank}", value)
-        keys = [f"g/{name}/{r}" for r in range(self.world_size)]
-        self._wait_all(keys, f"g/{name}/gate", f"to publish {name!r}")
+        """Every rank's ``value`` for ``name``, in rank order (waits for all, with the timeout).
+
+        Its keys stay until :meth:`forget_gathers`, successful or not: a rank that comes late to a
+        failed gather must still find its gate sealed.
+        """
+        prefix = f"g/{self._gathers}/{name}"
+        self._gathers += 1
+        self._stale_gathers.append(prefix)
+        self.store.set(f"{prefix}/{self.rank}", value)
+        keys = [f"{prefix}/{r}" for r in range(self.world_size)]
+        self._wait_all(keys, f"{prefix}/gate", f"to publish {name!r}")
         return list(self.store.multi_get(keys))
 
-    def forget(self, names: Sequence[str]) -> None:
-        """Delete this rank's gather keys (call once every rank has read them)."""
-        for name in names:
-            self.store.delete_key(f"g/{name}/{self.rank}")
+    def forget_gathers(self) -> None:
+        """Delete this rank's keys of all gathers so far (call once every rank is past them)."""
+        for prefix in self._stale_gathers:
+            self.store.delete_key(f"{prefix}/{self.rank}")
             if self.rank == 0:
-                self.store.delete_key(f"g/{name}/gate")
+                self.store.delete_key(f"{prefix}/gate")
+        self._stale_gathers = []
 
     def _wait_all(self, keys: list[str], gate: str, what: str) -> None:
         """Wait for every key, then seal the outcome at ``gate``: all ranks go on, or all fail.

@@ -24,7 +24,9 @@ The per-step data a phase needs, and what the compute and release threads share,
 is done, so the accumulator and the coordinator's view can be reused by the next step.
 
 A failure on one rank (an exception in ``task_loss``, a timeout) seals the step's gate as abandoned,
-so every rank fails the same step and they all move on to the next step index together.
+so every rank fails the same step and they all move on to the next step index together. Only when
+the gate was already sealed ``go`` (the no-wait release reduced the step while this rank's failing
+task was still running) has the step completed everywhere; then this rank completes it too.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class StepReport:
         commit_seconds: wall time of each commit: its Store round trips and the decoder update, not
             the accumulation.
         commit_round_trips: Store round trips of this step's commits (one each, plus one per race
-            with another rank's commit, plus one to flag the decision).
+            with another rank's commit; flagging the decision is a set, sent without a reply).
         emulated_seconds: delay added by :mod:`codedgrad.emulate` (0 in production).
         late_error: an exception on this rank (e.g. from ``task_loss``) that came after the step was
             decided without this rank's remaining work (no-wait release): the step completed on every
@@ -247,7 +249,6 @@ class CodedDataParallel(nn.Module):
         # threads on one group can interleave, DESIGN.md §4), and its waits a Store client of their own.
         self._no_wait = bool(no_wait and process_group is None and self._coordinator.has_wait_client)
         self._broken: BaseException | None = None  # set when a release thread could not be ended
-        self._stale_gathers: list[str] = []  # Store keys to delete once every rank has read them
         # Check every rank's configuration through the Store before the first collective.
         self._agree("config", self._config(), self._validate_config())
         self._params = [p for p in module.parameters() if p.requires_grad]
@@ -315,7 +316,10 @@ class CodedDataParallel(nn.Module):
             self._decide(ctx)
         except BaseException as error:
             completed = self._fail_step(ctx, error)
-            if not completed or not isinstance(error, Exception):  # Ctrl-C and SystemExit always stop
+            if not completed:
+                raise
+            if not isinstance(error, Exception):  # Ctrl-C, SystemExit: stop, but leave the step done
+                self._finish_step(ctx)
                 raise
             # Every rank already reduced this step without the failed work (it was decided before
             # this rank's task ended): applying it here too keeps all ranks on the same path.
@@ -326,20 +330,22 @@ class CodedDataParallel(nn.Module):
                 RuntimeWarning,
                 stacklevel=2,
             )
+        self._finish_step(ctx)
+        if self._broadcast_buffers:
+            self._broadcast(self.module.buffers())
+        ctx.report.step_time = time.perf_counter() - ctx.start
+        self.last_report = ctx.report
+        return ctx.report
+
+    def _finish_step(self, ctx: _StepContext) -> None:
+        """Apply the reduced gradient and clean up: the step completed on every rank."""
         if ctx.reduced_on_device is not None:
             torch.cuda.current_stream().wait_event(ctx.reduced_on_device)
         ctx.accumulator.write_to_params()
         self._coordinator.finish()
-        if self._stale_gathers:  # every rank has passed the gathers before this step's collective
-            self._coordinator.forget(self._stale_gathers)
-            self._stale_gathers = []
-        if self._broadcast_buffers:
-            self._broadcast(self.module.buffers())
-        ctx.report.step_time = time.perf_counter() - ctx.start
+        self._coordinator.forget_gathers()  # every rank has passed the gathers before this step's collective
         self._step += 1
         self._steps_since_plan += 1
-        self.last_report = ctx.report
-        return ctx.report
 
     # ----------------------------------------------------------------- phases of a step
     def _compute_queue(self, ctx: _StepContext) -> None:
@@ -395,7 +401,7 @@ class CodedDataParallel(nn.Module):
         behind, so a caller that catches the error can go on training. If they had gone on (the
         no-wait release reduced the step while this rank's failed task was still running), the
         step completed on every rank with what this rank had committed, which is exact; the caller
-        then finishes it like any other step.
+        must then finish it (:meth:`_finish_step`) like any other step.
         """
         with ctx.lock:
             ctx.released = True  # nothing more goes into the accumulator
@@ -525,7 +531,6 @@ class CodedDataParallel(nn.Module):
         own = self._fitted_profile()
         name = f"profiles/{self._plan.version}/{self._step}"
         shared = self._coordinator.gather(name, json.dumps(profiles_to_dict([own])).encode())
-        self._stale_gathers.append(name)
         measured = [profiles_from_dict(json.loads(value))[0] for value in shared]
         self._steps_since_plan = 0  # also when the plan stays: the next exchange is a period away
         K = self._plan.num_tasks
@@ -610,7 +615,6 @@ class CodedDataParallel(nn.Module):
             if len(set(values)) > 1:
                 per_rank = ", ".join(f"rank {r}={v}" for r, v in enumerate(values))
                 problems.append(f"ranks disagree on {key}: {per_rank}")
-        self._stale_gathers.append(name)
         if problems:
             raise ConfigurationError("codedgrad: " + "; ".join(problems))
 

@@ -1,6 +1,6 @@
 """Worker for tests/test_cuda.py: CodedDataParallel on CUDA tensors (skipped where there is no GPU).
 
-Two ranks share the first GPU over gloo (NCCL needs one device per rank; gloo reduces CUDA tensors
+Three ranks share the first GPU over gloo (NCCL needs one device per rank; gloo reduces CUDA tensors
 through the host), which is enough to exercise the CUDA path of the engine: parameters, buffers
 and accumulators on the device, the stream synchronisation before a commit, and the no-wait
 release's own stream ordered by events. Each step is compared with one process computing the
@@ -35,16 +35,18 @@ from tests.distributed.engine_worker import (
 
 
 def run(no_wait: bool, dtype: torch.dtype, device: torch.device, code: str = "repetition", redundancy=1.25) -> dict:
-    noisy = Heterogeneity(speeds=[1.0, 3.0], base=0.004, jitter=0.5, stall_prob=0.1, seed=3)
+    noisy = Heterogeneity(speeds=[1.0, 3.0, 2.0], base=0.004, jitter=0.5, stall_prob=0.1, seed=3)
     model = make_model(dtype).to(device)
     cdp = CodedDataParallel(model, code=code, redundancy=redundancy, emulate=noisy, no_wait=no_wait, timeout=60)
     reference = make_model(dtype).to(device)
     reference.load_state_dict(cdp.module.state_dict())
-    errors, used = [], 0
+    errors, used, coefficients = [], 0, []
     for step in range(6):
         x, y = (t.to(device) for t in make_data(12, dtype, step))
         cdp.module.zero_grad(set_to_none=True)
-        used += cdp.backward(task_loss_fn(cdp.module, x, y), 12).used
+        report = cdp.backward(task_loss_fn(cdp.module, x, y), 12)
+        used += report.used
+        coefficients.append(report.rank_coefficient)
         want = reference_grads(reference, 12, x, y)
         errors.append(relative_error([p.grad for p in cdp.module.parameters()], want))
     return {
@@ -55,12 +57,13 @@ def run(no_wait: bool, dtype: torch.dtype, device: torch.device, code: str = "re
         "release_as_asked": (cdp._release_group is not None) == no_wait
         and (cdp._release_stream is not None) == (no_wait and device.type == "cuda"),
         "used": used,
+        "coefficients": coefficients,
     }
 
 
 def run_ddp_hook(device: torch.device) -> dict:
-    """Plain DDP with the coded all-reduce hook on the device: batches of 3 and 7 samples, exact."""
-    rank, counts = dist.get_rank(), [3, 7]
+    """Plain DDP with the coded all-reduce hook on the device: batches of 3, 7 and 2 samples, exact."""
+    rank, counts = dist.get_rank(), [3, 7, 2]
     mine = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
 
     def make() -> nn.Module:
@@ -73,7 +76,7 @@ def run_ddp_hook(device: torch.device) -> dict:
     errors = []
     for step in range(3):  # DDP rebuilds its buckets after the first iteration
         generator = torch.Generator().manual_seed(step)
-        x, y = (torch.randn(10, n, generator=generator, dtype=torch.float64).to(device) for n in (5, 1))
+        x, y = (torch.randn(12, n, generator=generator, dtype=torch.float64).to(device) for n in (5, 1))
         ddp.zero_grad(set_to_none=True)
         ((ddp(x[mine]) - y[mine]) ** 2).mean().backward()
         reference.load_state_dict(model.state_dict())
@@ -87,6 +90,7 @@ def run_ddp_hook(device: torch.device) -> dict:
         "on_device": all(p.grad.device == p.device and p.device.type == device.type for p in model.parameters()),
         "release_as_asked": True,  # no release in plain DDP
         "used": 1,
+        "coefficients": [],
     }
 
 

@@ -216,6 +216,8 @@ def expect_error(results: dict, name: str, make) -> None:
 
 def run_with_task_error(cdp: CodedDataParallel, rank: int, delay: float) -> dict:
     """Four steps where rank 1's task_loss raises ValueError at step 1 (after ``delay`` seconds)."""
+    store = dist.distributed_c10d._get_default_store()
+    keys = []
     x, y = make_data(8, torch.float64)
     outcomes, late_errors, identical = [], [], []
     for step in range(4):
@@ -238,7 +240,17 @@ def run_with_task_error(cdp: CodedDataParallel, rank: int, delay: float) -> dict
             outcomes.append(type(error).__name__)
             late_errors.append(None)
         identical.append(identical_across_ranks([p.grad for p in cdp.module.parameters()]))
-    return {"outcomes": outcomes, "late_errors": late_errors, "identical": identical, "step": cdp._step}
+        if step in (0, 3):
+            dist.barrier()  # quiescent: every rank is between steps while the keys are counted
+            keys.append(store.num_keys())
+            dist.barrier()
+    return {
+        "outcomes": outcomes,
+        "late_errors": late_errors,
+        "identical": identical,
+        "step": cdp._step,
+        "new_keys": keys[1] - keys[0],  # from after the first step to after the last
+    }
 
 
 def scenario_failures(rank: int, world: int) -> dict:
@@ -258,13 +270,16 @@ def scenario_failures(rank: int, world: int) -> dict:
 
     expect_error(results, "too_few_tasks", too_few_tasks)
 
+    retry = CodedDataParallel(make_model(torch.float64), redundancy=1.0)
+
     def different_tasks():  # rank 0 asks for another K than the others: caught before any collective
-        cdp = CodedDataParallel(model, redundancy=1.0)
         tasks = 6 if rank == 0 else 9
         x, y = make_data(tasks, torch.float64)
-        cdp.backward(task_loss_fn(cdp.module, x, y), tasks)
+        retry.backward(task_loss_fn(retry.module, x, y), tasks)
 
     expect_error(results, "different_tasks", different_tasks)
+    # The same engine, called again with one K everywhere, agrees afresh and computes exactly.
+    results["retry_after_error"] = run_steps(retry, steps=2, num_tasks=9, dtype=torch.float64)
     # The process group must still work after all of that: nothing half-started a collective.
     t = torch.ones(1)
     dist.all_reduce(t)
