@@ -193,3 +193,13 @@ def test_a_failed_gather_retried_under_the_same_name_reads_only_the_new_values(s
     for c in ranks:
         c.forget_gathers()
     assert store.num_keys() == before
+
+
+def test_poll_decided_sees_the_flag_or_gives_up_in_time(store):
+    code = make_code("repetition", 2, 2, redundancy=1.0)
+    a, b = coordinators(store, 2)
+    a.begin(0, code)
+    b.begin(0, code)
+    assert b.poll_decided(0.05) is False
+    assert a.commit(0) and a.commit(1)  # decides the step and sets the flag
+    assert b.poll_decided(5.0) is True

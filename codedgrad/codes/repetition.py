@@ -371,7 +371,7 @@ class RepetitionState(DecoderState):
     def to_bytes(self) -> bytes:
         return pack_bits(self._covered)
 
-    def spare_work(self, rank: int) -> Work | None:
+    def spare_work(self, rank: int, elapsed: float | None = None) -> Work | None:
         """An open task for an idle ``rank``: from the tail of the rank that is most behind.
 
         "Most behind" is the primary rank with the most expected work left on its open primaries
@@ -379,6 +379,11 @@ class RepetitionState(DecoderState):
         helper takes one from the back. Idle ranks asking at the same moment are spread over the
         back half of that tail (rank ``r`` takes the ``(r mod ⌈open/2⌉)``-th from the end) instead
         of all racing for the same task. None once everything is covered.
+
+        With ``elapsed`` (seconds since the step started), a rank is helped only when that can end
+        the step sooner (:meth:`_worth_helping`); the most-behind rank that qualifies is chosen.
+        On a quiet, homogeneous cluster every rank finishes within a task of the others, and a
+        helper that starts a whole task for a rank about to finish only delays its own next step.
         """
         if self.decided:
             return None
@@ -388,7 +393,60 @@ class RepetitionState(DecoderState):
         for j in open_tasks:
             q = int(code.primary_of[j])
             left[q] += code.profiles[q].mean
-        behind = int(np.argmax(left))
-        tail = [j for j in open_tasks if code.primary_of[j] == behind]
-        task = tail[-1 - rank % ((len(tail) + 1) // 2)]
-        return Work(task, (task,), (1.0,))
+        for behind in np.argsort(-left, kind="stable"):
+            if left[behind] == 0:
+                return None
+            if elapsed is None or self._worth_helping(rank, int(behind), elapsed):
+                tail = [j for j in open_tasks if code.primary_of[j] == behind]
+                task = tail[-1 - rank % ((len(tail) + 1) // 2)]
+                return Work(task, (task,), (1.0,))
+        return None
+
+    def next_spare_check(self, rank: int, elapsed: float) -> float | None:
+        """After :meth:`spare_work` declined at ``elapsed``: when to ask again, or None if never.
+
+        The only way an owner becomes worth helping later is by falling behind its schedule, so
+        this is the earliest time an owner with open tasks becomes overdue (see :meth:`_worth_helping`).
+        """
+        if self.decided:
+            return None
+        owners = {int(self._code.primary_of[j]) for j, c in enumerate(self._covered) if not c}
+        return min((self._overdue_at(q) for q in owners), default=None)
+
+    def _worth_helping(self, helper: int, owner: int, elapsed: float) -> bool:
+        """Whether ``helper``, starting a task of ``owner`` now, is expected to end the step sooner.
+
+        If the helper copies the owner's last task, the step ends at ``min(R, H)`` instead of ``R``
+        (R: the owner's time left, H: the helper's task time), but when the owner wins the helper
+        has spent ``H − R`` that delays its next step. Expected gain minus expected waste is
+        ``E[(R−H)⁺] − E[(H−R)⁺] = E[R] − E[H]``: help when the owner's expected time left exceeds
+        the helper's mean task time (:meth:`_expected_left`). An owner past :meth:`_overdue_at` is
+        straggling (a stall, a slowed node): its time left is unknown and may be long, so it is
+        helped too.
+        """
+        expected = self._expected_left(owner, elapsed)
+        return expected > self._code.profiles[helper].mean or elapsed >= self._overdue_at(owner)
+
+    def _expected_left(self, owner: int, elapsed: float) -> float:
+        """The owner's expected time to finish its open primaries, assuming it is on schedule.
+
+        A task is modelled as a fixed part ``d = m − s`` plus an exponential part of mean ``s``
+        (the profile's mean m and std s, s capped at m). The task in flight started, on schedule,
+        at ``c + (k − n)·m`` (n of its k primaries open); its fixed part may still be running, and
+        its exponential part has, being memoryless, still ``s`` to go; the other n − 1 take m each.
+        """
+        code = self._code
+        profile = code.profiles[owner]
+        k = int(code.primaries[owner])
+        start = int(code._block_start[owner])
+        n = sum(1 for j in range(start, start + k) if not self._covered[j])
+        jitter = min(profile.std, profile.mean)
+        age = max(0.0, elapsed - (profile.shift + (k - n) * profile.mean))
+        return (n - 1) * profile.mean + max(0.0, profile.mean - jitter - age) + jitter
+
+    def _overdue_at(self, owner: int) -> float:
+        """When ``owner`` is late beyond its noise: its expected end plus two standard deviations of
+        its k tasks, and at least half a task, which also absorbs the ranks' skewed step starts."""
+        profile = self._code.profiles[owner]
+        k = int(self._code.primaries[owner])
+        return profile.shift + k * profile.mean + max(2.0 * profile.std * math.sqrt(k), 0.5 * profile.mean)

@@ -108,9 +108,13 @@ class _StepSimulator:
                 position[r] = i + 1
                 continue
             position[r] = i
-            extra = state.spare_work(r) if spare_times is not None else None
+            if spare_times is None:
+                continue
+            extra = state.spare_work(r, elapsed=now)
             if extra is not None:
                 heapq.heappush(events, (now + float(spare_times[r][list(extra.tasks)].sum()), r, extra.result))
+            elif (retry := state.next_spare_check(r, now)) is not None:
+                heapq.heappush(events, (max(retry, now), r, -1))  # idle until then, then ask again
         raise RuntimeError(f"step {step}: every rank finished its queue but the step is not decided: {state.missing()}")
 
 

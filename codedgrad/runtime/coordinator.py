@@ -39,6 +39,7 @@ therefore deleted at the next successful step's clean-up, together with the keys
 from __future__ import annotations
 
 import struct
+import time
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -143,6 +144,21 @@ class StoreCoordinator:
             gate = self._wait_store.get(self._key("gate")).decode()
             raise CodedStepTimeout(f"codedgrad: rank {self.rank}: step {self._step} was {gate}")
         return state
+
+    def poll_decided(self, seconds: float, interval: float = 0.002) -> bool:
+        """Whether the decision flag (also set by an abandoning rank) appears within ``seconds``.
+
+        Polls with ``check`` every ``interval`` seconds on the main client: ``Store.wait`` with a
+        short timeout works too, but c10d logs a warning for every wait that times out. Meant for
+        the synchronous step, where no other thread uses the client.
+        """
+        deadline = time.perf_counter() + seconds
+        while not self.store.check([self._key("decided")]):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return False
+            time.sleep(min(left, interval))
+        return True
 
     def _read_on_wait_client(self) -> DecoderState:
         assert self._code is not None, "begin() first"

@@ -184,10 +184,14 @@ class CodedDataParallel(nn.Module):
         name: the engine's Store namespace within its group; needed only when ranks build different
             numbers of engines (by default the n-th engine of a group on every rank is matched).
         replan_every: steps between profile exchanges (0 disables re-planning).
-        replan_threshold: re-plan only when the predicted step time improves by more than this share.
+        replan_threshold: re-plan only when the predicted step time improves by more than this share
+            (the first exchange of measured profiles always replaces the starting ones).
         warmup_steps: steps measured before the first re-plan when no profiles are given.
         spare_work: once this rank's queue is dry and the step is not decided, compute other ranks'
-            uncovered tasks (repetition codes) instead of waiting. False gives the static baselines.
+            uncovered tasks (repetition codes) instead of waiting, when that can end the step sooner:
+            the rank behind has more than one of this rank's tasks left, or is late beyond its
+            noise (see ``RepetitionState.spare_work``); before the first profile exchange, whenever
+            work is open. False gives the static baselines.
         no_wait: run the coded all-reduce on a release thread with its own process group as soon as
             the step is decided, so that no rank waits for another rank's task in flight (a rank that
             is late skips its remaining work). Needs a Store that can be cloned; with a custom
@@ -236,6 +240,7 @@ class CodedDataParallel(nn.Module):
         self._emulate = emulate if emulate is not None else Heterogeneity.from_env()
         self._profiles = list(profiles) if profiles is not None else None
         self._measured_profiles = self._profiles is not None
+        self._plan_is_measured = False  # whether the plan's profiles were measured in this run
         if store is None:
             store = dist.distributed_c10d._get_default_store()
         group_ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))
@@ -371,9 +376,19 @@ class CodedDataParallel(nn.Module):
         """
         state = self._coordinator.state
         while not (ctx.released or state.decided) and self._spare_work:
-            spare = state.spare_work(self._rank)
-            if spare is None:
-                break
+            # Whether helping pays is judged against the plan's task times, which must be measured
+            # seconds for that; until the first profile exchange, take whatever is open.
+            elapsed = time.perf_counter() - ctx.start if self._plan_is_measured else None
+            spare = state.spare_work(self._rank, elapsed=elapsed)
+            if spare is None:  # nothing worth doing now; maybe once a rank falls behind its schedule
+                retry = None if elapsed is None else state.next_spare_check(self._rank, elapsed)
+                if retry is None or self._decided_by(ctx, ctx.start + retry):
+                    break
+                with ctx.lock:  # unreleased under the lock: the step's keys cannot be deleted meanwhile
+                    if ctx.released:
+                        break
+                    state = self._coordinator.refresh()
+                continue
             ctx.report.spare += 1
             self._compute_and_commit(ctx, spare)
             state = self._coordinator.state
@@ -388,6 +403,13 @@ class CodedDataParallel(nn.Module):
         ctx.report.time_waited = max(0.0, time.perf_counter() - start - ctx.report.allreduce_time)
         if ctx.error is not None:
             raise ctx.error
+
+    def _decided_by(self, ctx: _StepContext, deadline: float) -> bool:
+        """Idle until the step is decided (True) or until ``deadline`` (``perf_counter`` time; False)."""
+        seconds = max(0.0, deadline - time.perf_counter())
+        if self._release_group is not None:
+            return ctx.reduced.wait(timeout=seconds)  # the release is done, so the step was decided
+        return self._coordinator.poll_decided(seconds)
 
     def _wait_for_release(self, ctx: _StepContext) -> bool:
         # The release's decision wait, arrival wait and collective each time out after ``timeout``.
@@ -522,7 +544,8 @@ class CodedDataParallel(nn.Module):
         return self._steps_since_plan >= period
 
     def _maybe_replan(self) -> None:
-        """Exchange fitted profiles and switch plans when the predicted step time improves enough.
+        """Exchange fitted profiles and switch plans when the predicted step time improves enough
+        (or always, the first time).
 
         Every rank receives the same profiles from the Store and applies the same deterministic rule,
         so all ranks switch (or not) at the same step without another round of agreement.
@@ -537,8 +560,11 @@ class CodedDataParallel(nn.Module):
         current = _predicted_step_time(measured, optimal_split(self._plan.profiles, K, 1.0, self._gamma))
         proposed = _predicted_step_time(measured, optimal_split(measured, K, 1.0, self._gamma))
         self._measured_profiles = True
-        if proposed < (1.0 - self._replan_threshold) * current:
+        # The first measurements always replace the starting profiles: those are a guess, perhaps in
+        # other units than seconds, and spare work compares the plan's task times with the clock.
+        if not self._plan_is_measured or proposed < (1.0 - self._replan_threshold) * current:
             self._plan = self._build_plan(K, measured)
+            self._plan_is_measured = True
 
     def _fitted_profile(self) -> WorkerProfile:
         assert self._plan is not None
