@@ -12,6 +12,9 @@ commit since this rank last looked (DESIGN.md §4).
 
 The gap matters on small machines: a Store server and ranks that sleep between requests must be
 woken, which a shared 2-core VM does slowly; back-to-back requests measure the Store itself.
+Two simplifications: a rank learns of the decision only from its next commit's answer (one round
+trip, where the engine's release thread would stop it without one), and the reference ``get``s
+run after the step's commits, at the same gap but with less contention.
 """
 
 from __future__ import annotations

@@ -6,9 +6,13 @@ Four ranks with emulated speeds 1, 1, 2, 4 (mean task time ``base / speed``, hal
 jitter, 1 % of tasks stalled 10×), K = 64 tasks per step; about four minutes. Each round runs a
 block of steps of every strategy (A B C A B C …), so drift of the machine hits all of them alike:
 
-* ``uniform``: K/P tasks per rank, no redundancy (what plain DDP does);
+* ``uniform``: K/P tasks per rank, no redundancy (the split plain DDP uses), in the coded engine;
 * ``optimal``: the optimal split from the emulated profiles, no redundancy;
-* ``coded``: repetition with backups, Ω chosen by the planner, plus spare work once a queue is dry.
+* ``coded``: repetition with backups, Ω chosen by the planner, plus spare work once a queue is dry;
+* ``ddp`` (with ``--strategies``): torch's DistributedDataParallel itself, each rank running its
+  K/P tasks as one batch with the same emulated delay per task, exact through the coded hook's
+  sample counts. ``--speeds 1,1,1,1 --jitter 0 --stall-prob 0 --strategies ddp,coded`` measures
+  what the coded step costs on a homogeneous, quiet cluster.
 
 Reported: median step time (per block: until the last rank is done, over the block length; with
 the interquartile range over blocks) per strategy, each as a ratio to the
@@ -29,11 +33,45 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from codedgrad import CodedDataParallel
+from codedgrad import CodedDataParallel, StepReport
 from codedgrad.emulate import Heterogeneity
 from codedgrad.plan import capacity_time, choose_redundancy
 from codedgrad.profile import WorkerProfile
+from codedgrad.runtime import CodedHookState, coded_allreduce_hook
+
+STRATEGIES = ("ddp", "uniform", "optimal", "coded")
+
+
+class PlainDDP:
+    """The baseline a user has today: DDP over a uniform split, each rank's tasks as one batch.
+
+    ``backward`` mirrors :meth:`CodedDataParallel.backward` for the benchmark loop: it runs this
+    rank's contiguous share of the K tasks in one forward/backward, with the emulated delay of each
+    of its tasks, and DDP's all-reduce (through the coded hook's sample counts, so that the gradient
+    is the exact global-batch mean even when K is not a multiple of the world size).
+    """
+
+    def __init__(self, module: nn.Module, emulate: Heterogeneity, num_tasks: int, rank: int, world: int) -> None:
+        self.module = module
+        self._ddp = DistributedDataParallel(module)
+        shares = [num_tasks // world + (r < num_tasks % world) for r in range(world)]
+        self._ddp.register_comm_hook(CodedHookState(sample_counts=shares), coded_allreduce_hook)
+        self._first, self._count = sum(shares[:rank]), shares[rank]
+        self._emulate, self._rank, self._step = emulate, rank, 0
+
+    def backward(self, batch_loss, num_tasks: int) -> StepReport:
+        """``batch_loss(first, count)``: mean loss over tasks ``first .. first + count - 1``."""
+        start = time.perf_counter()
+        loss = batch_loss(self._ddp, self._first, self._count)
+        for index in range(self._count):
+            self._emulate.sleep(self._rank, self._step, index)
+        loss.backward()
+        report = StepReport(step=self._step, rank=self._rank, plan_version=0, num_tasks=num_tasks)
+        report.step_time = report.time_to_decision = time.perf_counter() - start
+        self._step += 1
+        return report
 
 
 def main() -> None:
@@ -47,13 +85,26 @@ def main() -> None:
     parser.add_argument("--stall-prob", type=float, default=0.01)
     parser.add_argument("--warmup", type=int, default=11, help="steps per strategy before measuring")
     parser.add_argument("--redundancy", type=float, help="coded Ω (default: codedgrad.plan.choose_redundancy)")
+    parser.add_argument("--speeds", help="emulated speed per rank, comma-separated (default 1,1,2,4 on 4 ranks)")
+    parser.add_argument("--jitter", type=float, default=0.5, help="exponential share of each task's mean time")
+    parser.add_argument(
+        "--strategies", default="uniform,optimal,coded", help=f"comma-separated, from {', '.join(STRATEGIES)}"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
-    speeds = [1.0, 1.0, 2.0, 4.0][:world] if world <= 4 else [1.0 + r % 4 for r in range(world)]
-    emulate = Heterogeneity(speeds=speeds, base=args.base, jitter=0.5, stall_prob=args.stall_prob, seed=0)
+    if args.speeds:
+        speeds = [float(v) for v in args.speeds.split(",")]
+        if len(speeds) != world:
+            parser.error(f"--speeds: {len(speeds)} speeds for {world} ranks")
+    else:
+        speeds = [1.0, 1.0, 2.0, 4.0][:world] if world <= 4 else [1.0 + r % 4 for r in range(world)]
+    chosen = args.strategies.split(",")
+    if not set(chosen) <= set(STRATEGIES) or "coded" not in chosen:
+        parser.error(f"--strategies: choose from {', '.join(STRATEGIES)}, including coded")
+    emulate = Heterogeneity(speeds=speeds, base=args.base, jitter=args.jitter, stall_prob=args.stall_prob, seed=0)
     profiles = emulate.profiles()
     omega = args.redundancy or choose_redundancy(profiles, args.tasks, candidates=(1.0, 1.05, 1.1, 1.15, 1.2, 1.3))
 
@@ -63,6 +114,10 @@ def main() -> None:
 
     def task_loss_for(module: nn.Module):
         return lambda j: ((module(x[4 * j : 4 * j + 4]) - y[4 * j : 4 * j + 4]) ** 2).mean()
+
+    def batch_loss(module: nn.Module, first: int, count: int) -> torch.Tensor:  # = mean of the task losses
+        rows = slice(4 * first, 4 * (first + count))
+        return ((module(x[rows]) - y[rows]) ** 2).mean()
 
     homogeneous = [WorkerProfile(0.0, 1.0, 0.0)] * world
     replan = dict(replan_every=5, replan_threshold=0.03)
@@ -74,13 +129,21 @@ def main() -> None:
         "optimal": dict(code="uncoded", redundancy=1.0, profiles=profiles, spare_work=False, **replan),
         "coded": dict(code="repetition", redundancy=omega, profiles=profiles, **replan),
     }
-    engines = {
-        name: CodedDataParallel(copy.deepcopy(model), emulate=emulate, timeout=60, **kw)
-        for name, kw in strategies.items()
-    }
+    engines = {}
+    for name in STRATEGIES:  # in a fixed order: every rank builds the same engines, collectively
+        if name == "ddp" and name in chosen:
+            engines[name] = PlainDDP(copy.deepcopy(model), emulate, args.tasks, rank, world)
+        elif name in chosen:
+            engines[name] = CodedDataParallel(copy.deepcopy(model), emulate=emulate, timeout=60, **strategies[name])
+
+    def step(name: str) -> StepReport:
+        engine = engines[name]
+        loss = batch_loss if name == "ddp" else task_loss_for(engine.module)
+        return engine.backward(loss, args.tasks)
+
     for _ in range(args.warmup):  # first plan, first collective, and re-plans from measurements
-        for engine in engines.values():
-            engine.backward(task_loss_for(engine.module), args.tasks)
+        for name in engines:
+            step(name)
     # A strategy's step time is measured as throughput: a block of consecutive steps, from a common
     # start (barrier) until the *last* rank has finished the block, divided by the block length. The
     # no-wait release lets ranks run ahead of one another inside a block; taking the last rank's
@@ -89,13 +152,14 @@ def main() -> None:
     decision: dict[str, list[float]] = {name: [] for name in engines}
     allreduce, commits, task_seconds, round_trips = [], [], [], 0
     for _ in range(args.rounds):
-        for name, engine in engines.items():
+        for name in engines:
             dist.barrier()
             start = time.perf_counter()
             for _ in range(args.block):
-                report = engine.backward(task_loss_for(engine.module), args.tasks)
+                report = step(name)
                 decision[name].append(report.time_to_decision)
-                allreduce.append(report.allreduce_time)
+                if name != "ddp":  # DDP's all-reduce overlaps its backward; it is not timed apart
+                    allreduce.append(report.allreduce_time)
                 commits.extend(report.commit_seconds)
                 round_trips += report.commit_round_trips
                 task_seconds.extend(report.task_seconds)
@@ -127,12 +191,14 @@ def main() -> None:
                     "ratio_to_ideal": float(np.median(t)) / ideal,
                     "ratio_to_ideal_achieved": float(np.median(t)) / ideal_achieved,
                     "median_decision_seconds": float(np.median(decision[name])),
-                    "plan_version": engines[name].plan_version,
+                    "plan_version": getattr(engines[name], "plan_version", None),
                 }
                 for name, t in times.items()
             },
-            "uniform_over_coded": float(np.median(times["uniform"]) / np.median(times["coded"])),
-            "optimal_over_coded": float(np.median(times["optimal"]) / np.median(times["coded"])),
+            # How many times faster coded is than each other strategy (median step over median step).
+            "over_coded": {
+                name: float(np.median(t) / np.median(times["coded"])) for name, t in times.items() if name != "coded"
+            },
             "commit_median_ms": float(np.median(all_commits) * 1e3),
             "commit_p99_ms": float(np.quantile(all_commits, 0.99) * 1e3),
             "commit_round_trips": sum(trips for *_, trips in everyone) / all_commits.size,
@@ -153,10 +219,7 @@ def main() -> None:
                     f"{entry['ratio_to_ideal_achieved']:>12.2f}{entry['median_decision_seconds'] * 1e3:>12.1f}"
                 )
             print(f"all-reduce (median over strategies): {np.median(allreduce) * 1e3:.2f} ms")
-            print(
-                f"uniform / coded = {summary['uniform_over_coded']:.2f}   optimal / coded = "
-                f"{summary['optimal_over_coded']:.2f}"
-            )
+            print("   ".join(f"{name} / coded = {ratio:.2f}" for name, ratio in summary["over_coded"].items()))
             print(
                 f"commit: median {summary['commit_median_ms']:.3f} ms, p99 {summary['commit_p99_ms']:.3f} ms, "
                 f"{summary['commit_round_trips']:.2f} Store round trips, over {all_commits.size} commits of "
