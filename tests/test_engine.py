@@ -152,6 +152,9 @@ def test_replanning_follows_measured_speeds(exact):
     assert versions[0][0] == 0 and versions[0][-1] >= 2, versions[0]  # warm-up re-plan, then the change
     for result in exact:
         assert result["replan"]["max_error"] <= 1e-10
+        assert result["replan"]["new_k_error"] <= 1e-10
+        # Spare work judges task times against the clock only while they are measured for this K.
+        assert result["replan"]["measured_before_k_change"] and not result["replan"]["measured_after_k_change"]
     # Before the change speeds are 1, 1, 2, 4: measured means fall and primaries rise with rank.
     mid = exact[0]["replan"]["means_mid"]
     assert mid[3] < mid[2] < min(mid[0], mid[1]), mid

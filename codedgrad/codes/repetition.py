@@ -416,13 +416,14 @@ class RepetitionState(DecoderState):
     def _worth_helping(self, helper: int, owner: int, elapsed: float) -> bool:
         """Whether ``helper``, starting a task of ``owner`` now, is expected to end the step sooner.
 
-        If the helper copies the owner's last task, the step ends at ``min(R, H)`` instead of ``R``
-        (R: the owner's time left, H: the helper's task time), but when the owner wins the helper
-        has spent ``H − R`` that delays its next step. Expected gain minus expected waste is
-        ``E[(R−H)⁺] − E[(H−R)⁺] = E[R] − E[H]``: help when the owner's expected time left exceeds
-        the helper's mean task time (:meth:`_expected_left`). An owner past :meth:`_overdue_at` is
-        straggling (a stall, a slowed node): its time left is unknown and may be long, so it is
-        helped too.
+        If the owner has one task left and the helper copies it, the step ends at ``min(R, H)``
+        instead of ``R`` (R: the owner's time left, H: the helper's task time), but when the owner
+        wins the helper has spent ``H − R`` that delays its next step. Expected gain minus expected
+        waste is ``E[(R−H)⁺] − E[(H−R)⁺] = E[R] − E[H]``: help when the owner's expected time left
+        exceeds the helper's mean task time (:meth:`_expected_left`). With several tasks left the
+        same comparison is a heuristic (the helper's copy of the last one shortens the owner's
+        tail). An owner past :meth:`_overdue_at` is straggling (a stall, a slowed node): its time
+        left is unknown and may be long, so it is helped too.
         """
         expected = self._expected_left(owner, elapsed)
         return expected > self._code.profiles[helper].mean or elapsed >= self._overdue_at(owner)
@@ -434,6 +435,8 @@ class RepetitionState(DecoderState):
         (the profile's mean m and std s, s capped at m). The task in flight started, on schedule,
         at ``c + (k − n)·m`` (n of its k primaries open); its fixed part may still be running, and
         its exponential part has, being memoryless, still ``s`` to go; the other n − 1 take m each.
+        Tasks covered by helpers from the tail count as the owner's progress here, which makes the
+        task in flight look younger than it is: the estimate errs towards helping.
         """
         code = self._code
         profile = code.profiles[owner]

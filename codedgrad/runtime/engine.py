@@ -190,8 +190,9 @@ class CodedDataParallel(nn.Module):
         spare_work: once this rank's queue is dry and the step is not decided, compute other ranks'
             uncovered tasks (repetition codes) instead of waiting, when that can end the step sooner:
             the rank behind has more than one of this rank's tasks left, or is late beyond its
-            noise (see ``RepetitionState.spare_work``); before the first profile exchange, whenever
-            work is open. False gives the static baselines.
+            noise (see ``RepetitionState.spare_work``); until measured task times of every rank are
+            in the plan (the first profile exchange; never with ``replan_every=0``), whenever work
+            is open. False gives the static baselines.
         no_wait: run the coded all-reduce on a release thread with its own process group as soon as
             the step is decided, so that no rank waits for another rank's task in flight (a rank that
             is late skips its remaining work). Needs a Store that can be cloned; with a custom
@@ -375,6 +376,7 @@ class CodedDataParallel(nn.Module):
         decision, the other ranks' arrival and the collective itself.
         """
         state = self._coordinator.state
+        idle = 0.0  # time spent waiting for a rank to fall behind (part of time_waited)
         while not (ctx.released or state.decided) and self._spare_work:
             # Whether helping pays is judged against the plan's task times, which must be measured
             # seconds for that; until the first profile exchange, take whatever is open.
@@ -382,7 +384,12 @@ class CodedDataParallel(nn.Module):
             spare = state.spare_work(self._rank, elapsed=elapsed)
             if spare is None:  # nothing worth doing now; maybe once a rank falls behind its schedule
                 retry = None if elapsed is None else state.next_spare_check(self._rank, elapsed)
-                if retry is None or self._decided_by(ctx, ctx.start + retry):
+                if retry is None:
+                    break
+                idle_start = time.perf_counter()
+                decided = self._decided_by(ctx, ctx.start + retry)
+                idle += time.perf_counter() - idle_start
+                if decided:
                     break
                 with ctx.lock:  # unreleased under the lock: the step's keys cannot be deleted meanwhile
                     if ctx.released:
@@ -400,12 +407,16 @@ class CodedDataParallel(nn.Module):
         elif not self._wait_for_release(ctx):
             raise CodedStepTimeout(f"codedgrad: rank {self._rank}: the release of step {ctx.step} did not finish")
         # Time this thread spent waiting for others (the all-reduce itself is reported separately).
-        ctx.report.time_waited = max(0.0, time.perf_counter() - start - ctx.report.allreduce_time)
+        ctx.report.time_waited = idle + max(0.0, time.perf_counter() - start - ctx.report.allreduce_time)
         if ctx.error is not None:
             raise ctx.error
 
     def _decided_by(self, ctx: _StepContext, deadline: float) -> bool:
-        """Idle until the step is decided (True) or until ``deadline`` (``perf_counter`` time; False)."""
+        """Idle until ``deadline`` (``perf_counter`` time; False) unless the step ends first (True).
+
+        With the no-wait release "ends" means the release is done (reduced, or failed); a decision
+        without that is caught by the caller's ``released`` check. Without it, the decision flag.
+        """
         seconds = max(0.0, deadline - time.perf_counter())
         if self._release_group is not None:
             return ctx.reduced.wait(timeout=seconds)  # the release is done, so the step was decided
@@ -530,9 +541,12 @@ class CodedDataParallel(nn.Module):
     # ----------------------------------------------------------------- planning
     def _ensure_plan(self, num_tasks: int) -> _Plan:
         if self._plan is None or self._plan.num_tasks != num_tasks:
-            # Keep what was measured so far; with nothing known, every rank is alike.
+            # Keep what was measured so far as a guess for the split (with nothing known, every rank
+            # is alike); but those are times of tasks of another size, not for the clock.
             profiles = self.profiles or homogeneous_profiles(self._world_size)
             self._plan = self._agreed_plan(num_tasks, profiles)
+            self._plan_is_measured = False
+            self._recent_seconds.clear()
         elif self._replan_due():
             self._maybe_replan()
         return self._plan
@@ -551,10 +565,12 @@ class CodedDataParallel(nn.Module):
         so all ranks switch (or not) at the same step without another round of agreement.
         """
         assert self._plan is not None
-        own = self._fitted_profile()
+        own, fitted = self._fitted_profile()
         name = f"profiles/{self._plan.version}/{self._step}"
-        shared = self._coordinator.gather(name, json.dumps(profiles_to_dict([own])).encode())
-        measured = [profiles_from_dict(json.loads(value))[0] for value in shared]
+        payload = {"profile": profiles_to_dict([own]), "fitted": fitted}
+        shared = [json.loads(value) for value in self._coordinator.gather(name, json.dumps(payload).encode())]
+        measured = [profiles_from_dict(entry["profile"])[0] for entry in shared]
+        all_fitted = all(entry["fitted"] for entry in shared)
         self._steps_since_plan = 0  # also when the plan stays: the next exchange is a period away
         K = self._plan.num_tasks
         current = _predicted_step_time(measured, optimal_split(self._plan.profiles, K, 1.0, self._gamma))
@@ -564,15 +580,16 @@ class CodedDataParallel(nn.Module):
         # other units than seconds, and spare work compares the plan's task times with the clock.
         if not self._plan_is_measured or proposed < (1.0 - self._replan_threshold) * current:
             self._plan = self._build_plan(K, measured)
-            self._plan_is_measured = True
+            self._plan_is_measured = all_fitted  # a rank short of samples sent its old guess
 
-    def _fitted_profile(self) -> WorkerProfile:
+    def _fitted_profile(self) -> tuple[WorkerProfile, bool]:
+        """This rank's profile from its task times since the last exchange, and whether it was fitted."""
         assert self._plan is not None
         samples = list(self._recent_seconds)
         self._recent_seconds.clear()
         if len(samples) < 3:  # too few measurements (e.g. everything purged): keep the old profile
-            return self._plan.profiles[self._rank]
-        return fit_profile(samples)
+            return self._plan.profiles[self._rank], False
+        return fit_profile(samples), True
 
     def _agreed_plan(self, num_tasks: int, profiles: list[WorkerProfile]) -> _Plan:
         """Build the plan and check through the Store that every rank built the same one."""

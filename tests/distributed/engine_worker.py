@@ -162,7 +162,11 @@ def scenario_exact(rank: int, world: int) -> dict:
         "versions": run["plan_version"],
         "means_end": [p.mean for p in cdp.profiles],
         "primaries_end": len(cdp._plan.queue),
+        "measured_before_k_change": cdp._plan_is_measured,
     }
+    # Another K: a new plan, whose per-task times are no longer measured (tasks of another size).
+    results["replan"]["new_k_error"] = run_steps(cdp, steps=1, num_tasks=20, dtype=torch.float64)["max_error"]
+    results["replan"]["measured_after_k_change"] = cdp._plan_is_measured
     cdp = CodedDataParallel(
         make_model(torch.float64), redundancy=1.0, emulate=drifting, replan_every=4, warmup_steps=3, timeout=30
     )
