@@ -189,6 +189,7 @@ def test_an_exception_after_the_decision_completes_the_step_on_every_rank(failur
         late = result["late_task_error"]
         assert late["outcomes"] == ["ok"] * 4, (rank, late)
         assert all(late["identical"]) and late["step"] == 4 and late["new_keys"] == 0, (rank, late)
+        assert late["buffer"] == [0.0] * 3, late  # rank 0's buffer, broadcast after every step
         error, warned = late["late_errors"][1]
         if rank == 1:
             assert error == "ValueError: a bad batch", late

@@ -337,14 +337,16 @@ class CodedDataParallel(nn.Module):
                 stacklevel=2,
             )
         self._finish_step(ctx)
-        if self._broadcast_buffers:
-            self._broadcast(self.module.buffers())
         ctx.report.step_time = time.perf_counter() - ctx.start
         self.last_report = ctx.report
         return ctx.report
 
     def _finish_step(self, ctx: _StepContext) -> None:
-        """Apply the reduced gradient and clean up: the step completed on every rank."""
+        """Apply the reduced gradient, clean up and share the buffers: the step completed on every rank.
+
+        Every rank that completes a step runs this, whatever else happened on it, so that the
+        buffer broadcast (a collective) is matched on every rank.
+        """
         if ctx.reduced_on_device is not None:
             torch.cuda.current_stream().wait_event(ctx.reduced_on_device)
         ctx.accumulator.write_to_params()
@@ -352,6 +354,8 @@ class CodedDataParallel(nn.Module):
         self._coordinator.forget_gathers()  # every rank has passed the gathers before this step's collective
         self._step += 1
         self._steps_since_plan += 1
+        if self._broadcast_buffers:
+            self._broadcast(self.module.buffers())
 
     # ----------------------------------------------------------------- phases of a step
     def _compute_queue(self, ctx: _StepContext) -> None:

@@ -297,8 +297,12 @@ def scenario_failures(rank: int, world: int) -> dict:
     # The same error after the step was decided without it: rank 1's first task of step 1 runs 1.5 s,
     # the others cover its work (spare work), the release reduces the step on every rank, and only
     # then does the task raise. The step completed everywhere, so every rank must go on as "ok".
-    cdp = CodedDataParallel(model, redundancy=1.0, spare_work=True, timeout=10.0)
+    # A buffer makes every completed step end with a broadcast: rank 1 must take part in it too.
+    with_buffer = make_model(torch.float64)
+    with_buffer.register_buffer("marker", torch.full((3,), float(rank)))
+    cdp = CodedDataParallel(with_buffer, redundancy=1.0, spare_work=True, timeout=10.0)
     results["late_task_error"] = run_with_task_error(cdp, rank, delay=1.5)
+    results["late_task_error"]["buffer"] = with_buffer.marker.tolist()
 
     # A rank that stops committing, two ways, each bounded by a 2 s timeout.
     # (a) Rank world-1 hangs for 6 s before step 1, outside any task: the others cover its tasks,
