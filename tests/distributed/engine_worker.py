@@ -144,6 +144,21 @@ def scenario_exact(rank: int, world: int) -> dict:
     for name, no_wait in (("stall", True), ("stall_sync", False)):
         cdp = CodedDataParallel(make_model(torch.float64), redundancy=1.25, emulate=stall, no_wait=no_wait, timeout=30)
         results[name] = run_steps(cdp, steps=3, num_tasks=16, dtype=torch.float64)
+    # The same stall at step 4, once task times are measured (profile exchange at step 2): spare work
+    # now waits until the stalled rank is late beyond its noise, then covers it.
+    late_stall = Heterogeneity(speeds=[1.0] * world, base=0.004, jitter=0.0, forced_stalls=((1, 4, 2.0),), seed=3)
+    for name, no_wait in (("stall_timed", True), ("stall_timed_sync", False)):
+        cdp = CodedDataParallel(
+            make_model(torch.float64),
+            redundancy=1.25,
+            emulate=late_stall,
+            no_wait=no_wait,
+            replan_every=2,
+            warmup_steps=2,
+            timeout=30,
+        )
+        results[name] = run_steps(cdp, steps=6, num_tasks=16, dtype=torch.float64)
+        results[name]["measured"] = cdp._plan_is_measured
     slow = Heterogeneity(speeds=[1.0] * (world - 1) + [0.1], base=0.004, jitter=0.2, seed=4)
     for code, redundancy in (("repetition", 1.25), ("cyclic", 2)):
         cdp = CodedDataParallel(make_model(torch.float64), code=code, redundancy=redundancy, emulate=slow, timeout=30)
