@@ -78,9 +78,10 @@ class StoreCoordinator:
         self._code: GradientCode | None = None
         self._step = -1
         self._value = b""  # last known value of s{step}/state (header + decoder bytes)
-        self._leftovers: list[str] = []  # keys of earlier steps, deleted at the next finish()
+        # Keys every rank may still read until the next step finishes (then all ranks are past them):
+        # the last gate, failed steps' keys, gathers' keys.
+        self._deferred: list[str] = []
         self._gathers = 0  # gathers run so far: numbers each gather's keys
-        self._stale_gathers: list[str] = []  # key prefixes of gathers not yet forgotten
         self.commit_round_trips = 0  # Store round trips of all commits so far (for reports and benchmarks)
 
     # ----------------------------------------------------------------- one step's decoder state
@@ -197,50 +198,42 @@ class StoreCoordinator:
         its compute thread was still in a task may fail in that task afterwards, and must then find
         ``go`` at the gate (the step completed) rather than an empty key it would seal as abandoned.
         Every rank has left this step once the next one finishes, because that needs all of them.
+        Keys deferred before (the previous gate, failed steps, gathers) are deleted now.
         """
-        self._delete_leftovers()
+        for key in self._deferred:
+            self.store.delete_key(key)
+        self._deferred = []
         self.store.delete_key(self._key(f"arrived/{self.rank}"))
         if self.rank == 0:
             for what in ("state", "decided"):
                 self.store.delete_key(self._key(what))
-            self._leftovers.append(self._key("gate"))
+            self._deferred.append(self._key("gate"))
 
     def leave_failed(self) -> None:
         """This rank leaves the step without finishing it (abandoned, or its collective failed).
 
         Its keys are deleted when the next step finishes: every rank has left this one by then.
         """
-        self._leftovers.append(self._key(f"arrived/{self.rank}"))
+        self._deferred.append(self._key(f"arrived/{self.rank}"))
         if self.rank == 0:
-            self._leftovers.extend(self._key(what) for what in ("state", "decided", "gate"))
-
-    def _delete_leftovers(self) -> None:
-        for key in self._leftovers:
-            self.store.delete_key(key)
-        self._leftovers = []
+            self._deferred.extend(self._key(what) for what in ("state", "decided", "gate"))
 
     # ----------------------------------------------------------------- gathers
     def gather(self, name: str, value: bytes) -> list[bytes]:
         """Every rank's ``value`` for ``name``, in rank order (waits for all, with the timeout).
 
-        Its keys stay until :meth:`forget_gathers`, successful or not: a rank that comes late to a
+        Its keys stay until the next :meth:`finish`, successful or not: a rank that comes late to a
         failed gather must still find its gate sealed.
         """
         prefix = f"g/{self._gathers}/{name}"
         self._gathers += 1
-        self._stale_gathers.append(prefix)
+        self._deferred.append(f"{prefix}/{self.rank}")
+        if self.rank == 0:
+            self._deferred.append(f"{prefix}/gate")
         self.store.set(f"{prefix}/{self.rank}", value)
         keys = [f"{prefix}/{r}" for r in range(self.world_size)]
         self._wait_all(keys, f"{prefix}/gate", f"to publish {name!r}")
         return list(self.store.multi_get(keys))
-
-    def forget_gathers(self) -> None:
-        """Delete this rank's keys of all gathers so far (call once every rank is past them)."""
-        for prefix in self._stale_gathers:
-            self.store.delete_key(f"{prefix}/{self.rank}")
-            if self.rank == 0:
-                self.store.delete_key(f"{prefix}/gate")
-        self._stale_gathers = []
 
     def _wait_all(self, keys: list[str], gate: str, what: str) -> None:
         """Wait for every key, then seal the outcome at ``gate``: all ranks go on, or all fail.

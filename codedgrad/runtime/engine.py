@@ -350,8 +350,7 @@ class CodedDataParallel(nn.Module):
         if ctx.reduced_on_device is not None:
             torch.cuda.current_stream().wait_event(ctx.reduced_on_device)
         ctx.accumulator.write_to_params()
-        self._coordinator.finish()
-        self._coordinator.forget_gathers()  # every rank has passed the gathers before this step's collective
+        self._coordinator.finish()  # also the gathers' keys: every rank passed them before this step's collective
         self._step += 1
         self._steps_since_plan += 1
         if self._broadcast_buffers:
