@@ -379,51 +379,53 @@ class CodedDataParallel(nn.Module):
         decision, the other ranks' arrival and the collective itself.
         """
         state = self._coordinator.state
-        idle = 0.0  # time spent waiting for a rank to fall behind (part of time_waited)
         while not (ctx.released or state.decided) and self._spare_work:
             # Whether helping pays is judged against the plan's task times, which must be measured
             # seconds for that; until the first profile exchange, take whatever is open.
             elapsed = time.perf_counter() - ctx.start if self._plan_is_measured else None
             spare = state.spare_work(self._rank, elapsed=elapsed)
             if spare is None:  # nothing worth doing now; maybe once a rank falls behind its schedule
-                retry = None if elapsed is None else state.next_spare_check(self._rank, elapsed)
-                if retry is None:
+                state = self._idle_until_behind(ctx, state, elapsed)
+                if state is None:
                     break
-                idle_start = time.perf_counter()
-                decided = self._decided_by(ctx, ctx.start + retry)
-                idle += time.perf_counter() - idle_start
-                if decided:
-                    break
-                with ctx.lock:  # unreleased under the lock: the step's keys cannot be deleted meanwhile
-                    if ctx.released:
-                        break
-                    state = self._coordinator.refresh()
                 continue
             ctx.report.spare += 1
             self._compute_and_commit(ctx, spare)
             state = self._coordinator.state
         start = time.perf_counter()
         if self._release_group is None:
+            state = self._coordinator.state
             ctx.decided_state = state if state.decided else self._coordinator.wait_decided()
             ctx.report.time_to_decision = time.perf_counter() - ctx.start
             self._arrive_and_reduce(ctx, self._group)
         elif not self._wait_for_release(ctx):
             raise CodedStepTimeout(f"codedgrad: rank {self._rank}: the release of step {ctx.step} did not finish")
         # Time this thread spent waiting for others (the all-reduce itself is reported separately).
-        ctx.report.time_waited = idle + max(0.0, time.perf_counter() - start - ctx.report.allreduce_time)
+        ctx.report.time_waited += max(0.0, time.perf_counter() - start - ctx.report.allreduce_time)
         if ctx.error is not None:
             raise ctx.error
 
-    def _decided_by(self, ctx: _StepContext, deadline: float) -> bool:
-        """Idle until ``deadline`` (``perf_counter`` time; False) unless the step ends first (True).
+    def _idle_until_behind(self, ctx: _StepContext, state: DecoderState, elapsed: float | None) -> DecoderState | None:
+        """After spare work was declined: idle until some rank may be behind, then read the state again.
 
-        With the no-wait release "ends" means the release is done (reduced, or failed); a decision
-        without that is caught by the caller's ``released`` check. Without it, the decision flag.
+        Returns None when there is nothing to wait for or the step ended meanwhile: with the no-wait
+        release, once the release is done (a decision alone is caught by ``released``); without it,
+        once the decision flag is set. The idle time counts as waited.
         """
-        seconds = max(0.0, deadline - time.perf_counter())
+        retry = None if elapsed is None else state.next_spare_check(self._rank, elapsed)
+        if retry is None:
+            return None
+        idle_start = time.perf_counter()
+        seconds = max(0.0, ctx.start + retry - idle_start)
         if self._release_group is not None:
-            return ctx.reduced.wait(timeout=seconds)  # the release is done, so the step was decided
-        return self._coordinator.poll_decided(seconds)
+            ended = ctx.reduced.wait(timeout=seconds)
+        else:
+            ended = self._coordinator.poll_decided(seconds)
+        ctx.report.time_waited += time.perf_counter() - idle_start
+        if ended:
+            return None
+        with ctx.lock:  # unreleased under the lock: the step's keys cannot be deleted meanwhile
+            return None if ctx.released else self._coordinator.refresh()
 
     def _wait_for_release(self, ctx: _StepContext) -> bool:
         # The release's decision wait, arrival wait and collective each time out after ``timeout``.

@@ -10,7 +10,6 @@ same global batch on the same device.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
 import traceback
@@ -31,6 +30,7 @@ from tests.distributed.engine_worker import (
     reference_grads,
     relative_error,
     task_loss_fn,
+    write_results_and_exit,
 )
 
 
@@ -112,9 +112,7 @@ def main() -> None:
         results["ddp_hook_float64"] = run_ddp_hook(device)
     except Exception:
         results = {"crash": traceback.format_exc()}
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
-    sys.stdout.flush()
-    os._exit(0)
+    write_results_and_exit(out_dir, rank, results)
 
 
 if __name__ == "__main__":

@@ -357,8 +357,15 @@ def main() -> None:
         results = {"exact": scenario_exact, "failures": scenario_failures}[scenario](rank, world)
     except Exception:
         results = {"crash": traceback.format_exc()}
+    write_results_and_exit(out_dir, rank, results)
+
+
+def write_results_and_exit(out_dir: Path, rank: int, results: dict) -> None:
+    """Write this rank's results for the pytest side and leave at once.
+
+    After a timeout scenario the group may hold a half-finished step: leave without a collective.
+    """
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
-    # After a timeout scenario the group may hold a half-finished step: leave without a collective.
     sys.stdout.flush()
     os._exit(0)
 
