@@ -4,7 +4,8 @@ The *optimal split* of Esfahanizadeh, Cohen & Médard gives worker p a real load
 Σ κ_p = K·Ω such that every worker in use has the same cost ``f_p(κ) = E[T_p] + γ·E[T_p²]``.
 f_p is an increasing quadratic in κ, so for a common *water level* θ each κ_p(θ) is the positive
 root of ``γm²κ² + (m + 2γcm + γσ²)κ + (c + γc²) − θ = 0`` and zero below the constant term.
-Σ κ_p(θ) is increasing in θ; a safeguarded Newton iteration finds the level to machine precision.
+Σ κ_p(θ) is continuous and increasing in θ, so Brent's method (``scipy.optimize.brentq``) finds the
+level on a bracket to machine precision.
 Integer loads come from a deterministic rounding that, among all integer splits with the same
 total, minimises the largest cost (see :func:`optimal_split`).
 """
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import brentq
 
 from codedgrad.profile import WorkerProfile
 
@@ -97,33 +99,30 @@ def real_split(
     """
     _check_profiles(profiles)
     _check_gamma(gamma)
+    if not (math.isfinite(total) and total >= 0):
+        raise PlanError(f"total: must be finite and >= 0, got {total!r}")
     if capacity is not None and capacity * len(profiles) < total:
         raise PlanError(f"capacity: {len(profiles)} workers × {capacity} cannot hold {total} slots")
     a, b, c0 = _cost_coefficients(profiles, gamma)
     cap = np.inf if capacity is None else float(capacity)
 
-    def excess(theta: float) -> tuple[float, float, np.ndarray]:
-        load = np.minimum(_load_at_level(theta, a, b, c0), cap)
-        active = (theta > c0) & (load < cap)
-        slope = float(np.sum(np.where(active, 1.0 / (b + 2 * a * load), 0.0)))
-        return float(load.sum()) - total, slope, load
+    def excess(theta: float) -> float:
+        return float(np.minimum(_load_at_level(theta, a, b, c0), cap).sum()) - total
 
-    # Bracket: at θ = min c0 nobody works; at θ = max f_p(min(total, cap)) everyone holds enough.
+    # Bracket: at θ = min c0 nobody works (excess −total ≤ 0); at θ = max f_p(min(total, cap))
+    # every worker holds min(total, cap) slots, together at least total (excess ≥ 0).
     one = min(float(total), cap)
     lo, hi = float(c0.min()), float(np.max(a * one * one + b * one + c0))
-    theta = hi
-    for _ in range(200):
-        g, slope, load = excess(theta)
-        if g == 0.0:
-            break
-        if g > 0:
-            hi = theta
-        else:
-            lo = theta
-        if hi - lo <= 4 * np.spacing(hi):
-            break
-        step = theta - g / slope if slope > 0 else math.nan
-        theta = step if lo < step < hi else 0.5 * (lo + hi)
+    if excess(hi) <= 0:
+        # Every worker must be full (workers × min(total, cap) = total): θ is the top of the bracket,
+        # where rounding in κ_p can leave the excess a hair below zero, which brentq would refuse.
+        theta = hi
+    else:
+        # The excess is continuous and non-decreasing in θ (piecewise smooth: kinks where a worker
+        # joins or reaches the cap), all a bracketing method needs. xtol is the smallest positive
+        # float and rtol the least brentq accepts (4 ulp), so it stops only when the bracket cannot
+        # shrink further: θ to machine precision.
+        theta = brentq(excess, lo, hi, xtol=np.finfo(float).tiny, rtol=4 * np.finfo(float).eps, maxiter=200)
     load = np.minimum(_load_at_level(theta, a, b, c0), cap)
     return load, theta
 

@@ -211,3 +211,20 @@ def test_propose_num_tasks_balances_overhead_against_tail():
     assert propose_num_tasks(4, 1.0, 1e-6, max_tasks=32) == 32
     with pytest.raises(PlanError, match="task_overhead_seconds"):
         propose_num_tasks(4, 1.0, 0.0)
+
+
+def test_real_split_when_every_worker_must_be_full() -> None:
+    # workers × capacity = total, or a single worker: θ is the top of the bracket (no sign change to find).
+    profiles = [WorkerProfile(0.0, m, m) for m in (0.1, 0.3, 0.7)]
+    load, level = plan.real_split(profiles, 30, gamma=1.0, capacity=10)
+    np.testing.assert_allclose(load, [10, 10, 10])
+    assert level == pytest.approx(max(p.cost(10) for p in profiles))
+    load, level = plan.real_split(profiles[1:2], 7, gamma=0.5)
+    assert load.tolist() == pytest.approx([7]) and level == pytest.approx(profiles[1].cost(7, 0.5))
+    assert plan.optimal_split(profiles, 10, redundancy=3.0, capacity=10).tolist() == [10, 10, 10]
+
+
+@pytest.mark.parametrize("total", [-1.0, math.inf, math.nan])
+def test_real_split_rejects_a_bad_total(total) -> None:
+    with pytest.raises(PlanError, match=r"^total:"):
+        plan.real_split([WorkerProfile(0, 1, 1)], total)
