@@ -281,3 +281,20 @@ def test_timed_spare_work_helps_only_when_it_can_end_the_step_sooner():
     assert state.spare_work(0, elapsed=3.9).result == 5  # still 2 s: memoryless (not yet overdue)
     state.commit(1, 5)
     assert state.spare_work(0, elapsed=3.0) is None and state.next_spare_check(0, 3.0) is None  # decided
+
+
+def test_expected_excess_is_the_normal_partial_expectation():
+    from scipy.integrate import quad
+    from scipy.stats import norm
+
+    from codedgrad.codes.repetition import _expected_excess
+
+    mean = np.array([0.0, 1.0, 3.0, -2.0, 2.5, 2.5, 2.0])
+    std = np.array([1.0, 0.5, 2.0, 0.3, 0.0, 1e-300, 0.0])
+    got = _expected_excess(mean, std, 2.0)
+    for m, s, value in zip(mean, std, got):
+        if s == 0 or s < 1e-100:  # (nearly) deterministic: F = m
+            assert value == max(m - 2.0, 0.0)
+        else:  # integrate (x − 2)·pdf(x) over x > 2 numerically
+            expected, _ = quad(lambda x, m=m, s=s: (x - 2.0) * norm.pdf(x, m, s), 2.0, np.inf)
+            assert value == pytest.approx(expected, rel=1e-8, abs=1e-12)
