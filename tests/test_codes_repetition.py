@@ -298,3 +298,34 @@ def test_expected_excess_is_the_normal_partial_expectation():
         else:  # integrate (x − 2)·pdf(x) over x > 2 numerically
             expected, _ = quad(lambda x, m=m, s=s: (x - 2.0) * norm.pdf(x, m, s), 2.0, np.inf)
             assert value == pytest.approx(expected, rel=1e-8, abs=1e-12)
+
+
+def _matching_size(tasks: list[int], slot_ranks: list[int], primary_of: np.ndarray) -> int:
+    """Largest number of ``tasks`` that fit one each into the slots (slot s on rank slot_ranks[s],
+    never on the task's primary), by scipy's bipartite matching: an oracle independent of _place."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+
+    if not tasks or not slot_ranks:
+        return 0
+    edges = np.array([[primary_of[j] != p for p in slot_ranks] for j in tasks], dtype=np.int8)
+    matched = maximum_bipartite_matching(csr_matrix(edges), perm_type="column")
+    return int(np.count_nonzero(matched >= 0))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plans())
+def test_first_backups_go_to_the_riskiest_tasks_any_arrangement_can_place(code):
+    """Round 1 gives a first copy to the tasks the greedy over the priority order would pick with an
+    exact matching at every step: a task is passed over only when, with the riskier tasks already
+    placed, no arrangement of the slots can also place it (the transversal-matroid greedy)."""
+    slot_ranks = [r for r, b in enumerate(code.backups) for _ in b]
+    chosen: list[int] = []
+    for j in code._priority():
+        if len(chosen) == len(slot_ranks):
+            break
+        if _matching_size([*chosen, j], slot_ranks, code.primary_of) == len(chosen) + 1:
+            chosen.append(j)
+    # A task passed over in round 1 stays passed over (the ranks that could take it are full for
+    # good), so the tasks with at least one copy are exactly round 1's.
+    assert {j for b in code.backups for j in b} == set(chosen)

@@ -259,7 +259,17 @@ class RepetitionCode(GradientCode):
         return backups
 
     def _place(self, task: int, placed: list[list[int]], free: np.ndarray, held: list[set[int]]) -> bool:
-        """Give ``task`` one copy this round, rearranging this round's copies if needed."""
+        """Give ``task`` one copy this round, rearranging this round's copies if needed.
+
+        Hand-written rather than scipy's matching on purpose. ``maximum_bipartite_matching`` finds *a*
+        largest set of copies but not the riskiest one; ``linear_sum_assignment`` could prefer risky
+        tasks through weights, but no cost function reproduces the sequential rule "this copy goes to
+        the rank whose next free slot starts earliest, given the copies placed before it" (the slot
+        a copy lands in depends on the order of placement), and its tie-breaking between equal-cost
+        assignments is an implementation detail that every rank, whatever its scipy version, would
+        have to share. Which rank holds which copy, and in which order, is what the measured tables
+        of ``codes/README.md`` rest on. The tests check this search against scipy's matching.
+        """
 
         def can_take(p: int, j: int) -> bool:
             return j not in held[p] and j not in placed[p]
