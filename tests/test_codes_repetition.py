@@ -1,5 +1,5 @@
-"""Task-level repetition with backups: queue invariants, the decoder under any commit order, the
-backup order, and spare work."""
+"""Task-level repetition with backups: queue invariants, the decoder under any commit order (also
+with spare work), and the backup order. The spare-work policy itself: test_codes_spare.py."""
 
 from __future__ import annotations
 
@@ -223,21 +223,6 @@ def test_state_bytes_are_a_bitmask_and_malformed_ones_are_rejected():
         state.commit(1, 20)
 
 
-def test_spare_work_takes_from_the_tail_of_the_rank_most_behind():
-    code = RepetitionCode(3, 30, 1.0, [WorkerProfile(0, 1, 0), WorkerProfile(0, 1, 0), WorkerProfile(0, 3, 0)])
-    state = code.new_state()
-    slow = np.flatnonzero(code.primary_of == 2)
-    for j in range(slow[0] - 1):  # ranks 0 and 1 are done but for one task
-        state.commit(0, j)
-    work = state.spare_work(0)
-    assert work.tasks == (work.result,) and work.result == slow[-1]  # the slow rank is most behind
-    assert state.spare_work(1).result != work.result  # two idle ranks: different tasks
-    assert state.spare_work(1).result in slow[len(slow) // 2 :]  # from the back half
-    for j in range(30):
-        state.commit(1, j)
-    assert state.spare_work(0) is None
-
-
 def test_bad_arguments():
     with pytest.raises(CodeError, match="backup_order"):
         RepetitionCode(2, 4, 1.5, backup_order="random")
@@ -252,35 +237,6 @@ def test_primaries_are_the_optimal_split():
     np.testing.assert_array_equal(code.primaries, optimal_split(STRAGGLING, 120, 1.0, 0.5))
     totals = [len(code.queue(r)) for r in range(6)]
     np.testing.assert_array_equal(totals, optimal_split(STRAGGLING, 120, 1.25, 0.5, capacity=120))
-
-
-def test_timed_spare_work_helps_only_when_it_can_end_the_step_sooner():
-    # Three identical, quiet ranks (tasks of exactly 1 s), 4 primaries each.
-    code = RepetitionCode(3, 12, 1.0, [WorkerProfile(0, 1, 0)] * 3)
-    state = code.new_state()
-    for j in range(8):  # ranks 0 and 1 are done; rank 2 has done none of its tasks 8-11
-        state.commit(0, j)
-    # Early on, rank 2 has about 4 s left: a helper needing 1 s pays off.
-    assert state.spare_work(0, elapsed=0.5).result == 11
-    for j in (8, 9, 10):
-        state.commit(2, j)
-    # At 3.9 s, on schedule, rank 2 is 0.9 s into its last task: it will finish before a helper.
-    assert state.spare_work(0, elapsed=3.9) is None
-    assert state.spare_work(0) is not None  # without a clock: whatever is open
-    # Ask again once rank 2 is late by more than half a task (quiet: no noise to allow for).
-    retry = state.next_spare_check(0, elapsed=3.9)
-    assert retry == pytest.approx(4.5)
-    assert state.spare_work(0, elapsed=retry).result == 11  # overdue: perhaps stalled, so help
-    # A noisy owner (exponential tasks): its task in flight has, memoryless, a mean task left.
-    noisy = RepetitionCode(2, 6, 1.0, [WorkerProfile(0, 0.5, 0.0), WorkerProfile(0, 2.0, 2.0)])
-    assert list(noisy.primaries) == [5, 1]  # rank 1 owns task 5
-    state = noisy.new_state()
-    for j in range(5):
-        state.commit(0, j)
-    assert state.spare_work(0, elapsed=2.5).result == 5  # 2 s expected left against a 0.5 s task
-    assert state.spare_work(0, elapsed=3.9).result == 5  # still 2 s: memoryless (not yet overdue)
-    state.commit(1, 5)
-    assert state.spare_work(0, elapsed=3.0) is None and state.next_spare_check(0, 3.0) is None  # decided
 
 
 def test_expected_excess_is_the_normal_partial_expectation():

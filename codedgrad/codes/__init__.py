@@ -1,8 +1,10 @@
 """Gradient codes: who computes which tasks, and how committed results decode (DESIGN.md §2).
 
-numpy only: nothing here knows torch or torch.distributed. :func:`make_code` builds a code by name;
-:mod:`codedgrad.codes.simulate` runs codes under the worker model. See ``codes/README.md`` for the
-design notes (backup order, conditioning of the cyclic code).
+numpy and scipy only: nothing here knows torch or torch.distributed. :func:`make_code` builds a code
+by name; :mod:`codedgrad.codes.spare` is the spare-work policy, :mod:`codedgrad.codes.accounting`
+checks the ranks' accumulators against the decoder, and :mod:`codedgrad.codes.simulate` runs codes
+under the worker model. See ``codes/README.md`` for the design notes (backup order, conditioning of
+the cyclic code).
 """
 
 from __future__ import annotations

@@ -114,21 +114,19 @@ class DecoderState(ABC):
     def to_bytes(self) -> bytes:
         """A compact serialisation; :meth:`GradientCode.state_from_bytes` inverts it."""
 
+    # Kept until the runtime switches to codedgrad.codes.spare; remove after.
     def spare_work(self, rank: int, elapsed: float | None = None) -> Work | None:
-        """Work ``rank`` may do for others once its own queue has run dry, or None to just wait.
+        """Deprecated: :func:`codedgrad.codes.spare.spare_work` on this state."""
+        from codedgrad.codes import spare  # late: spare imports the codes, which import this module
 
-        The no-wait release of DESIGN.md §3: an idle rank covers another rank's uncovered work.
-        ``elapsed`` is the time since the step started (seconds, in the profiles' units); with it a
-        code may decline when helping cannot end the step sooner, without it it offers whatever is
-        open. Codes whose results are tied to one rank (rank-level codes) have none; this default
-        says so. Several idle ranks may be offered the same Work; the decoder uses the first commit.
-        """
-        return None
+        return spare.spare_work(self, rank, elapsed)
 
+    # Kept until the runtime switches to codedgrad.codes.spare; remove after.
     def next_spare_check(self, rank: int, elapsed: float) -> float | None:
-        """After :meth:`spare_work` returned None at ``elapsed``: the time since the step's start at
-        which asking again may find work worth doing, or None to wait for the decision."""
-        return None
+        """Deprecated: :func:`codedgrad.codes.spare.next_spare_check` on this state."""
+        from codedgrad.codes import spare
+
+        return spare.next_spare_check(self, rank, elapsed)
 
 
 class GradientCode(ABC):

@@ -344,6 +344,15 @@ class RepetitionState(DecoderState):
     def decided(self) -> bool:
         return self._open == 0
 
+    @property
+    def code(self) -> RepetitionCode:
+        """The code whose step this state decodes (read by the spare-work policy, :mod:`.spare`)."""
+        return self._code
+
+    def open_tasks(self) -> list[int]:
+        """The tasks without a used result yet, ascending."""
+        return [j for j, c in enumerate(self._covered) if not c]
+
     def is_needed(self, rank: int, result: int) -> bool:
         return not self._covered[result]
 
@@ -367,7 +376,7 @@ class RepetitionState(DecoderState):
             return "nothing (decided)"
         runs: list[str] = []
         start = None
-        open_tasks = [j for j, c in enumerate(self._covered) if not c]
+        open_tasks = self.open_tasks()
         for i, j in enumerate(open_tasks):
             if start is None:
                 start = j
@@ -381,86 +390,3 @@ class RepetitionState(DecoderState):
 
     def to_bytes(self) -> bytes:
         return pack_bits(self._covered)
-
-    def spare_work(self, rank: int, elapsed: float | None = None) -> Work | None:
-        """An open task for an idle ``rank``: from the tail of the rank that is most behind.
-
-        "Most behind" is the primary rank with the most expected work left on its open primaries
-        (open tasks × mean task time); its primary works from the front of its block, so the
-        helper takes one from the back. Idle ranks asking at the same moment are spread over the
-        back half of that tail (rank ``r`` takes the ``(r mod ⌈open/2⌉)``-th from the end) instead
-        of all racing for the same task. None once everything is covered.
-
-        With ``elapsed`` (seconds since the step started), a rank is helped only when that can end
-        the step sooner (:meth:`_worth_helping`); the most-behind rank that qualifies is chosen.
-        On a quiet, homogeneous cluster every rank finishes within a task of the others, and a
-        helper that starts a whole task for a rank about to finish only delays its own next step.
-        """
-        if self.decided:
-            return None
-        code = self._code
-        left = np.zeros(code.num_ranks)
-        open_tasks = [j for j, c in enumerate(self._covered) if not c]
-        for j in open_tasks:
-            q = int(code.primary_of[j])
-            left[q] += code.profiles[q].mean
-        for behind in np.argsort(-left, kind="stable"):
-            if left[behind] == 0:
-                return None
-            if elapsed is None or self._worth_helping(rank, int(behind), elapsed):
-                tail = [j for j in open_tasks if code.primary_of[j] == behind]
-                task = tail[-1 - rank % ((len(tail) + 1) // 2)]
-                return Work(task, (task,), (1.0,))
-        return None
-
-    def next_spare_check(self, rank: int, elapsed: float) -> float | None:
-        """After :meth:`spare_work` declined at ``elapsed``: when to ask again, or None if never.
-
-        The only way an owner becomes worth helping later is by falling behind its schedule, so
-        this is the earliest time an owner with open tasks becomes overdue (see :meth:`_worth_helping`).
-        """
-        if self.decided:
-            return None
-        owners = {int(self._code.primary_of[j]) for j, c in enumerate(self._covered) if not c}
-        return min((self._overdue_at(q) for q in owners), default=None)
-
-    def _worth_helping(self, helper: int, owner: int, elapsed: float) -> bool:
-        """Whether ``helper``, starting a task of ``owner`` now, is expected to end the step sooner.
-
-        If the owner has one task left and the helper copies it, the step ends at ``min(R, H)``
-        instead of ``R`` (R: the owner's time left, H: the helper's task time), but when the owner
-        wins the helper has spent ``H − R`` that delays its next step. Expected gain minus expected
-        waste is ``E[(R−H)⁺] − E[(H−R)⁺] = E[R] − E[H]``: help when the owner's expected time left
-        exceeds the helper's mean task time (:meth:`_expected_left`). With several tasks left the
-        same comparison is a heuristic (the helper's copy of the last one shortens the owner's
-        tail). An owner past :meth:`_overdue_at` is straggling (a stall, a slowed node): its time
-        left is unknown and may be long, so it is helped too.
-        """
-        expected = self._expected_left(owner, elapsed)
-        return expected > self._code.profiles[helper].mean or elapsed >= self._overdue_at(owner)
-
-    def _expected_left(self, owner: int, elapsed: float) -> float:
-        """The owner's expected time to finish its open primaries, assuming it is on schedule.
-
-        A task is modelled as a fixed part ``d = m − s`` plus an exponential part of mean ``s``
-        (the profile's mean m and std s, s capped at m). The task in flight started, on schedule,
-        at ``c + (k − n)·m`` (n of its k primaries open); its fixed part may still be running, and
-        its exponential part has, being memoryless, still ``s`` to go; the other n − 1 take m each.
-        Tasks covered by helpers from the tail count as the owner's progress here, which makes the
-        task in flight look younger than it is: the estimate errs towards helping.
-        """
-        code = self._code
-        profile = code.profiles[owner]
-        k = int(code.primaries[owner])
-        start = int(code._block_start[owner])
-        n = sum(1 for j in range(start, start + k) if not self._covered[j])
-        jitter = min(profile.std, profile.mean)
-        age = max(0.0, elapsed - (profile.shift + (k - n) * profile.mean))
-        return (n - 1) * profile.mean + max(0.0, profile.mean - jitter - age) + jitter
-
-    def _overdue_at(self, owner: int) -> float:
-        """When ``owner`` is late beyond its noise: its expected end plus two standard deviations of
-        its k tasks, and at least half a task, which also absorbs the ranks' skewed step starts."""
-        profile = self._code.profiles[owner]
-        k = int(self._code.primaries[owner])
-        return profile.shift + k * profile.mean + max(2.0 * profile.std * math.sqrt(k), 0.5 * profile.mean)

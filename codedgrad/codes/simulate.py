@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from codedgrad.codes import CodeError, DecoderState, GradientCode, make_code
+from codedgrad.codes import CodeError, DecoderState, GradientCode, make_code, spare
 from codedgrad.profile import WorkerProfile
 
 __all__ = ["Commit", "coded_sum", "compare_codes", "random_interleaving", "simulate_code", "task_times"]
@@ -52,8 +52,8 @@ def simulate_code(
         steps: number of steps to simulate.
         seed: random seed (common random numbers, see the module docstring).
         allreduce_time: added to every step (the coded all-reduce).
-        spare_work: model the runtime's no-wait release: a rank whose queue ran dry asks the decoder
-            for :meth:`~codedgrad.codes.base.DecoderState.spare_work` instead of idling.
+        spare_work: model the runtime's no-wait release: a rank whose queue ran dry asks
+            :func:`codedgrad.codes.spare.spare_work` for work instead of idling.
 
     Returns:
         float64 array of ``steps`` step times.
@@ -110,10 +110,10 @@ class _StepSimulator:
             position[r] = i
             if spare_times is None:
                 continue
-            extra = state.spare_work(r, elapsed=now)
+            extra = spare.spare_work(state, r, elapsed=now)
             if extra is not None:
                 heapq.heappush(events, (now + float(spare_times[r][list(extra.tasks)].sum()), r, extra.result))
-            elif (retry := state.next_spare_check(r, now)) is not None:
+            elif (retry := spare.next_spare_check(state, r, now)) is not None:
                 heapq.heappush(events, (max(retry, now), r, -1))  # idle until then, then ask again
         raise RuntimeError(f"step {step}: every rank finished its queue but the step is not decided: {state.missing()}")
 
@@ -173,7 +173,8 @@ def random_interleaving(
     each point a random rank makes its next move (start or commit), so results race, and commits of
     Work started before someone else covered it (or before the decision) happen too. No Work is
     started once the step is decided; Work already in flight is still committed. With
-    ``spare_work`` a rank whose queue ran dry asks the decoder for spare work, as the runtime does.
+    ``spare_work`` a rank whose queue ran dry asks for spare work (:func:`codedgrad.codes.spare.spare_work`,
+    without a clock), as the runtime does.
     For tests of decoders under arbitrary orders (the timed counterpart is :func:`simulate_code`).
 
     Returns:
@@ -204,7 +205,7 @@ def random_interleaving(
             in_flight[r] = queue[i]
             i += 1
         else:
-            extra = state.spare_work(r) if spare_work else None
+            extra = spare.spare_work(state, r) if spare_work else None
             if extra is None:
                 idle.add(r)
             else:
