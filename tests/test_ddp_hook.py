@@ -1,7 +1,8 @@
 """The coded all-reduce DDP hook: exact global-batch gradients with unequal per-rank batch sizes.
 
 The distributed checks share one torchrun launch (tests/distributed/ddp_hook_worker.py, 3 ranks,
-gloo, batch sizes 2/5/9); the argument checks of CodedHookState need no process group.
+gloo, batch sizes 2/5/9), including the hook's check that every rank uses the same sample counts;
+the argument checks of CodedHookState need no process group.
 """
 
 import inspect
@@ -19,7 +20,7 @@ WORKER = Path(__file__).parent / "distributed" / "ddp_hook_worker.py"
 BATCH_SIZES = (2, 5, 9)  # must match the worker
 NPROC = len(BATCH_SIZES)
 PARAMETERS = 51  # the worker model's parameter count
-FP64_TOLERANCE = 1e-10  # DESIGN.md §3
+FP64_TOLERANCE = 1e-10  # docs/design.md#invariants
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,83 @@ def test_sample_counts_length_checked_lazily_and_eagerly(results: list[dict]) ->
             message = result[key]
             assert message is not None, f"{key}: a 2-entry sample_counts on 3 ranks was accepted"
             assert message.startswith("sample_counts:") and "3 ranks" in message
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("setup", ["counts", "coefficient"])
+def test_ddp_launches_bucket_zero_first_and_the_last_bucket_last(results: list[dict], setup: str) -> None:
+    # The agreement check is launched with bucket 0 and read at the last bucket: both must hold on
+    # every rank and every step, before DDP's bucket rebuild (one bucket) and after it (several).
+    for rank, result in enumerate(results):
+        for step, launches in enumerate(result[setup]["bucket_launches"]):
+            assert [index for index, _ in launches] == list(range(len(launches))), (rank, step, launches)
+            assert [last for _, last in launches] == [False] * (len(launches) - 1) + [True], (rank, step, launches)
+
+
+DISAGREEMENTS = {
+    "differ": "rank 2 passes other sample counts",
+    "mixed": "rank 0 uses an explicit coefficient, the others sample counts",
+    "wrong_length": "rank 2's sample counts have 2 entries on 3 ranks",
+}
+
+
+def _common_part(message: str) -> str:
+    return message.split("(this rank")[0]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("scenario", sorted(DISAGREEMENTS))
+def test_disagreeing_weights_fail_on_every_rank(results: list[dict], scenario: str) -> None:
+    errors = [r["agreement"][scenario]["errors"] for r in results]
+    for rank, per_step in enumerate(errors):
+        assert per_step[0] is not None, f"{DISAGREEMENTS[scenario]}: rank {rank} got no error (a wrong gradient)"
+        assert per_step[0].startswith("sample_counts: the ranks' hook weights disagree"), per_step[0]
+        assert f"(this rank, {rank}, has " in per_step[0]
+    # Every rank raises the same error, naming a rank at each end of the digests.
+    assert len({_common_part(per_step[0]) for per_step in errors}) == 1, errors
+    assert re.search(r"rank \d has digest [0-9a-f]+, rank \d has digest [0-9a-f]+", errors[0][0])
+
+
+@pytest.mark.distributed
+def test_disagreement_names_the_odd_rank_and_its_counts(results: list[dict]) -> None:
+    messages = [r["agreement"]["differ"]["errors"][0] for r in results]
+    assert "rank 2 has digest" in messages[0]
+    assert messages[2].endswith("(this rank, 2, has sample_counts=[2, 5, 10])")
+    assert messages[0].endswith("(this rank, 0, has sample_counts=[2, 5, 9])")
+
+
+@pytest.mark.distributed
+def test_a_change_on_one_rank_fails_every_rank_at_that_step(results: list[dict]) -> None:
+    # Ranks 0 and 2 did not change their counts at step 3; they must still fail there.
+    for rank, result in enumerate(results):
+        scenario = result["agreement"]["one_changes"]
+        assert scenario["errors"][:3] == [None, None, None], f"rank {rank}: {scenario['errors']}"
+        assert max(scenario["exact_errors"]) <= FP64_TOLERANCE
+        assert len(scenario["errors"]) == 4 and scenario["errors"][3] is not None, f"rank {rank}: {scenario['errors']}"
+        assert "rank 1 has digest" in scenario["errors"][3]
+    assert len({_common_part(r["agreement"]["one_changes"]["errors"][3]) for r in results}) == 1
+
+
+@pytest.mark.distributed
+def test_counts_changed_on_every_rank_stay_exact(results: list[dict]) -> None:
+    for rank, result in enumerate(results):
+        scenario = result["agreement"]["all_change"]
+        assert scenario["errors"] == [None] * 4, f"rank {rank}: {scenario['errors']}"
+        assert max(scenario["exact_errors"]) <= FP64_TOLERANCE, f"rank {rank}: {scenario['exact_errors']}"
+
+
+@pytest.mark.distributed
+def test_gradients_ready_in_different_orders_on_different_ranks(results: list[dict]) -> None:
+    scenarios = [r["agreement"]["branches"] for r in results]
+    # The set-up is real: after the first step the ranks' gradients become ready in different orders ...
+    assert scenarios[0]["ready_order"][-1] != scenarios[1]["ready_order"][-1]
+    for rank, scenario in enumerate(scenarios):
+        # ... yet DDP launches the buckets in index order, so the check is aligned and the gradient exact.
+        assert scenario["errors"] == [None] * len(scenario["errors"]) and len(scenario["errors"]) >= 3
+        assert max(scenario["exact_errors"]) <= FP64_TOLERANCE, f"rank {rank}: {scenario['exact_errors']}"
+        for launches in scenario["bucket_launches"]:
+            assert [index for index, _ in launches] == list(range(len(launches)))
+        assert len(scenario["bucket_launches"][-1]) > 1, "expected several buckets after the rebuild"
 
 
 # -- no process group ----------------------------------------------------------------------------
