@@ -1,8 +1,9 @@
-"""The ``codedgrad`` command line (DESIGN.md §6).
+"""The ``codedgrad`` command line (`docs/design.md, "Interfaces" <../docs/design.md#interfaces>`_).
 
 ``codedgrad plan``
     The optimal and uniform load splits of a job over the workers of a profile file, with each
-    worker's expected finish time and cost, and the lower bound on a job's time.
+    worker's expected finish time and cost, the predicted time to decode a step with the repetition
+    code (simulated, seeded), and the lower bound on a job's time.
 ``codedgrad simulate``
     The mean in-order delay of a stream of jobs for several redundancies, with the optimal and the
     uniform split, against the ideal lower bound; optionally a plot. With ``--code NAME[,NAME…]``
@@ -10,12 +11,14 @@
     queues and decoder, :mod:`codedgrad.codes.simulate`) against the capacity bound, so a user can
     pick a code before touching a GPU.
 
-Workers come from ``--profile FILE`` (the profile file format, DESIGN.md §6) or from
+Workers come from ``--profile FILE`` (the profile file format, docs/design.md#interfaces) or from
 ``--preset NAME`` (:mod:`codedgrad.presets`), which also supplies the number of tasks, the arrival
 rate, γ and the number of jobs; explicit flags override the preset. A preset's task times are
 for its own number of tasks, so overriding ``--tasks`` changes the job size as well.
 
 User errors print one line, ``codedgrad: error: <message>`` naming the field, and exit with status 2.
+Options that do not apply to the chosen mode (``--plot``, ``--arrival-rate`` with ``--code``;
+``--spare-work`` without it) are such errors rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from typing import NoReturn
 import numpy as np
 
 from codedgrad import plan, sim
-from codedgrad.codes import CODE_NAMES
-from codedgrad.codes.simulate import compare_codes
+from codedgrad.codes import CODE_NAMES, CodeError, make_code
+from codedgrad.codes.simulate import compare_codes, simulate_code
 from codedgrad.presets import PRESETS
 from codedgrad.profile import ProfileError, WorkerProfile, load_profiles
 
@@ -41,6 +44,8 @@ __all__ = ["main"]
 EXIT_USAGE = 2
 DEFAULT_JOBS = 10_000
 DEFAULT_CODE_STEPS = 500  # code comparison is an event simulation: fewer, costlier steps
+DEFAULT_PLAN_STEPS = 500  # simulated steps behind plan's predicted step time (K = 1000: ~0.3 s each)
+PREDICTION_CODE = "repetition"  # the runtime's default code
 
 
 class CliError(Exception):
@@ -109,10 +114,51 @@ def _number(value: float) -> str:
     return f"{value:.5g}"
 
 
+def _check_seed(seed: int) -> None:
+    if seed < 0:
+        raise CliError(f"seed: must be >= 0, got {seed}")
+
+
+def _predicted_step_times(s: _Setting, redundancy: float, steps: int, seed: int) -> dict:
+    """Mean time to decode a step with the repetition code, simulated on the workers (seeded).
+
+    The step is decoded when every task has a result (primaries and backups race; purging skips
+    what is already done). The same random task times serve every variant (common random numbers):
+    the optimal split, the uniform split (primaries and backups placed as for identical workers) and
+    the optimal split with spare work (the runtime's default: idle ranks cover others' open tasks).
+
+    Returns:
+        ``{"code", "steps", "seed", "optimal", "optimal_stderr", "uniform", "uniform_stderr",
+        "spare_work", "spare_work_stderr", "skipped"}``; with ``skipped`` (why no code can be built,
+        e.g. fewer tasks than workers) the times are None.
+    """
+    document: dict = {"code": PREDICTION_CODE, "steps": steps, "seed": seed, "skipped": None}
+    try:
+        optimal = make_code(PREDICTION_CODE, len(s.profiles), s.tasks, redundancy, s.profiles, s.gamma)
+        uniform = make_code(PREDICTION_CODE, len(s.profiles), s.tasks, redundancy, None, s.gamma)
+    except CodeError as error:
+        document["skipped"] = str(error)
+        for key in ("optimal", "uniform", "spare_work"):
+            document[key] = document[f"{key}_stderr"] = None
+        return document
+    for key, code, spare in (("optimal", optimal, False), ("uniform", uniform, False), ("spare_work", optimal, True)):
+        times = simulate_code(code, s.profiles, steps=steps, seed=seed, spare_work=spare)
+        document[key] = float(times.mean())
+        document[f"{key}_stderr"] = float(times.std(ddof=1) / math.sqrt(steps)) if steps > 1 else math.nan
+    return document
+
+
+def _plus_minus(value: float, stderr: float) -> str:
+    return _number(value) if not math.isfinite(stderr) else f"{_number(value)} ± {stderr:.2g}"
+
+
 def _plan(args: argparse.Namespace) -> int:
     redundancy = args.redundancy
     if not (math.isfinite(redundancy) and redundancy >= 1):
         raise CliError(f"redundancy: must be finite and >= 1, got {redundancy:g}")
+    if args.steps < 1:
+        raise CliError(f"steps: must be >= 1, got {args.steps}")
+    _check_seed(args.seed)
     s = _setting(args, redundancy)
     optimal = plan.optimal_split(s.profiles, s.tasks, redundancy, s.gamma)
     uniform = plan.uniform_split(s.profiles, s.tasks, redundancy)
@@ -120,6 +166,7 @@ def _plan(args: argparse.Namespace) -> int:
     uni_stats = plan.split_statistics(s.profiles, uniform, s.gamma)
     job_bound = plan.capacity_time(s.profiles, s.tasks)
     stream_bound = None if s.arrival_rate is None else plan.stream_lower_bound(s.profiles, s.tasks, s.arrival_rate)
+    predicted = _predicted_step_times(s, redundancy, args.steps, args.seed)
 
     if args.json:
         document = {
@@ -134,6 +181,7 @@ def _plan(args: argparse.Namespace) -> int:
             "cost": opt_stats.max_cost,
             "uniform_cost": uni_stats.max_cost,
             "lower_bound": job_bound,
+            "step_time": predicted,
         }
         if stream_bound is not None:
             document["arrival_rate"] = s.arrival_rate
@@ -158,8 +206,26 @@ def _plan(args: argparse.Namespace) -> int:
     ]
     rows.append(["total", "", "", "", str(optimal.sum()), str(uniform.sum()), "", "", ""])
     _print_table(header, rows)
-    print("E[finish] and cost are for the optimal split; cost = E[T] + γ·E[T²]")
-    print(f"largest cost: optimal split {_number(opt_stats.max_cost)}, uniform split {_number(uni_stats.max_cost)}")
+    print("E[finish] and cost are for the optimal split. cost = E[T] + γ·E[T²] of a worker's whole load")
+    print("(its share of the K·Ω slots, backups included): what the split equalises, not a time. It grows")
+    print("with Ω (more slots) while a step ends sooner: compare the predicted step times instead.")
+    print(
+        f"largest cost (the split's objective): optimal split {_number(opt_stats.max_cost)}, "
+        f"uniform split {_number(uni_stats.max_cost)}"
+    )
+    if predicted["skipped"] is not None:
+        print(f"predicted step time: not available ({predicted['skipped']})")
+    else:
+        print(
+            f"predicted mean time to decode a step (every task has a result), {PREDICTION_CODE} code at "
+            f"Ω = {redundancy:g}, {args.steps} simulated steps, seed {args.seed}:"
+        )
+        print(
+            f"  optimal split {_plus_minus(predicted['optimal'], predicted['optimal_stderr'])}, "
+            f"uniform split {_plus_minus(predicted['uniform'], predicted['uniform_stderr'])}, "
+            f"optimal split with spare work (the runtime's default) "
+            f"{_plus_minus(predicted['spare_work'], predicted['spare_work_stderr'])}"
+        )
     print(f"lower bound on one job's time (all capacity pooled, no waste): {_number(job_bound)}")
     if stream_bound is not None:
         print(f"lower bound on the mean delay of a stream at λ = {s.arrival_rate:g}: {_number(stream_bound)}")
@@ -174,6 +240,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def _simulate(args: argparse.Namespace) -> int:
     redundancies = _redundancy_list(args.redundancy)
+    _check_mode_options(args)
     s = _setting(args, max(redundancies))
     if args.code is not None:
         return _simulate_codes(args, s, redundancies)
@@ -182,8 +249,9 @@ def _simulate(args: argparse.Namespace) -> int:
     jobs = DEFAULT_JOBS if s.jobs is None else s.jobs
     if jobs < 1:
         raise CliError(f"jobs: must be >= 1, got {jobs}")
-    if args.seed < 0:
-        raise CliError(f"seed: must be >= 0, got {args.seed}")
+    _check_seed(args.seed)
+    if args.plot is not None:
+        _check_plot_path(args.plot)  # before a long simulation, not after it
     lower_bound = plan.stream_lower_bound(s.profiles, s.tasks, s.arrival_rate)  # PlanError at/above capacity
 
     results = []
@@ -253,6 +321,32 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_mode_options(args: argparse.Namespace) -> None:
+    """Reject options that the chosen mode of ``simulate`` would otherwise ignore."""
+    if args.code is not None:
+        if args.plot is not None:
+            raise CliError("plot: --plot draws the stream simulation's delays; it cannot be used with --code")
+        if args.arrival_rate is not None:
+            raise CliError(
+                "arrival_rate: --code simulates closed-loop training steps (each starts when the previous "
+                "ends), which have no arrival rate; drop --arrival-rate or --code"
+            )
+    elif args.spare_work:
+        raise CliError("spare_work: --spare-work applies to the code comparison only; add --code NAME[,NAME…]")
+
+
+def _check_plot_path(path: str) -> None:
+    """Reject a file name whose extension matplotlib cannot write, naming the option."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = path.rpartition(".")[2].lower() if "." in path.rpartition("/")[2] else ""
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in supported:
+        raise CliError(
+            f"plot: cannot write {path!r}: format {suffix!r} is not supported (use .{', .'.join(sorted(supported))})"
+        )
+
+
 def _simulate_codes(args: argparse.Namespace, s: _Setting, redundancies: list[float]) -> int:
     """Training-step time of each named code at each redundancy, on common random numbers."""
     names = [name.strip() for name in args.code.split(",")]
@@ -262,9 +356,11 @@ def _simulate_codes(args: argparse.Namespace, s: _Setting, redundancies: list[fl
     steps = args.jobs if args.jobs is not None else DEFAULT_CODE_STEPS  # a preset's job count is for streams
     if steps < 1:
         raise CliError(f"jobs: must be >= 1, got {steps}")
-    if args.seed < 0:
-        raise CliError(f"seed: must be >= 0, got {args.seed}")
+    _check_seed(args.seed)
     bound = plan.training_step_lower_bound(s.profiles, s.tasks)
+    # "uncoded" has no redundancy and always runs at Ω = 1: its row says which Ωs it stands for,
+    # as the other codes' rows say why they were skipped.
+    uncoded_for = [omega for omega in redundancies if omega != 1.0]
     rows, seen = [], set()
     for omega in redundancies:
         for row in compare_codes(
@@ -280,6 +376,10 @@ def _simulate_codes(args: argparse.Namespace, s: _Setting, redundancies: list[fl
             key = (row["code"], row["redundancy"])
             if key not in seen:  # "uncoded" runs at Ω = 1 whatever was asked: list it once
                 seen.add(key)
+                row["note"] = None
+                if row["code"] == "uncoded" and uncoded_for:
+                    asked = ", ".join(f"{omega:g}" for omega in uncoded_for)
+                    row["note"] = f"no redundancy: runs at Ω = 1, also for the Ω = {asked} asked"
                 rows.append(row)
     if args.json:
         print(
@@ -306,7 +406,7 @@ def _simulate_codes(args: argparse.Namespace, s: _Setting, redundancies: list[fl
                 _number(row["median"]),
                 _number(row["p95"]),
                 f"{row['mean'] / bound:.3f}",
-                "",
+                row["note"] or "",
             ]
         )
     _print_table(["code", "redundancy", "mean", "median", "p95", "mean/bound", "note"], table)
@@ -354,6 +454,8 @@ def _plot(path: str, runs: list[tuple[float, sim.StreamResult, sim.StreamResult]
         fig.savefig(path, dpi=110)
     except OSError as error:
         raise CliError(f"plot: cannot write {path}: {error.strerror or error}") from None
+    except ValueError as error:  # e.g. a format matplotlib cannot write: name the option, not only the library's text
+        raise CliError(f"plot: cannot write {path}: {error}") from None
 
 
 def _parser() -> _Parser:
@@ -373,15 +475,35 @@ def _parser() -> _Parser:
     plan_cmd = commands.add_parser("plan", help="optimal and uniform load split of one job")
     common(plan_cmd)
     plan_cmd.add_argument("--redundancy", type=float, default=1.0, metavar="R", help="Ω >= 1 (default 1)")
+    plan_cmd.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_PLAN_STEPS,
+        metavar="N",
+        help=f"simulated steps behind the predicted step time (default {DEFAULT_PLAN_STEPS})",
+    )
+    plan_cmd.add_argument("--seed", type=int, default=0, metavar="S", help="seed of that simulation (default 0)")
     plan_cmd.set_defaults(run=_plan)
 
     simulate_cmd = commands.add_parser("simulate", help="mean delay of a stream of jobs against redundancy")
     common(simulate_cmd)
     simulate_cmd.add_argument("--redundancy", required=True, metavar="R1,R2,…", help="redundancies to simulate")
-    simulate_cmd.add_argument("--arrival-rate", type=float, metavar="L", help="λ, jobs per unit time")
-    simulate_cmd.add_argument("--jobs", type=int, metavar="J", help=f"jobs per simulation (default {DEFAULT_JOBS})")
+    simulate_cmd.add_argument(
+        "--arrival-rate", type=float, metavar="L", help="λ, jobs per unit time (stream simulation; not with --code)"
+    )
+    simulate_cmd.add_argument(
+        "--jobs",
+        type=int,
+        metavar="J",
+        help=f"jobs per stream simulation (default {DEFAULT_JOBS}, or the preset's); with --code, training "
+        f"steps per code (default {DEFAULT_CODE_STEPS})",
+    )
     simulate_cmd.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
-    simulate_cmd.add_argument("--plot", metavar="FILE.png", help="also draw delay and success-rate panels")
+    simulate_cmd.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw delay and success-rate panels (stream simulation; not with --code)",
+    )
     simulate_cmd.add_argument(
         "--code",
         metavar="NAME[,NAME…]",

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from codedgrad import cli, plan
+from codedgrad.codes import make_code
+from codedgrad.codes.simulate import simulate_code
 from codedgrad.presets import paper_preset
 from codedgrad.profile import WorkerProfile, save_profiles
 
@@ -86,6 +88,49 @@ def test_plan_with_the_paper_preset(capsys) -> None:
     # An explicit flag overrides the preset.
     status, out, _ = run(capsys, "plan", "--preset", "paper", "--tasks", 100, "--json")
     assert status == 0 and sum(json.loads(out)["split"]) == 100
+
+
+def test_plan_predicts_the_step_time_and_redundancy_shortens_it(capsys, profile_file) -> None:
+    documents = {}
+    for omega in (1.0, 1.25):
+        status, out, _ = run(capsys, "plan", "--profile", profile_file, "--tasks", 40, "--redundancy", omega, "--json")
+        assert status == 0
+        documents[omega] = json.loads(out)
+    # The split's objective grows with Ω (more slots) ...
+    assert documents[1.25]["cost"] > documents[1.0]["cost"]
+    # ... while the predicted time to decode a step falls: what the user cares about.
+    one, more = documents[1.0]["step_time"], documents[1.25]["step_time"]
+    assert more["optimal"] < one["optimal"]
+    assert one["code"] == "repetition" and one["steps"] == cli.DEFAULT_PLAN_STEPS and one["seed"] == 0
+    # It is the code simulator's mean on these workers (seeded), not a formula of the cost.
+    expected = simulate_code(make_code("repetition", 3, 40, 1.25, PROFILES), PROFILES, steps=500, seed=0)
+    assert more["optimal"] == pytest.approx(float(expected.mean()))
+    assert 0 < more["optimal_stderr"] < 0.05 * more["optimal"]
+    assert more["uniform"] > more["optimal"] >= more["spare_work"] >= 0.95 * documents[1.25]["lower_bound"]
+
+
+def test_plan_table_explains_the_cost_and_shows_the_step_time(capsys, profile_file) -> None:
+    status, out, _ = run(capsys, "plan", "--profile", profile_file, "--tasks", 40, "--redundancy", 1.25)
+    assert status == 0
+    assert "not a time" in out and "backups included" in out
+    line = next(line for line in out.splitlines() if line.startswith("predicted mean time to decode a step"))
+    assert "repetition code at Ω = 1.25" in line and "500 simulated steps, seed 0" in line
+    values = out.splitlines()[out.splitlines().index(line) + 1]
+    assert values.strip().startswith("optimal split ") and "uniform split" in values and "spare work" in values
+
+
+def test_plan_step_time_is_seeded(capsys, profile_file) -> None:
+    argv = ["plan", "--profile", profile_file, "--tasks", 40, "--redundancy", 1.1, "--steps", 50, "--json"]
+    first = json.loads(run(capsys, *argv)[1])["step_time"]
+    assert json.loads(run(capsys, *argv)[1])["step_time"] == first
+    other = json.loads(run(capsys, *argv, "--seed", 1)[1])["step_time"]
+    assert other["optimal"] != first["optimal"] and other["seed"] == 1 and first["steps"] == 50
+
+
+def test_plan_without_a_code_for_fewer_tasks_than_workers(capsys, profile_file) -> None:
+    status, out, _ = run(capsys, "plan", "--profile", profile_file, "--tasks", 2)
+    assert status == 0
+    assert "predicted step time: not available (num_tasks" in out
 
 
 # --- simulate ------------------------------------------------------------------------------------
@@ -202,6 +247,72 @@ BAD_INPUTS = [
         "jobs",
     ),
     (["simulate", "--redundancy", "1", "--arrival-rate", "0.01"], "profile"),
+    (["plan", "--profile", "{good}", "--tasks", "10", "--steps", "0"], "steps"),
+    (["plan", "--profile", "{good}", "--tasks", "10", "--seed", "-1"], "seed"),
+    # Options the chosen mode would ignore are rejected, naming the option.
+    (
+        [
+            "simulate",
+            "--profile",
+            "{good}",
+            "--tasks",
+            "10",
+            "--redundancy",
+            "1",
+            "--code",
+            "uncoded",
+            "--plot",
+            "{png}",
+        ],
+        "plot",
+    ),
+    (
+        [
+            "simulate",
+            "--profile",
+            "{good}",
+            "--tasks",
+            "10",
+            "--redundancy",
+            "1",
+            "--arrival-rate",
+            "0.01",
+            "--spare-work",
+        ],
+        "spare_work",
+    ),
+    (
+        [
+            "simulate",
+            "--profile",
+            "{good}",
+            "--tasks",
+            "10",
+            "--redundancy",
+            "1",
+            "--code",
+            "uncoded",
+            "--arrival-rate",
+            "0.01",
+        ],
+        "arrival_rate",
+    ),
+    (
+        [
+            "simulate",
+            "--profile",
+            "{good}",
+            "--tasks",
+            "10",
+            "--redundancy",
+            "1",
+            "--arrival-rate",
+            "0.01",
+            "--plot",
+            "{txt2}",
+        ],
+        "plot",
+    ),
     ([], "the following arguments are required"),
 ]
 
@@ -214,6 +325,8 @@ def test_bad_input_is_one_line_naming_the_field(capsys, tmp_path, argv, field) -
         "not_json": _write(tmp_path / "not_json.json", "{workers"),
         "nowhere": str(tmp_path / "missing.json"),
         "good": _write(tmp_path / "good.json", {"workers": [{"mean": 1, "std": 1}, {"mean": 2, "std": 2}]}),
+        "png": str(tmp_path / "out.png"),
+        "txt2": str(tmp_path / "out.txt2"),
     }
     status, out, err = run(capsys, *(files[a[1:-1]] if a.startswith("{") else a for a in argv))
     assert status == 2
@@ -221,6 +334,40 @@ def test_bad_input_is_one_line_naming_the_field(capsys, tmp_path, argv, field) -
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith(f"codedgrad: error: {field}"), lines[0]
+    assert not any(tmp_path.glob("out.*")), "a rejected command wrote its plot"
+
+
+def test_plot_with_an_unsupported_format_names_the_option_and_the_formats(capsys, tmp_path) -> None:
+    target = tmp_path / "out.txt2"
+    profile = _write(tmp_path / "good.json", {"workers": [{"mean": 1, "std": 1}]})
+    argv = ["simulate", "--profile", profile, "--tasks", 10, "--redundancy", 1, "--arrival-rate", 0.01]
+    status, _, err = run(capsys, *argv, "--plot", target)
+    assert status == 2
+    assert err.startswith(f"codedgrad: error: plot: cannot write {str(target)!r}: format 'txt2' is not supported")
+    assert ".png" in err and ".pdf" in err
+
+
+def test_jobs_help_gives_both_defaults(capsys) -> None:
+    assert cli.main(["simulate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    help_text = text[text.index("--jobs J") :]
+    assert f"default {cli.DEFAULT_JOBS}" in help_text and f"(default {cli.DEFAULT_CODE_STEPS})" in help_text
+    assert cli.DEFAULT_CODE_STEPS == 500
+
+
+def test_uncoded_row_notes_the_redundancy_it_ignores(capsys, profile_file) -> None:
+    argv = ["simulate", "--profile", profile_file, "--tasks", 12, "--redundancy", 1.25, "--code", "uncoded"]
+    status, out, _ = run(capsys, *argv, "--jobs", 50, "--json")
+    assert status == 0
+    (row,) = json.loads(out)["codes"]
+    assert row["redundancy"] == 1.0 and row["mean"] is not None
+    assert row["note"] == "no redundancy: runs at Ω = 1, also for the Ω = 1.25 asked"
+    status, out, _ = run(capsys, *argv, "--jobs", 50)
+    assert status == 0
+    assert out.splitlines()[-1].split()[:2] == ["uncoded", "1"] and out.rstrip().endswith("1.25 asked")
+    # Asked for Ω = 1 only, there is nothing to note.
+    argv[argv.index(1.25)] = 1
+    assert json.loads(run(capsys, *argv, "--jobs", 50, "--json")[1])["codes"][0]["note"] is None
 
 
 def test_help_exits_zero(capsys) -> None:
