@@ -1,0 +1,6 @@
+"""Hydra recipes: models, data, a LightningModule, a TensorBoard monitor and ``run(cfg)``.
+
+``recipes/train.py`` (the ``@hydra.main`` entry point) only calls :func:`codedgrad.recipes.train.run`;
+everything it builds lives here so that it can be tested without Hydra or torchrun. Nothing else in
+the package imports this one (DESIGN.md §5: recipes only compose).
+"""
