@@ -10,15 +10,15 @@ block of steps of every strategy (A B C A B C …), so drift of the machine hits
 * ``optimal``: the optimal split from the emulated profiles, no redundancy;
 * ``coded``: repetition with backups, Ω chosen by the planner, plus spare work once a queue is dry;
 * ``ddp`` (with ``--strategies``): torch's DistributedDataParallel itself, each rank running its
-  K/P tasks as one batch with the same emulated delay per task, exact through the coded hook's
-  sample counts. ``--speeds 1,1,1,1 --jitter 0 --stall-prob 0 --strategies ddp,coded`` measures
+  K/P tasks as one batch with the same emulated delay (``Heterogeneity.sleep_batch``), exact
+  through the coded hook's sample counts. ``--speeds 1,1,1,1 --jitter 0 --stall-prob 0 --strategies ddp,coded`` measures
   what the coded step costs on a homogeneous, quiet cluster.
 
 Reported: median step time (per block: until the last rank is done, over the block length; with
 the interquartile range over blocks) per strategy, each as a ratio to the
 ideal bound (pooled capacity ``K / Σ 1/m_p`` plus the measured all-reduce), the speed-ups of coded
 over the baselines, and the commit latency (median, p99) over all ranks. This is emulation on a
-CPU: the ratios are the result, the absolute times are not (DESIGN.md §7).
+CPU: the ratios are the result, the absolute times are not (docs/design.md#how-we-measure).
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ class PlainDDP:
     """The baseline a user has today: DDP over a uniform split, each rank's tasks as one batch.
 
     ``backward`` mirrors :meth:`CodedDataParallel.backward` for the benchmark loop: it runs this
-    rank's contiguous share of the K tasks in one forward/backward, with the emulated delay of each
-    of its tasks, and DDP's all-reduce (through the coded hook's sample counts, so that the gradient
-    is the exact global-batch mean even when K is not a multiple of the world size).
+    rank's contiguous share of the K tasks in one forward/backward, with the emulated delay of that
+    many tasks (:meth:`Heterogeneity.sleep_batch`, the sum of the per-task delays the coded engine
+    sleeps, in one sleep), and DDP's all-reduce (through the coded hook's sample counts, so that
+    the gradient is the exact global-batch mean even when K is not a multiple of the world size).
     """
 
     def __init__(self, module: nn.Module, emulate: Heterogeneity, num_tasks: int, rank: int, world: int) -> None:
@@ -65,8 +66,7 @@ class PlainDDP:
         """``batch_loss(first, count)``: mean loss over tasks ``first .. first + count - 1``."""
         start = time.perf_counter()
         loss = batch_loss(self._ddp, self._first, self._count)
-        for index in range(self._count):
-            self._emulate.sleep(self._rank, self._step, index)
+        self._emulate.sleep_batch(self._rank, self._step, self._count)
         loss.backward()
         report = StepReport(step=self._step, rank=self._rank, plan_version=0, num_tasks=num_tasks)
         report.step_time = report.time_to_decision = time.perf_counter() - start
@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=64)
     # 80 ms for a speed-1 rank makes the fastest rank's task (20 ms) last about 50 commits on this
-    # machine, the task size DESIGN.md §4 asks for; shorter tasks measure the commit, not the code.
+    # machine, the task size docs/design.md#facts-about-the-stack asks for; shorter tasks measure the commit.
     parser.add_argument("--base", type=float, default=0.08, help="mean task time of a speed-1 rank (s)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--block", type=int, default=4, help="consecutive steps of one strategy per round")

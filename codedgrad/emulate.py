@@ -1,4 +1,4 @@
-"""Heterogeneity and straggler *emulation* for tests and benchmarks (DESIGN.md §3, "Emulation").
+"""Heterogeneity and straggler *emulation* for tests and benchmarks (docs/design.md#emulation).
 
 One CPU machine cannot show real heterogeneity: all ranks share the same cores. This module makes
 ranks look unequal and noisy by adding a seeded delay after the real compute of every task:
@@ -12,6 +12,22 @@ ranks look unequal and noisy by adding a seeded delay after the real compute of 
 
 The delay of ``(rank, step, task index)`` is a pure function of the configuration: it does not depend
 on what the other ranks do, on the order of calls or on timing, so a run can be replayed exactly.
+
+**The same cluster for plain DDP.** :class:`~codedgrad.CodedDataParallel` sleeps
+:meth:`Heterogeneity.task_delay` after its i-th task of a step. A plain DDP loop that processes a
+rank's share of ``n`` tasks as one batch sleeps :meth:`Heterogeneity.sleep_batch` ``(rank, step, n)``,
+the sum of the same delays, so both see the same emulated cluster and can be compared fairly::
+
+    from codedgrad.emulate import Heterogeneity
+
+    emulate = Heterogeneity(speeds=[1, 1, 2, 4], base=0.02, stall_prob=0.01)  # or Heterogeneity.from_env()
+    for step, (x, y) in enumerate(loader):                 # this rank's batch: n tasks' samples
+        loss = loss_fn(ddp(x), y)
+        emulate.sleep_batch(rank, step, n)                 # the delay this rank would add for n tasks
+        loss.backward()
+
+A "task" is whatever unit ``base`` is the time of: set ``base`` to a sample's time and pass sample
+counts to emulate per-sample work.
 
 This is emulation, never measurement of real hardware: anything that uses it must report it as
 such (:meth:`Heterogeneity.describe`), and production runs do not use it. torchrun scripts and
@@ -240,6 +256,37 @@ class Heterogeneity:
     def sleep(self, rank: int, step: int, index: int) -> float:
         """Sleep for :meth:`task_delay` (call it after the task's real compute) and return it."""
         delay = self.task_delay(rank, step, index)
+        if delay > 0:
+            time.sleep(delay)
+        return delay
+
+    def batch_delay(self, rank: int, step: int, count: int, first: int = 0) -> float:
+        """The emulated duration, in seconds, of ``count`` tasks done at once by ``rank`` at ``step``.
+
+        The sum of :meth:`task_delay` over task indices ``first … first + count − 1``: a batch of
+        ``count`` tasks' work costs on the emulated cluster what those tasks cost one by one (forced
+        stalls included when the batch holds index 0). Use it to emulate the same cluster for plain
+        DDP, which processes a rank's share as one batch.
+
+        Args:
+            rank: global rank (0 ≤ rank < world_size).
+            step: optimizer step (≥ 0).
+            count: number of tasks (or samples, if ``base`` is a sample's time) in the batch (≥ 0).
+            first: index of the batch's first task within the rank's work of that step (≥ 0).
+        """
+        for name, value in (("count", count), ("first", first)):
+            if not _is_int(value) or value < 0:
+                raise EmulationError(f"{name}: must be an integer >= 0, got {value!r}")
+        self._check_call(rank, step, first)
+        return float(sum(self.task_delay(rank, step, index) for index in range(first, first + count)))
+
+    def sleep_batch(self, rank: int, step: int, count: int, first: int = 0) -> float:
+        """Sleep for :meth:`batch_delay` (call it after the batch's real compute) and return it.
+
+        One sleep for the whole batch rather than one per task: sleeping has an overhead of its own,
+        which per-task sleeps would add ``count`` times.
+        """
+        delay = self.batch_delay(rank, step, count, first)
         if delay > 0:
             time.sleep(delay)
         return delay

@@ -176,6 +176,41 @@ def test_sleep_sleeps_for_the_delay_and_returns_it() -> None:
     assert elapsed >= slept * 0.99
 
 
+def test_batch_delay_is_the_sum_of_the_task_delays() -> None:
+    het = Heterogeneity(speeds=[1.0, 0.5], base=0.01, stall_prob=0.2, seed=9, forced_stalls=((1, 2, 0.3),))
+    for rank, step, count, first in [(0, 0, 5, 0), (1, 2, 4, 0), (1, 2, 3, 1), (0, 7, 1, 6)]:
+        expected = sum(het.task_delay(rank, step, first + i) for i in range(count))
+        assert het.batch_delay(rank, step, count, first) == pytest.approx(expected, rel=1e-15)
+    # The forced stall is on index 0 only: in a batch from index 0, not in one from index 1.
+    assert het.batch_delay(1, 2, 2) >= 0.3 > het.batch_delay(1, 2, 2, first=1)
+    assert het.batch_delay(0, 3, 0) == 0.0
+
+
+def test_sleep_batch_sleeps_once_for_the_whole_batch() -> None:
+    het = Heterogeneity(speeds=[2.0], base=0.02, jitter=0.0)
+    start = time.perf_counter()
+    slept = het.sleep_batch(0, 4, 3)
+    elapsed = time.perf_counter() - start
+    assert slept == pytest.approx(3 * 0.01) and elapsed >= slept * 0.99
+    assert het.sleep_batch(0, 4, 0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ((0, 0, -1), "count"),
+        ((0, 0, 1.5), "count"),
+        ((0, 0, 2, -1), "first"),
+        ((2, 0, 1), "rank"),
+        ((0, -1, 1), "step"),
+    ],
+)
+def test_batch_delay_checks_its_arguments(args: tuple, field: str) -> None:
+    het = Heterogeneity(**VALID)
+    with pytest.raises(EmulationError, match=f"^{field}:"):
+        het.batch_delay(*args)
+
+
 # -- world size, description, serialisation -----------------------------------------------------
 
 
