@@ -8,7 +8,7 @@ with a pause of ``gap / speed`` in place of the task's compute, then waits for t
 :class:`~codedgrad.CodedDataParallel`. For each gap it reports, over all ranks, the commit's median
 and p99 latency, the Store round trips per commit, and for reference one bare ``get`` round trip
 issued at the same cadence: a commit costs one round trip, plus one per race with another rank's
-commit since this rank last looked (DESIGN.md §4).
+commit since this rank last looked (docs/design.md#facts-about-the-stack).
 
 The gap matters on small machines: a Store server and ranks that sleep between requests must be
 woken, which a shared 2-core VM does slowly; back-to-back requests measure the Store itself.

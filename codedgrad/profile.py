@@ -2,7 +2,7 @@
 
 A worker p doing κ tasks takes ``T_p = c_p + X_1 + … + X_κ``: a fixed *shift* ``c_p`` (start-up,
 launch, waiting for data) plus κ independent task times of *mean* ``m_p`` and standard deviation
-*std* ``σ_p`` (DESIGN.md §1). The profile file format (DESIGN.md §6) is::
+*std* ``σ_p`` (docs/design.md#the-model). The profile file format (docs/design.md#interfaces) is::
 
     {"workers": [{"shift": 0.0, "mean": 0.05, "std": 0.05}, ...]}
 """
@@ -126,7 +126,7 @@ def profiles_to_dict(profiles: Sequence[WorkerProfile]) -> dict:
 
 
 def load_profiles(path: str | Path) -> list[WorkerProfile]:
-    """Read a profile file (DESIGN.md §6)."""
+    """Read a profile file (docs/design.md#interfaces)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -140,7 +140,7 @@ def load_profiles(path: str | Path) -> list[WorkerProfile]:
 
 
 def save_profiles(path: str | Path, profiles: Sequence[WorkerProfile]) -> None:
-    """Write a profile file (DESIGN.md §6)."""
+    """Write a profile file (docs/design.md#interfaces)."""
     Path(path).write_text(json.dumps(profiles_to_dict(profiles), indent=2) + "\n")
 
 

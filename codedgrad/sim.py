@@ -1,4 +1,4 @@
-"""Simulators of the stream and training-step models (DESIGN.md §1), vectorised with numpy.
+"""Simulators of the stream and training-step models (docs/design.md#the-model), vectorised with numpy.
 
 **One job.** Every worker p starts at time 0 and works through its ``split[p]`` task slots in
 order; its i-th result exists at ``shift_p + X_1 + … + X_i``. The job is done when K results exist
@@ -212,7 +212,7 @@ def simulate_stream(
     jobs: int = 10_000,
     seed: int = 0,
 ) -> StreamResult:
-    """Simulate Poisson arrivals of rate λ served in order (DESIGN.md §1, stream model).
+    """Simulate Poisson arrivals of rate λ served in order (docs/design.md#the-model, stream model).
 
     Args:
         profiles: one profile per worker.
