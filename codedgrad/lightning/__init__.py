@@ -1,0 +1,23 @@
+"""Lightning strategies of codedgrad; importing this package registers them by name.
+
+``import codedgrad.lightning`` makes ``Trainer(strategy="balanced")`` available
+(:class:`~codedgrad.lightning.balanced.BalancedStrategy`: DDP with per-rank batch sizes from measured
+speeds and the exact weighted gradient). The coded strategy (``"coded"``) joins the same registry.
+"""
+
+from __future__ import annotations
+
+from pytorch_lightning.strategies import StrategyRegistry
+
+from codedgrad.lightning.balanced import BalancedStrategy
+
+__all__ = ["BalancedStrategy"]
+
+
+def _register_strategies() -> None:
+    """Add codedgrad's strategies to Lightning's registry (idempotent: a re-import changes nothing)."""
+    BalancedStrategy.register_strategies(StrategyRegistry)
+    # The coded strategy registers here too: CodedStrategy.register_strategies(StrategyRegistry).
+
+
+_register_strategies()

@@ -1,0 +1,450 @@
+"""``strategy="balanced"``: plain DDP with per-rank batch sizes from measured speeds, exact gradients.
+
+Every rank runs one batch per step, as with DDP, and DDP's bucketed all-reduce still overlaps the
+backward. What changes (DESIGN.md §3, "Communication overlap"):
+
+* **Data.** The user's ``batch_size`` stays per device, so a global batch is ``batch_size × world
+  size`` samples: the *same* global batches, in the same order, as ``strategy="ddp"``
+  (:class:`codedgrad.data.GlobalBatchSampler`, built from the ``DistributedSampler`` Lightning would
+  have used). Rank r loads only its contiguous share of ``counts[r]`` samples of each global batch.
+* **Counts.** ``counts`` split a global batch by speed (:func:`codedgrad.data.balanced_counts`): evenly
+  until measured, then from per-sample profiles that every ``replan_every`` steps are re-measured on
+  each rank and exchanged with one ``all_gather`` of a few numbers; the ranks switch together, at the
+  first batch no rank has read yet, when the predicted step time improves by more than
+  ``replan_threshold``.
+* **Gradient.** The coded all-reduce hook (:func:`codedgrad.runtime.coded_allreduce_hook`) weights
+  each rank by ``counts[r] / Σ counts`` of the batch it holds (also the ragged last one), so the
+  result is the exact gradient of the global batch's mean loss. Lightning registers comm hooks only
+  on CUDA (``pytorch_lightning/strategies/ddp.py``, ``DDPStrategy._register_ddp_hooks``); this
+  strategy registers it on every device.
+* **Logging.** Inside ``training_step``, ``self.log(..., sync_dist=True)`` with the default mean
+  reduction gives the mean weighted by ``counts``: for a per-sample mean such as the loss, the
+  global batch's mean, as with DDP. Epoch-level means are weighted by each rank's batch size by
+  Lightning itself. Values logged outside ``training_step`` are reduced as DDP does.
+
+This is the comm-hook path of codedgrad: the best choice on a steady heterogeneous cluster without
+stragglers, and an answer to per-GPU batch-size requests (Lightning issues #15573, #16914). With
+stragglers, use the coded strategy.
+
+Example::
+
+    import codedgrad.lightning  # registers "balanced"
+
+    trainer = Trainer(strategy="balanced", devices=4)
+    trainer = Trainer(strategy=BalancedStrategy(replan_every=100), devices=4)
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.trainer.states import RunningStage, TrainerFn
+from pytorch_lightning.utilities.data import extract_batch_size
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
+from typing_extensions import override
+
+from codedgrad.data import GlobalBatchSampler, balanced_counts
+from codedgrad.emulate import Heterogeneity
+from codedgrad.lightning._timed_hook import TimedHookState, timed_coded_hook
+from codedgrad.lightning.sampling import CountsSchedule, Position, ShardBatchSampler
+from codedgrad.lightning.speed import StepTimer
+from codedgrad.profile import WorkerProfile
+from codedgrad.runtime import CodedHookState
+
+__all__ = ["BalancedStrategy"]
+
+CHECKPOINT_KEY = "codedgrad_balanced"
+"""Where the strategy's state (the profiles in force) is stored in a Lightning checkpoint."""
+
+_FOREIGN_HOOK_ARGUMENTS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
+
+
+class BalancedStrategy(DDPStrategy):
+    """DDP with speed-proportional per-rank batch sizes and the exact weighted gradient.
+
+    Unchanged LightningModule and DataLoader; ``batch_size`` is per device as with DDP. Accepts
+    every ``DDPStrategy`` argument except other communication hooks.
+
+    Supported: automatic optimization, one map-style train DataLoader whose sampler Lightning
+    replaces by a ``DistributedSampler`` (the default ``use_distributed_sampler=True``), no gradient
+    accumulation; validation, test and predict loops as with DDP; precision as with DDP (checked:
+    ``64-true``, ``32-true``, ``bf16-mixed``). Anything else raises at setup or at the first step.
+
+    When the strategy started the process group, it destroys it at interpreter exit (gloo under
+    torchrun can otherwise abort there, DESIGN.md §4); the group stays usable between ``trainer.fit``,
+    ``validate`` and ``test`` calls of the same script.
+
+    Args:
+        profiles: per-sample :class:`~codedgrad.profile.WorkerProfile` of each rank to start from
+            (``mean``: seconds per sample; ``shift``: seconds per batch); None splits evenly.
+        replan_every: training steps between re-measurements of the ranks' speeds (0: never; the
+            counts then stay those of ``profiles``).
+        replan_threshold: re-split only when the predicted step time improves by more than this
+            share (0.05 = 5 %), so that noise does not move samples back and forth.
+        gamma: the planner's weight of the second moment (:func:`codedgrad.plan.optimal_split`).
+        emulate: emulated heterogeneity for tests and benchmarks: each training step sleeps, after
+            the forward, for the sum of the per-sample delays of its ``counts[rank]`` samples
+            (``Heterogeneity.task_delay`` with the sample's position as the index, the global step
+            as the step; ``base`` is a speed-1 rank's time per sample). None reads ``CODEDGRAD_EMULATE``.
+        **kwargs: passed to :class:`~pytorch_lightning.strategies.DDPStrategy`.
+
+    Raises:
+        ValueError: an invalid argument, or another communication hook.
+    """
+
+    strategy_name = "balanced"
+
+    def __init__(
+        self,
+        profiles: Sequence[WorkerProfile] | None = None,
+        replan_every: int = 50,
+        replan_threshold: float = 0.05,
+        gamma: float = 1.0,
+        emulate: Heterogeneity | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for name in _FOREIGN_HOOK_ARGUMENTS:
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"{name}: strategy='balanced' registers its own communication hook (the weighted, exact "
+                    "all-reduce); it cannot be combined with another one"
+                )
+        if isinstance(replan_every, bool) or not isinstance(replan_every, int) or replan_every < 0:
+            raise ValueError(f"replan_every: must be an integer >= 0 (0: never), got {replan_every!r}")
+        if not (isinstance(replan_threshold, (int, float)) and 0 <= replan_threshold < 1):
+            raise ValueError(f"replan_threshold: must be in [0, 1), got {replan_threshold!r}")
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"gamma: must be finite and >= 0, got {gamma!r}")
+        if profiles is not None:
+            profiles = list(profiles)
+            for i, profile in enumerate(profiles):
+                if not isinstance(profile, WorkerProfile):
+                    raise ValueError(f"profiles[{i}]: expected a WorkerProfile, got {type(profile).__name__}")
+        super().__init__(**kwargs)
+        self._profiles = profiles
+        self._replan_every = replan_every
+        self._replan_threshold = float(replan_threshold)
+        self._gamma = float(gamma)
+        self._emulate = emulate if emulate is not None else Heterogeneity.from_env()
+        self._schedule: CountsSchedule | None = None
+        self._batch_sampler: ShardBatchSampler | None = None
+        self._hook_state: TimedHookState | None = None
+        self._timer: StepTimer | None = None
+        self._step_counts: list[int] | None = None  # the counts of the batch in training_step now
+        self._last_batch: tuple[Position, list[int]] | None = None
+        self._steps = 0
+        self._replans = 0
+
+    # -- what users and tests can read ------------------------------------------------------------
+
+    @property
+    def profiles(self) -> tuple[WorkerProfile, ...] | None:
+        """The per-sample profiles the latest counts come from (None before setup, if none given)."""
+        if self._schedule is not None:
+            return self._schedule.current
+        return None if self._profiles is None else tuple(self._profiles)
+
+    @property
+    def counts(self) -> list[int] | None:
+        """Per-rank sample counts of a full global batch under the latest profiles (None before data)."""
+        if self._schedule is None or self._batch_sampler is None:
+            return None
+        sampler = self._batch_sampler.sampler
+        return self._schedule.latest_counts(sampler.batch_size * sampler.world_size)
+
+    @property
+    def last_batch(self) -> tuple[Position, list[int]] | None:
+        """(epoch, index) and per-rank counts of the global batch of the latest training step."""
+        return self._last_batch
+
+    @property
+    def replans(self) -> int:
+        """How many times the counts were re-split since the strategy was created or restored."""
+        return self._replans
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    @override
+    def setup_environment(self) -> None:
+        created = not (dist.is_available() and dist.is_initialized())
+        super().setup_environment()
+        if created:
+            _destroy_at_exit()
+
+    @override
+    def setup(self, trainer: Any) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check_fit_settings(trainer)
+            profiles = self._schedule.current if self._schedule is not None else self._profiles
+            self._schedule = CountsSchedule(self.world_size, profiles, self._gamma)
+            self._steps = 0
+        super().setup(trainer)
+
+    def _check_fit_settings(self, trainer: Any) -> None:
+        if not self.lightning_module.automatic_optimization:
+            raise ValueError(
+                "strategy='balanced' supports automatic optimization only (one backward per training step "
+                "weighted by the batch's counts); set automatic_optimization = True or use strategy='ddp'"
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"accumulate_grad_batches: strategy='balanced' does not support gradient accumulation yet (got "
+                f"{trainer.accumulate_grad_batches}); raise the batch size instead, the ranks' shares follow it"
+            )
+        if self._emulate is not None:
+            self._emulate.check_world_size(self.world_size)
+        if self._profiles is not None and len(self._profiles) != self.world_size:
+            raise ValueError(f"profiles: need one profile per rank ({self.world_size}), got {len(self._profiles)}")
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        # Lightning registers hooks only on CUDA; the weighting is needed on every device.
+        assert isinstance(self.model, DistributedDataParallel)
+        coded = CodedHookState(sample_counts=[1] * self.world_size)  # set per step from the batch's counts
+        self._hook_state = TimedHookState(coded, cuda=self.root_device.type == "cuda")
+        self._timer = StepTimer(self._hook_state)
+        self.model.register_comm_hook(self._hook_state, timed_coded_hook)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or trainer.state.stage != RunningStage.TRAINING:
+            return super().process_dataloader(dataloader)  # evaluation and prediction: as DDP
+        dataloader = self._check_train_dataloader(dataloader)
+        sampler: DistributedSampler = dataloader.sampler  # type: ignore[assignment]
+        global_batches = GlobalBatchSampler(
+            len(dataloader.dataset),  # type: ignore[arg-type]
+            dataloader.batch_size,  # type: ignore[arg-type]
+            self.world_size,
+            shuffle=sampler.shuffle,
+            seed=sampler.seed,
+            drop_last=dataloader.drop_last,
+            sampler_drop_last=sampler.drop_last,
+        )
+        global_batches.set_epoch(sampler.epoch)
+        assert self._schedule is not None, "setup() creates the schedule before the train dataloader"
+        self._batch_sampler = ShardBatchSampler(global_batches, self.global_rank, self._schedule)
+        return _with_batch_sampler(dataloader, self._batch_sampler)
+
+    def _check_train_dataloader(self, dataloader: object) -> DataLoader:
+        if not isinstance(dataloader, DataLoader):
+            raise TypeError(
+                f"strategy='balanced' needs a torch DataLoader for training, got {type(dataloader).__name__}"
+            )
+        if isinstance(dataloader.dataset, IterableDataset):
+            raise TypeError(
+                "strategy='balanced' needs a map-style train dataset: it deals each global batch out to the "
+                "ranks by index. Materialise the stream into a list or index its source, or use strategy='ddp'"
+            )
+        sampler, batch_sampler = dataloader.sampler, dataloader.batch_sampler
+        if type(sampler) is not DistributedSampler or type(batch_sampler) is not BatchSampler:
+            raise TypeError(
+                "strategy='balanced' decides each rank's share of DDP's global batches itself: it needs a train "
+                "DataLoader with batch_size and shuffle (no custom sampler or batch_sampler) and "
+                f"Trainer(use_distributed_sampler=True); got sampler={type(sampler).__name__}, "
+                f"batch_sampler={type(batch_sampler).__name__}"
+            )
+        if sampler.num_replicas != self.world_size or sampler.rank != self.global_rank:
+            raise ValueError(
+                f"sampler: the train DataLoader's DistributedSampler is for rank {sampler.rank} of "
+                f"{sampler.num_replicas}, but this is rank {self.global_rank} of {self.world_size}"
+            )
+        return dataloader
+
+    # -- the training step ------------------------------------------------------------------------
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self._timer is not None and self._hook_state is not None and self._schedule is not None
+        if self._batch_sampler is None:
+            raise RuntimeError("strategy='balanced': no train DataLoader was prepared by the strategy")
+        if self._steps == 0 and not isinstance(self.lightning_module.trainer.train_dataloader, DataLoader):
+            raise TypeError("strategy='balanced' supports one train DataLoader (got several, combined)")
+        self._timer.finish()  # the previous step's backward is over
+        self._last_batch = self._batch_sampler.take()
+        counts = self._last_batch[1]
+        self._check_local_batch(args, kwargs, counts)
+        if self._replan_every and self._steps > 0 and self._steps % self._replan_every == 0:
+            self._replan()
+        self._hook_state.coded.set_sample_counts(counts)
+        self._timer.start(counts[self.global_rank])
+        self._step_counts = counts
+        try:
+            output = super().training_step(*args, **kwargs)
+        finally:
+            self._step_counts = None
+        if self._emulate is not None:
+            step = self.lightning_module.trainer.global_step
+            delay = sum(self._emulate.task_delay(self.global_rank, step, i) for i in range(counts[self.global_rank]))
+            time.sleep(delay)
+        self._steps += 1
+        return output
+
+    def _check_local_batch(self, args: tuple, kwargs: dict, counts: list[int]) -> None:
+        batch = args[0] if args else kwargs.get("batch")
+        try:
+            size = extract_batch_size(batch)
+        except Exception:  # no tensor to measure: nothing to check
+            return
+        if size != counts[self.global_rank]:
+            raise RuntimeError(
+                f"strategy='balanced': rank {self.global_rank} holds a batch of {size} samples but its share of "
+                f"this global batch is {counts[self.global_rank]} (counts {counts}); was the train DataLoader "
+                "replaced after the strategy prepared it?"
+            )
+
+    def _replan(self) -> None:
+        """Exchange the ranks' measured profiles; switch counts together if it pays (a collective)."""
+        assert self._timer is not None and self._schedule is not None and self._batch_sampler is not None
+        mine = self._timer.profile()
+        epoch, index = self._batch_sampler.next_position
+        row = [epoch, index, 0.0, 0.0, 0.0] if mine is None else [epoch, index, mine.mean, mine.std, 1.0]
+        local = torch.tensor(row, dtype=torch.float64, device=self.root_device)
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        # All ranks reach this point at the same step, right after the previous step's all-reduce.
+        dist.all_gather(gathered, local)
+        rows = torch.stack(gathered).cpu().tolist()
+        if not all(r[4] for r in rows):
+            return  # some rank has no measurement yet
+        profiles = [WorkerProfile(0.0, r[2], r[3]) for r in rows]
+        # The first batch that no rank has read yet: every rank can still give it the new counts.
+        start: Position = max((int(r[0]), int(r[1])) for r in rows)
+        sampler = self._batch_sampler.sampler
+        total = sampler.batch_size * sampler.world_size
+        old = self._schedule.counts(start, total)
+        new = balanced_counts(total, profiles, self._gamma)
+
+        def predicted(counts: list[int]) -> float:
+            return max(p.expected_time(k) for p, k in zip(profiles, counts) if k > 0)
+
+        if new != old and predicted(new) < (1.0 - self._replan_threshold) * predicted(old):
+            self._schedule.switch(start, profiles)
+            self._replans += 1
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
+        """As DDP's, except a mean inside ``training_step`` is weighted by the ranks' sample counts."""
+        counts = self._step_counts
+        if (
+            counts is None
+            or not isinstance(tensor, torch.Tensor)
+            or not tensor.is_floating_point()
+            or group not in (None, dist.group.WORLD)
+            or not _is_mean(reduce_op)
+        ):
+            return super().reduce(tensor, group=group, reduce_op=reduce_op)
+        tensor.mul_(counts[self.global_rank] / sum(counts))  # in place, like Lightning's own sync
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    # -- checkpoints and teardown -----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The profiles in force and the number of re-splits, as plain values (checkpoint-safe)."""
+        profiles = self.profiles
+        return {
+            "world_size": self.world_size,
+            "profiles": None if profiles is None else [asdict(p) for p in profiles],
+            "replans": self._replans,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s profiles (ignored, with a warning, for another world size)."""
+        if state.get("world_size") != self.world_size:
+            rank_zero_warn(
+                f"strategy='balanced': the checkpoint's profiles are for {state.get('world_size')} ranks, this run "
+                f"has {self.world_size}; starting from an even split"
+            )
+            return
+        profiles = state.get("profiles")
+        self._profiles = None if profiles is None else [WorkerProfile(**p) for p in profiles]
+        self._schedule = None
+        self._replans = int(state.get("replans", 0))
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if CHECKPOINT_KEY in checkpoint:
+            self.load_state_dict(checkpoint[CHECKPOINT_KEY])
+        return checkpoint
+
+    @override
+    def teardown(self) -> None:
+        self._batch_sampler = None
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        # Not DDPStrategy's: that would register the "ddp" names for this class.
+        if "balanced" not in strategy_registry:
+            strategy_registry.register(
+                "balanced",
+                cls,
+                description="DDP with per-rank batch sizes from measured speeds and exact weighted gradients",
+            )
+
+
+_DESTROY_REGISTERED = False
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, before its objects are torn down.
+
+    A gloo group still alive at exit can abort the process under torchrun ("terminate called without
+    an active exception", DESIGN.md §4); Lightning registers the same clean-up for NCCL only
+    (``lightning_fabric/utilities/distributed.py``, ``_init_dist_connection``). Not at teardown: a
+    group destroyed and created again in the same torchrun job reads the first group's stale
+    addresses from the agent's store and fails to connect, so a later ``trainer.validate`` or
+    ``trainer.test`` in the same script could not start.
+    """
+    global _DESTROY_REGISTERED
+    if not _DESTROY_REGISTERED:
+        atexit.register(_destroy_process_group)
+        _DESTROY_REGISTERED = True
+
+
+def _is_mean(reduce_op: Any) -> bool:
+    if isinstance(reduce_op, str):
+        return reduce_op.lower() in ("mean", "avg")
+    return reduce_op == dist.ReduceOp.AVG
+
+
+def _with_batch_sampler(dataloader: DataLoader, batch_sampler: ShardBatchSampler) -> DataLoader:
+    """A plain DataLoader with ``dataloader``'s settings, reading batches from ``batch_sampler``."""
+    workers = dataloader.num_workers
+    return DataLoader(
+        dataloader.dataset,
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        collate_fn=dataloader.collate_fn,
+        pin_memory=dataloader.pin_memory,
+        timeout=dataloader.timeout,
+        worker_init_fn=dataloader.worker_init_fn,
+        multiprocessing_context=dataloader.multiprocessing_context,
+        generator=dataloader.generator,
+        prefetch_factor=dataloader.prefetch_factor if workers > 0 else None,
+        persistent_workers=dataloader.persistent_workers if workers > 0 else False,
+        pin_memory_device=dataloader.pin_memory_device,
+        in_order=getattr(dataloader, "in_order", True),
+    )
