@@ -1,20 +1,30 @@
-"""Runtime: the coded step over torch.distributed, the coded all-reduce and its DDP hook (DESIGN.md §3).
+"""Runtime: the coded step over torch.distributed, the coded all-reduce and its DDP hook.
 
-* :mod:`~codedgrad.runtime.engine`: :class:`CodedDataParallel`, the coded step as a sequence of phases;
+* :mod:`~codedgrad.runtime.engine`: :class:`CodedDataParallel`, the module face that composes the rest;
+* :mod:`~codedgrad.runtime.config`: :class:`EngineConfig`, validated and agreed by every rank;
+* :mod:`~codedgrad.runtime.replan`: plans agreed by fingerprint, and re-planning from measurements;
 * :mod:`~codedgrad.runtime.coordinator`: the step protocol on the c10d Store (commits, decision, arrival);
+* :mod:`~codedgrad.runtime.step`: one step in flight, its phase and its :class:`StepReport`;
+* :mod:`~codedgrad.runtime.release`: the reduction of a decided step and the release thread;
 * :mod:`~codedgrad.runtime.buffers`: flat per-(device, dtype) gradient buffers for one collective per bucket;
 * :mod:`~codedgrad.runtime.hooks`: the coded all-reduce, also as a standard DDP communication hook.
 """
 
-from codedgrad.runtime.coordinator import CodedStepTimeout
-from codedgrad.runtime.engine import CodedDataParallel, ConfigurationError, StepReport
+from codedgrad.runtime.config import ConfigurationError, EngineConfig
+from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError
+from codedgrad.runtime.engine import CodedDataParallel
 from codedgrad.runtime.hooks import CodedHookState, coded_allreduce_, coded_allreduce_hook
+from codedgrad.runtime.step import NonFiniteGradientError, StepPhase, StepReport
 
 __all__ = [
     "CodedDataParallel",
     "CodedHookState",
     "CodedStepTimeout",
     "ConfigurationError",
+    "EngineConfig",
+    "NonFiniteGradientError",
+    "StepMismatchError",
+    "StepPhase",
     "StepReport",
     "coded_allreduce_",
     "coded_allreduce_hook",

@@ -2,7 +2,9 @@
 
 The coded all-reduce must be one SUM collective per bucket, not one per parameter, so a rank
 accumulates its used results directly into flat buffers whose slices are shaped like the
-parameters. Low-precision parameters (bf16, fp16) accumulate in float32: a step sums up to K task
+parameters. The first bucket carries one more element, the step's weighted loss: the loss of the
+global batch is linear in the tasks' losses just like the gradient, so it is decoded by the same
+collective at no extra cost. Low-precision parameters (bf16, fp16) accumulate in float32: a step sums up to K task
 gradients, and rounding each partial sum to 8 bits of mantissa would lose the exactness the
 decoder guarantees.
 """
@@ -33,6 +35,8 @@ class FlatGradients:
 
     def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = 25 * 2**20) -> None:
         self.params = list(params)
+        if not self.params:
+            raise ValueError("params: need at least one parameter that requires grad")
         self.views: list[torch.Tensor] = []
         specs: list[list] = []  # per bucket: [device, dtype, elements so far]
         open_bucket: dict[tuple[torch.device, torch.dtype], int] = {}  # (device, dtype) -> bucket being filled
@@ -45,9 +49,11 @@ class FlatGradients:
                 specs.append([device, dtype, 0])
             layout.append((index, specs[index][2]))
             specs[index][2] += p.numel()
+        specs[0][2] += 1  # the loss slot
         self.buckets = [torch.zeros(size, device=device, dtype=dtype) for device, dtype, size in specs]
         for p, (index, offset) in zip(self.params, layout):
             self.views.append(self.buckets[index][offset : offset + p.numel()].view_as(p))
+        self.loss = self.buckets[0][-1:]  # a view: the weighted sum of the tasks' losses
         self.dtypes = [view.dtype for view in self.views]  # accumulation dtype of each parameter
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -57,11 +63,16 @@ class FlatGradients:
         for bucket in self.buckets:
             bucket.zero_()
 
-    def add_(self, grads: Sequence[torch.Tensor | None]) -> None:
-        """Add one gradient per parameter; None (the parameter got no gradient) adds nothing."""
+    def add_(self, grads: Sequence[torch.Tensor | None], loss: torch.Tensor | float = 0.0) -> None:
+        """Add one gradient per parameter (None adds nothing) and a loss to the loss slot."""
         for view, grad in zip(self.views, grads):
             if grad is not None:
                 view.add_(grad)
+        self.loss.add_(loss)
+
+    def is_finite(self) -> bool:
+        """Whether every element (gradients and loss) is finite."""
+        return all(bool(torch.isfinite(bucket).all()) for bucket in self.buckets)
 
     def write_to_params(self) -> None:
         """Set every ``p.grad`` to its slice of the buffers, in the parameter's own dtype."""

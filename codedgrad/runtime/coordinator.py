@@ -1,68 +1,83 @@
-"""The step protocol on the c10d Store (DESIGN.md §3): commits, decision, arrival, clean-up.
+"""The step protocol on the c10d Store: commits, decision, arrival, gathers and clean-up.
 
-Keys, all under one :class:`~torch.distributed.PrefixStore` namespace per engine and run:
+Keys, all under one :class:`~torch.distributed.PrefixStore` namespace per engine:
 
 ``s{t}/state``
-    The decoder state of step t, prefixed by a 6-byte header (commit sequence number, last
-    committing rank). A commit is one ``compare_set`` from the rank's last known value to the new
-    one; on a race the Store answers with the current value, the rank re-applies its commit to it
-    and tries again. The header makes every successful transition unique, so a rank never mistakes
-    another rank's identical-looking write for its own.
+    The decoder state of step t behind a header: commit sequence number, last committing rank, the
+    plan version and a digest of the step's task weights. The first rank to begin the step creates
+    it; a rank that finds another plan or other weights there refuses the step (ranks must never
+    run one step on different plans). A commit is one ``compare_set`` from the rank's last known
+    value to the new one; on a race the Store answers with the current value, the rank re-applies
+    its commit to it and tries again. The header makes every transition unique, so a rank never
+    mistakes another rank's identical-looking write for its own.
 ``s{t}/decided``
-    Set by the commit that makes the step decodable; ranks whose queue ran dry ``wait`` on it.
+    Set by the commit that makes the step decodable (or by a rank that abandons the step).
 ``s{t}/arrived/{r}``
-    Rank r has everything it needs for the coded all-reduce. Every rank waits for all of them
-    before the collective, so a missing rank turns into a timeout naming it instead of a hang
-    inside the collective.
+    Rank r is ready for the coded all-reduce; the value lists the results in its accumulator. Every
+    rank waits for all of them and checks that the accumulators hold exactly what the decoder uses
+    (:func:`codedgrad.codes.accounting.check_accumulated`) before the collective: a result that was
+    committed but never accumulated (an exception or Ctrl-C in between) fails the step on every
+    rank instead of being silently left out.
 ``s{t}/gate``
-    Seals the arrival once: the first rank to see everyone arrived writes ``go`` by
-    compare-and-set, a rank that timed out or failed writes ``abandoned``; whichever comes first
-    holds for all, so either every rank enters the collective or none does. A rank that abandons
-    also sets the decision flag and its arrival key, so the others wake at once and find the gate.
+    Seals the arrival once: ``go`` by compare-and-set when every rank arrived and the check passed,
+    ``abandoned …`` by a rank that failed, timed out or found the accumulators wrong. Whichever
+    comes first holds for all, so either every rank enters the collective or none does.
 ``g/{n}/{name}/{r}``, ``g/{n}/{name}/gate``
-    Rank r's contribution to this engine's n-th gather (configuration agreement, plan agreement,
-    profile exchange), sealed like the arrival. Every rank runs the same sequence of gathers, so n
-    agrees; a new n per attempt means a gather that failed (and is retried with the same name)
-    never reads the keys of the failed attempt.
+    Rank r's contribution to this engine's n-th gather (configuration and plan agreement, profile
+    exchange), sealed like the arrival. Every rank runs the same sequence of gathers, so n agrees.
+``closed``
+    Counts the ranks that closed the engine; the last one deletes the shared keys left.
 
-Waits (decision, arrival, gathers) run on a separate Store client (:meth:`Store.clone`): one
-client serialises its operations, so a pending wait would otherwise hold up every other request
-(DESIGN.md §4). With the no-wait release the waits run on the release thread while the compute
-thread commits on the main client.
+Each thread talks to the Store through its own client (one client serialises its operations): the
+compute thread commits on ``store``, the release thread waits on a clone. A :class:`StepChannel` is
+one thread's view of one step.
 
-Keys of step t are deleted after its coded all-reduce: every rank has then passed every wait of
-step t, because it had to enter the collective. A rank still computing a task of step t at that
-point (no-wait release) knows the step is released and touches only the gate again, which is
-therefore deleted at the next successful step's clean-up, together with the keys of failed steps.
+Clean-up: a step's keys are deleted right after its coded all-reduce, when every rank has passed
+every wait of the step (each had to enter the collective). Keys of failed steps and of gathers are
+deleted after the next successful step, when every rank has left them behind, or at :meth:`close`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
+import threading
 import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import torch.distributed as dist
 
+from codedgrad.codes.accounting import check_accumulated, decode_results, encode_results
 from codedgrad.codes.base import DecoderState, GradientCode
 
-__all__ = ["CodedStepTimeout", "StoreCoordinator"]
+__all__ = ["CodedStepTimeout", "StepChannel", "StepMismatchError", "StoreCoordinator", "weights_digest"]
 
-_HEADER = struct.Struct("<IH")  # sequence number of the last successful commit, its rank
+# sequence number of the last commit, its rank, the plan version, the task weights' digest
+_HEADER = struct.Struct("<IHI8s")
 
 
 class CodedStepTimeout(TimeoutError):
     """A wait of the coded step ran past its timeout; the message names what was missing."""
 
 
+class StepMismatchError(RuntimeError):
+    """Ranks began one step with different plans or task weights; the step fails on every rank."""
+
+
+def weights_digest(weights: Sequence[float]) -> bytes:
+    """8 bytes that differ when the task weights differ (compared byte for byte across ranks)."""
+    return hashlib.sha256(repr(tuple(float(w) for w in weights)).encode()).digest()[:8]
+
+
 class StoreCoordinator:
-    """One rank's view of the coded step protocol, kept in a c10d Store.
+    """One rank's access to the step protocol of one engine.
 
     Args:
-        store: the Store for commits and gets (e.g. a PrefixStore over torchrun's TCPStore).
+        store: the engine's namespace (a PrefixStore over torchrun's TCPStore), used by the compute thread.
         rank: this rank.
         world_size: number of ranks.
-        timeout: seconds any single wait may take before :class:`CodedStepTimeout`.
+        timeout: seconds a wait may go on without progress from another rank.
     """
 
     def __init__(self, store: dist.Store, rank: int, world_size: int, timeout: float) -> None:
@@ -71,192 +86,278 @@ class StoreCoordinator:
         self.world_size = world_size
         self.timeout = timeout
         try:
-            self._wait_store = store.clone()
+            self.wait_store = store.clone()
         except (RuntimeError, NotImplementedError):  # e.g. a FileStore or HashStore: share the client
-            self._wait_store = store
-        self.has_wait_client = self._wait_store is not store
-        self._code: GradientCode | None = None
-        self._step = -1
-        self._value = b""  # last known value of s{step}/state (header + decoder bytes)
-        # Keys every rank may still read until the next step finishes (then all ranks are past them):
-        # the last gate, failed steps' keys, gathers' keys.
-        self._deferred: list[str] = []
-        self._gathers = 0  # gathers run so far: numbers each gather's keys
-        self.commit_round_trips = 0  # Store round trips of all commits so far (for reports and benchmarks)
+            self.wait_store = store
+        self.has_wait_client = self.wait_store is not store
+        self._lock = threading.Lock()  # the deferred lists are used by both threads
+        self._own_deferred: list[str] = []  # this rank's keys, deleted by this rank
+        self._shared_deferred: list[str] = []  # keys of all ranks, deleted by rank 0 (or the last to close)
+        self._gathers = 0
 
-    # ----------------------------------------------------------------- one step's decoder state
-    def begin(self, step: int, code: GradientCode) -> DecoderState:
-        """Start step ``step`` under ``code``: create its state if nobody has yet, and read it."""
-        self._code, self._step = code, step
-        initial = _HEADER.pack(0, self.rank) + code.new_state().to_bytes()
-        self._value = self.store.compare_set(self._key("state"), b"", initial)  # create-or-read
+    def channel(self, step: int, code: GradientCode, plan_version: int, digest: bytes, wait: bool) -> StepChannel:
+        """A view of step ``step`` on the compute thread's client, or on the wait client if ``wait``."""
+        return StepChannel(self, step, code, plan_version, digest, self.wait_store if wait else self.store)
+
+    def step_exists(self, step: int) -> tuple[int, bytes] | None:
+        """(plan version, weights digest) of step ``step`` if some rank began it (wait client), else None."""
+        key = f"s{step}/state"
+        if not self.wait_store.check([key]):
+            return None
+        value = self.wait_store.get(key)
+        _, _, version, digest = _HEADER.unpack_from(value)
+        return version, digest
+
+    # ----------------------------------------------------------------- clean-up
+    def step_done(self, step: int) -> None:
+        """Step ``step`` was reduced on every rank: delete its keys and everything deferred so far."""
+        with self._lock:
+            own, shared = self._own_deferred, self._shared_deferred
+            self._own_deferred, self._shared_deferred = [], []
+        keys = [*own, f"s{step}/arrived/{self.rank}"]
+        if self.rank == 0:
+            keys += shared + [f"s{step}/{what}" for what in ("state", "decided", "gate")]
+        for key in keys:
+            self.wait_store.delete_key(key)
+
+    def step_failed(self, step: int) -> None:
+        """This rank left step ``step`` without reducing it: its keys go after the next success."""
+        with self._lock:
+            self._own_deferred.append(f"s{step}/arrived/{self.rank}")
+            self._shared_deferred.extend(f"s{step}/{what}" for what in ("state", "decided", "gate"))
+
+    def close(self) -> None:
+        """Delete this rank's keys; the last rank to close also deletes the shared ones."""
+        with self._lock:
+            own, shared = self._own_deferred, self._shared_deferred
+            self._own_deferred, self._shared_deferred = [], []
+        for key in own:
+            self.store.delete_key(key)
+        if self.store.add("closed", 1) == self.world_size:
+            for key in [*shared, "closed"]:
+                self.store.delete_key(key)
+
+    # ----------------------------------------------------------------- gathers
+    def gather(self, name: str, value: bytes) -> list[bytes]:
+        """Every rank's ``value`` for ``name``, in rank order (compute thread; waits with the timeout).
+
+        Its keys stay until the next successful step: a rank that comes late to a failed gather
+        must still find its gate sealed.
+        """
+        prefix = f"g/{self._gathers}/{name}"
+        self._gathers += 1
+        keys = [f"{prefix}/{r}" for r in range(self.world_size)]
+        with self._lock:
+            self._own_deferred.append(keys[self.rank])
+            self._shared_deferred.append(f"{prefix}/gate")
+        self.store.set(keys[self.rank], value)
+        values = _wait_all(self.store, keys, f"{prefix}/gate", self.timeout, self.rank, f"to publish {name!r}")
+        return values
+
+
+class StepChannel:
+    """One thread's view of one step in the Store: begin, commit, wait for the decision, arrive.
+
+    Not thread-safe: each thread uses its own channel (and its own Store client).
+    """
+
+    def __init__(
+        self,
+        coordinator: StoreCoordinator,
+        step: int,
+        code: GradientCode,
+        plan_version: int,
+        digest: bytes,
+        client: dist.Store,
+    ) -> None:
+        self.step = step
+        self.code = code
+        self.plan_version = plan_version
+        self.digest = digest
+        self.rank = coordinator.rank
+        self.world_size = coordinator.world_size
+        self.timeout = coordinator.timeout
+        self.client = client
+        self._value = b""
+        self.commit_round_trips = 0
+
+    def _key(self, what: str) -> str:
+        return f"s{self.step}/{what}"
+
+    # ----------------------------------------------------------------- the decoder state
+    def begin(self) -> DecoderState:
+        """Create the step's state if nobody has, read it, and check it is the same plan and weights."""
+        initial = _HEADER.pack(0, self.rank, self.plan_version, self.digest) + self.code.new_state().to_bytes()
+        self._value = self.client.compare_set(self._key("state"), b"", initial)  # create-or-read
+        _, creator, version, digest = _HEADER.unpack_from(self._value)
+        if (version, digest) != (self.plan_version, self.digest):
+            what = "plan version" if version != self.plan_version else "task weights"
+            raise StepMismatchError(
+                f"codedgrad: rank {self.rank} began step {self.step} with {what} different from rank {creator}'s "
+                f"(plan v{self.plan_version} against v{version}; weights {self.digest.hex()} against "
+                f"{digest.hex()}): every rank must pass the same tasks to backward()"
+            )
         return self.state
 
     @property
     def state(self) -> DecoderState:
-        """The decoder state as of this rank's last Store round trip (a fresh object: callers may commit to it)."""
-        assert self._code is not None, "begin() first"
-        return self._code.state_from_bytes(self._value[_HEADER.size :])
+        """The decoder state as of this channel's last round trip (a fresh object)."""
+        return self.code.state_from_bytes(self._value[_HEADER.size :])
+
+    @property
+    def sequence(self) -> int:
+        return _HEADER.unpack_from(self._value)[0] if self._value else -1
 
     def refresh(self) -> DecoderState:
         """Read the current state (one round trip)."""
-        self._value = self.store.get(self._key("state"))
+        self._value = self.client.get(self._key("state"))
         return self.state
 
     def commit(self, result: int) -> bool:
         """Commit ``result`` of this rank; True if the rank must add it to its accumulator.
 
-        One round trip when no other rank committed since this rank last looked, one more per race.
+        One round trip when no other rank committed since this channel last looked, one more per race.
         """
         while True:
             state = self.state
             if not state.commit(self.rank, result):
                 return False  # covered or decided already: commits only add, so this is final
-            sequence, _ = _HEADER.unpack_from(self._value)
-            desired = _HEADER.pack(sequence + 1, self.rank) + state.to_bytes()
-            current = self.store.compare_set(self._key("state"), self._value, desired)
+            sequence, _, version, digest = _HEADER.unpack_from(self._value)
+            desired = _HEADER.pack(sequence + 1, self.rank, version, digest) + state.to_bytes()
+            current = self.client.compare_set(self._key("state"), self._value, desired)
             self.commit_round_trips += 1
             if current == self._value:  # c10d answers a missing key with the expected value
-                raise RuntimeError(f"codedgrad: the Store lost the state of step {self._step} (deleted or reset)")
+                raise RuntimeError(f"codedgrad: the Store lost the state of step {self.step} (deleted or reset)")
             self._value = current
             if current == desired:
-                if state.decided:  # a set is sent without waiting for the reply: not a round trip
-                    self.store.set(self._key("decided"), b"1")
+                if state.decided:
+                    self.client.set(self._key("decided"), b"1")
                 return True
 
-    def wait_decided(self) -> DecoderState:
-        """Block until the step is decided and return the decided state, or raise :class:`CodedStepTimeout`.
+    # ----------------------------------------------------------------- waiting for the decision
+    def wait_decided(self, busy: Callable[[], bool] = lambda: False) -> DecoderState:
+        """Block until the step is decided; return the decided state.
 
-        Uses only the wait client and leaves this rank's view alone, so a release thread can call
-        it while the compute thread commits.
+        ``timeout`` bounds the time without progress from the others, not the step's length: while
+        ``busy()`` (this rank is computing its own work of the step) or while other ranks keep
+        committing, the wait goes on. Raises :class:`CodedStepTimeout` naming what is missing, or
+        when a rank abandoned the step.
         """
-        try:
-            self._wait_store.wait([self._key("decided")], timedelta(seconds=self.timeout))
-        except dist.DistStoreError:
-            state = self._read_on_wait_client()
-            if state.decided:  # decided, but the decider's flag never came (it crashed in between)
-                return state
-            raise CodedStepTimeout(
-                f"codedgrad: rank {self.rank} waited {self.timeout:g} s for step {self._step} to be decided; "
-                f"still missing: {state.missing()}"
-            ) from None
-        state = self._read_on_wait_client()
+        slice_ = max(self.timeout / 2, 0.05)
+        last_sequence, last_progress = self.sequence, time.monotonic()
+        while True:
+            try:
+                self.client.wait([self._key("decided")], timedelta(seconds=slice_))
+                break
+            except dist.DistStoreError:
+                state = self.refresh()
+                if state.decided:  # decided, but the decider's flag never came (it failed in between)
+                    return state
+                now = time.monotonic()
+                if self.sequence != last_sequence or busy():
+                    last_sequence, last_progress = self.sequence, now
+                elif now - last_progress >= self.timeout:
+                    raise CodedStepTimeout(
+                        f"codedgrad: rank {self.rank} waited {self.timeout:g} s without progress for step "
+                        f"{self.step} to be decided; still missing: {state.missing()}"
+                    ) from None
+        state = self.refresh()
         if not state.decided:  # woken by a rank that abandoned the step
-            gate = self._wait_store.get(self._key("gate")).decode()
-            raise CodedStepTimeout(f"codedgrad: rank {self.rank}: step {self._step} was {gate}")
+            gate = self.client.get(self._key("gate")).decode()
+            raise CodedStepTimeout(f"codedgrad: rank {self.rank}: step {self.step} was {gate}")
         return state
 
     def poll_decided(self, seconds: float) -> bool:
-        """Whether the decision flag (also set by an abandoning rank) appears within ``seconds``.
-
-        Polls with ``check`` on the main client, every millisecond at first and backing off to
-        every 10 ms, so that a long idle spell costs about 100 requests a second: ``Store.wait``
-        with a short timeout would be one request, but c10d logs a warning for every wait that
-        times out. Meant for the synchronous step, where no other thread uses the client.
-        """
-        deadline = time.perf_counter() + seconds
+        """Whether the decision flag appears within ``seconds`` (polled with ``check``, backing off
+        from 1 to 10 ms: c10d logs a warning for every ``wait`` that times out)."""
+        deadline = time.monotonic() + seconds
         interval = 0.001
-        while not self.store.check([self._key("decided")]):
-            left = deadline - time.perf_counter()
+        while not self.client.check([self._key("decided")]):
+            left = deadline - time.monotonic()
             if left <= 0:
                 return False
             time.sleep(min(left, interval))
             interval = min(2 * interval, 0.01)
         return True
 
-    def _read_on_wait_client(self) -> DecoderState:
-        assert self._code is not None, "begin() first"
-        return self._code.state_from_bytes(self._wait_store.get(self._key("state"))[_HEADER.size :])
-
     # ----------------------------------------------------------------- arrival before the collective
-    def arrive_and_wait(self) -> None:
-        """Announce this rank is ready for the coded all-reduce and wait until every rank is.
+    def arrive_and_wait(self, decided: DecoderState, accumulated: Sequence[int]) -> None:
+        """Publish the results in this rank's accumulator, wait for every rank, check the accounts.
 
-        Uses only the wait client (see :meth:`wait_decided`).
+        Raises :class:`CodedStepTimeout` (a rank missing, or the step abandoned) or, when the
+        accumulators do not hold exactly what the decoder uses, :class:`StepMismatchError`; in
+        both cases on every rank, and none enters the collective.
         """
-        self._wait_store.set(self._key(f"arrived/{self.rank}"), b"1")
+        num_results = self.code.num_tasks if not _rank_level(self.code) else self.world_size
+        self.client.set(self._key(f"arrived/{self.rank}"), encode_results(accumulated, num_results))
         keys = [self._key(f"arrived/{r}") for r in range(self.world_size)]
-        self._wait_all(keys, self._key("gate"), f"at step {self._step} to reach the coded all-reduce")
+
+        def audit(values: list[bytes]) -> str | None:
+            try:
+                sets = [decode_results(v, num_results) for v in values]
+            except ValueError:
+                return "an arrival could not be read (a rank abandoned the step)"
+            return check_accumulated(self.code, decided, sets)
+
+        _wait_all(
+            self.client, keys, self._key("gate"), self.timeout, self.rank,
+            f"at step {self.step} to reach the coded all-reduce", audit,
+        )  # fmt: skip
 
     def abandon(self, reason: str) -> bool:
-        """Seal this step's gate as abandoned (this rank failed); False if every rank had already gone on.
+        """Seal this step's gate as abandoned; False if every rank had already gone on (``go``).
 
-        Then wake the others at once instead of letting them run into their timeouts: their
-        decision wait gets its flag, their arrival wait this rank's key, and both then find the gate.
+        Then wake the others at once: their decision wait gets its flag, their arrival wait this
+        rank's key, and both then find the gate.
         """
         message = f"abandoned by rank {self.rank} ({reason})"[:500].encode()
-        if self.store.compare_set(self._key("gate"), b"", message) == b"go":
+        if self.client.compare_set(self._key("gate"), b"", message) == b"go":
             return False
-        self.store.set(self._key("decided"), b"abandoned")
-        self.store.set(self._key(f"arrived/{self.rank}"), b"abandoned")
+        self.client.set(self._key("decided"), b"abandoned")
+        self.client.set(self._key(f"arrived/{self.rank}"), b"abandoned")
         return True
 
-    def finish(self) -> None:
-        """Delete this step's keys once the collective is done (every rank is past every wait).
 
-        The gate stays until the next step finishes: a rank whose release reduced this step while
-        its compute thread was still in a task may fail in that task afterwards, and must then find
-        ``go`` at the gate (the step completed) rather than an empty key it would seal as abandoned.
-        Every rank has left this step once the next one finishes, because that needs all of them.
-        Keys deferred before (the previous gate, failed steps, gathers) are deleted now.
-        """
-        for key in self._deferred:
-            self.store.delete_key(key)
-        self._deferred = []
-        self.store.delete_key(self._key(f"arrived/{self.rank}"))
-        if self.rank == 0:
-            for what in ("state", "decided"):
-                self.store.delete_key(self._key(what))
-            self._deferred.append(self._key("gate"))
+def _rank_level(code: GradientCode) -> bool:
+    from codedgrad.codes.base import RankLevelCode
 
-    def leave_failed(self) -> None:
-        """This rank leaves the step without finishing it (abandoned, or its collective failed).
+    return isinstance(code, RankLevelCode)
 
-        Its keys are deleted when the next step finishes: every rank has left this one by then.
-        """
-        self._deferred.append(self._key(f"arrived/{self.rank}"))
-        if self.rank == 0:
-            self._deferred.extend(self._key(what) for what in ("state", "decided", "gate"))
 
-    # ----------------------------------------------------------------- gathers
-    def gather(self, name: str, value: bytes) -> list[bytes]:
-        """Every rank's ``value`` for ``name``, in rank order (waits for all, with the timeout).
+def _wait_all(
+    client: dist.Store,
+    keys: list[str],
+    gate: str,
+    timeout: float,
+    rank: int,
+    what: str,
+    audit: Callable[[list[bytes]], str | None] | None = None,
+) -> list[bytes]:
+    """Wait for every key, then seal the outcome at ``gate``: all ranks go on, or all fail.
 
-        Its keys stay until the next :meth:`finish`, successful or not: a rank that comes late to a
-        failed gather must still find its gate sealed.
-        """
-        prefix = f"g/{self._gathers}/{name}"
-        self._gathers += 1
-        self._deferred.append(f"{prefix}/{self.rank}")
-        if self.rank == 0:
-            self._deferred.append(f"{prefix}/gate")
-        self.store.set(f"{prefix}/{self.rank}", value)
-        keys = [f"{prefix}/{r}" for r in range(self.world_size)]
-        self._wait_all(keys, f"{prefix}/gate", f"to publish {name!r}")
-        return list(self.store.multi_get(keys))
-
-    def _wait_all(self, keys: list[str], gate: str, what: str) -> None:
-        """Wait for every key, then seal the outcome at ``gate``: all ranks go on, or all fail.
-
-        A plain wait is not enough: a rank that times out raises, and a rank arriving a moment later
-        would find every key present and enter the collective alone. The first compare-and-set on
-        the gate decides for everyone, whichever happened first.
-        """
-        client = self._wait_store
-        try:
-            client.wait(keys, timedelta(seconds=self.timeout))
-            outcome = client.compare_set(gate, b"", b"go")
-        except dist.DistStoreError:
-            absent = [r for r, key in enumerate(keys) if not client.check([key])]
-            outcome = client.compare_set(gate, b"", f"abandoned by rank {self.rank}".encode())
-            if outcome == b"go":  # everyone did arrive, just after this rank's wait ran out
-                return
-            raise CodedStepTimeout(
-                f"codedgrad: rank {self.rank} waited {self.timeout:g} s for ranks {absent or 'that came too late'} "
-                f"{what} (stalled, crashed, or running a different number of steps)"
-            ) from None
-        if outcome != b"go":
-            raise CodedStepTimeout(f"codedgrad: rank {self.rank} arrived {what}, but it was {outcome.decode()}")
-
-    def _key(self, what: str) -> str:
-        return f"s{self._step}/{what}"
+    A plain wait is not enough: a rank that times out raises, and a rank arriving a moment later
+    would find every key present and enter the collective alone. The first compare-and-set on the
+    gate decides for everyone. ``audit`` (the same function on every rank, of the same values)
+    may refuse the outcome with a message.
+    """
+    try:
+        client.wait(keys, timedelta(seconds=timeout))
+    except dist.DistStoreError:
+        absent = [r for r, key in enumerate(keys) if not client.check([key])]
+        outcome = client.compare_set(gate, b"", f"abandoned by rank {rank}".encode())
+        if outcome == b"go":  # everyone did arrive, just after this rank's wait ran out
+            return list(client.multi_get(keys))
+        raise CodedStepTimeout(
+            f"codedgrad: rank {rank} waited {timeout:g} s for ranks {absent or 'that came too late'} "
+            f"{what} (stalled, crashed, or running a different number of steps)"
+        ) from None
+    values = list(client.multi_get(keys))
+    problem = audit(values) if audit is not None else None
+    proposal = b"go" if problem is None else f"abandoned: {problem}"[:500].encode()
+    outcome = client.compare_set(gate, b"", proposal)
+    if outcome != b"go":
+        text = outcome.decode(errors="replace")
+        if text.startswith("abandoned: "):  # the accounts did not add up (the same verdict on every rank)
+            raise StepMismatchError(f"codedgrad: rank {rank}: step refused {what}: {text[11:]}")
+        raise CodedStepTimeout(f"codedgrad: rank {rank} arrived {what}, but it was {text}")
+    return values

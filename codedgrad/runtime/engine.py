@@ -1,171 +1,78 @@
-"""CodedDataParallel: one coded optimizer step over torch.distributed (DESIGN.md §3).
+"""CodedDataParallel: the module face of the coded step (see docs/design.md, "The coded step").
 
-A step is an explicit sequence of phases, each a method below:
+This file composes the parts; each has a file of its own:
 
-1. **plan** (:meth:`CodedDataParallel._ensure_plan`): every rank builds the same code from the same
-   inputs and the ranks check through the Store that they agree, before any collective;
-2. **compute** (:meth:`CodedDataParallel._compute_queue`): walk this rank's queue, skip what is
-   already covered, compute each result into a fresh gradient list, commit it by compare-and-set
-   and add it to the step's accumulator only if the commit is used;
-3. **decide**: once the queue is dry, cover other ranks' uncovered work where the code allows it,
-   else wait on the Store for the decision (bounded by ``timeout``);
-4. **reduce** (:meth:`CodedDataParallel._arrive_and_reduce`): once every rank has arrived, one SUM
-   all-reduce per flat bucket of the accumulators scaled by the decoder's rank coefficients. With
-   the no-wait release (the default) this runs on a release thread with its own Store client and
-   process group as soon as the step is decided (:meth:`CodedDataParallel._release`), so a rank
-   busy with a task that can no longer be used does not hold the others up;
-5. **clean up**: delete the step's Store keys and broadcast rank 0's module buffers.
+* :mod:`~codedgrad.runtime.config`: :class:`EngineConfig`, validated and agreed by every rank;
+* :mod:`~codedgrad.runtime.replan`: the plan of each step, agreed by fingerprint, and re-planning;
+* :mod:`~codedgrad.runtime.coordinator`: the step protocol on the c10d Store;
+* :mod:`~codedgrad.runtime.step`: one step in flight, its phase (:class:`StepPhase`) and report;
+* :mod:`~codedgrad.runtime.release`: the reduction of a decided step, and the release thread.
 
-Re-planning happens in phase 1 of a later step: every few steps the ranks exchange measured
-profiles and switch plans together when the predicted step time improves enough.
-
-The per-step data a phase needs, and what the compute and release threads share, travels in a
-:class:`_StepContext`. One step is in flight at a time: ``backward`` returns only after its release
-is done, so the accumulator and the coordinator's view can be reused by the next step.
-
-A failure on one rank (an exception in ``task_loss``, a timeout) seals the step's gate as abandoned,
-so every rank fails the same step and they all move on to the next step index together. Only when
-the gate was already sealed ``go`` (the no-wait release reduced the step while this rank's failing
-task was still running) has the step completed everywhere; then this rank completes it too.
+What stays here is the compute thread's side of a step: take the plan, begin the step, run this
+rank's queue (each result committed and accumulated in one critical section), cover other ranks'
+open work when that pays, then wait for the release (or reduce on this thread without it), and
+apply the decoded gradient. A failure before the step is released fails it on every rank; after
+that, the step completes everywhere and this rank applies it too.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import itertools
-import json
 import math
 import threading
 import time
 import warnings
-from collections import deque
+import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import timedelta
+from numbers import Real
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from codedgrad.codes import CODE_NAMES, CodeError, GradientCode, Work, make_code
-from codedgrad.codes.base import DecoderState
-from codedgrad.codes.repetition import homogeneous_profiles
-from codedgrad.emulate import Heterogeneity
-from codedgrad.plan import PlanError, optimal_split, split_statistics
-from codedgrad.profile import WorkerProfile, fit_profile, profiles_from_dict, profiles_to_dict
+from codedgrad.codes.spare import next_spare_check, spare_work
+from codedgrad.emulate import EmulationError, Heterogeneity
+from codedgrad.profile import WorkerProfile
 from codedgrad.runtime.buffers import FlatGradients
-from codedgrad.runtime.coordinator import CodedStepTimeout, StoreCoordinator
-from codedgrad.runtime.hooks import coded_allreduce_
+from codedgrad.runtime.config import ConfigurationError, EngineConfig, agree, describe_module
+from codedgrad.runtime.coordinator import StepChannel, StepMismatchError, StoreCoordinator
+from codedgrad.runtime.coordinator import weights_digest as _digest
+from codedgrad.runtime.release import BufferShare, Releaser, reduce_step
+from codedgrad.runtime.replan import Plan, Planner
+from codedgrad.runtime.step import NonFiniteGradientError, StepPhase, StepRecord, StepReport
 
-__all__ = ["CodedDataParallel", "ConfigurationError", "StepReport"]
+__all__ = ["CodedDataParallel", "ConfigurationError", "NonFiniteGradientError", "StepReport"]
 
 _instances: dict[tuple[int, ...], itertools.count] = {}  # per process group: engines built so far
+_open_engines: weakref.WeakSet[CodedDataParallel] = weakref.WeakSet()
 
 
-class ConfigurationError(ValueError):
-    """The ranks' configurations are invalid or disagree; raised on every rank, before any collective."""
-
-
-@dataclass
-class StepReport:
-    """What one rank did in one coded step.
-
-    Attributes:
-        step: step index (0-based, counted by the engine).
-        rank: this rank.
-        plan_version: version of the plan the step ran under (bumped at every re-plan).
-        computed: results this rank computed (including those whose commit was not used).
-        used: results of this rank that the decoder used.
-        purged: results in this rank's queue it skipped because they were covered or the step decided.
-        spare: results computed for other ranks after this rank's own queue ran dry.
-        time_to_decision: seconds from the step's start until this rank saw it decided.
-        time_waited: seconds spent waiting for the decision and for the other ranks to arrive.
-        allreduce_time: seconds in the coded all-reduce.
-        step_time: seconds of the whole :meth:`CodedDataParallel.backward`.
-        rank_coefficient: this rank's decoding coefficient in the coded all-reduce.
-        condition_number: of the decoder's linear system (1 for 0/1 codes).
-        task_seconds: wall time of each computed result, commit included (on CUDA after the work is done).
-        commit_seconds: wall time of each commit: its Store round trips and the decoder update, not
-            the accumulation.
-        commit_round_trips: Store round trips of this step's commits (one each, plus one per race
-            with another rank's commit; flagging the decision is a set, sent without a reply).
-        emulated_seconds: delay added by :mod:`codedgrad.emulate` (0 in production).
-        late_error: an exception on this rank (e.g. from ``task_loss``) that came after the step was
-            decided without this rank's remaining work (no-wait release): the step completed on every
-            rank and is exact, so the error is reported here and as a ``RuntimeWarning`` instead of
-            being raised on one rank only.
-    """
-
-    step: int
-    rank: int
-    plan_version: int
-    num_tasks: int  # K of the step
-    computed: int = 0
-    used: int = 0
-    purged: int = 0
-    spare: int = 0
-    time_to_decision: float = 0.0
-    time_waited: float = 0.0
-    allreduce_time: float = 0.0
-    step_time: float = 0.0
-    rank_coefficient: float = 1.0
-    condition_number: float = 1.0
-    task_seconds: list[float] = field(default_factory=list)
-    commit_seconds: list[float] = field(default_factory=list)
-    commit_round_trips: int = 0
-    emulated_seconds: float = 0.0
-    late_error: str | None = None
-
-
-@dataclass
-class _Plan:
-    version: int
-    num_tasks: int
-    profiles: list[WorkerProfile]
-    code: GradientCode
-    queue: list[Work]
-
-
-@dataclass
-class _StepContext:
-    """Everything one step owns: its index, plan, accumulator, report, clock and release state.
-
-    ``lock`` orders the compute thread's commit-and-accumulate against the release: once
-    ``released`` is set (under the lock) no result is added to the accumulator any more.
-    """
-
-    step: int
-    plan: _Plan
-    accumulator: FlatGradients
-    report: StepReport
-    task_loss: Callable[[int], torch.Tensor]
-    start: float = field(default_factory=time.perf_counter)
-    tasks_run: int = 0  # index of the next task for the emulator
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    released: bool = False
-    decided_state: DecoderState | None = None
-    reduced: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-    # CUDA only: orders the compute stream's accumulation before, and its use of the gradients
-    # after, the reduction on the release stream.
-    accumulated: torch.cuda.Event | None = None
-    reduced_on_device: torch.cuda.Event | None = None
+@atexit.register
+def _close_at_exit() -> None:
+    # A release thread still blocked in the Store, or a release process group destroyed by the
+    # interpreter's teardown while its thread lives, aborts the process ("terminate called without an
+    # active exception"). End them first, so a finished script exits 0 with or without close().
+    for engine in list(_open_engines):
+        engine._stop_release(join_timeout=5.0, destroy_group=True)
 
 
 class CodedDataParallel(nn.Module):
     """Data parallelism with coded, heterogeneity-aware gradient computation and exact gradients.
 
-    Wrap the model on every rank, then replace ``loss.backward()`` by ``cdp.backward(task_loss, K)``
-    where ``task_loss(j)`` returns the mean loss of task j's micro-batch (the global batch split into
-    K equal tasks). Afterwards ``p.grad`` on every rank is the gradient of the mean loss over the
-    whole global batch, whichever ranks were slow, and the optimizer steps identically everywhere.
+    Wrap the model on every rank, then replace ``loss.backward()`` by ``cdp.backward(task_loss, tasks)``
+    where ``task_loss(j)`` returns the mean loss of task j's samples and ``tasks`` is K (equal tasks)
+    or the tasks' weights (their sample counts). Afterwards ``p.grad`` on every rank is the gradient
+    of the weighted mean loss over the whole global batch, whichever ranks were slow, and the
+    optimizer steps identically everywhere. :mod:`codedgrad.data` builds tasks from a data set.
 
-    Exactness holds for a loss that is a mean over independent tasks, as with gradient
-    accumulation: a forward pass that mixes samples across the batch (BatchNorm in training mode)
-    or draws per-rank randomness (dropout without a per-task seed) computes a different function on
-    micro-batches than on the whole batch. Module buffers (e.g. running statistics) are broadcast
-    from rank 0 after every step so that all ranks hold the same model. Every parameter ends a step
-    with a gradient; one that no task used gets zeros (exclude such parameters from weight decay).
+    Exactness holds for a loss that is a mean over independent samples, as with gradient
+    accumulation: a forward pass that mixes samples across the batch (BatchNorm in training mode,
+    warned about at construction) or draws per-rank randomness (dropout without a per-task seed)
+    computes a different function on tasks than on the whole batch. Every parameter ends a step with
+    a gradient; one that no task used gets zeros.
 
     Args:
         module: the model (its parameters and buffers are broadcast from rank 0 at construction).
@@ -177,29 +84,31 @@ class CodedDataParallel(nn.Module):
             re-plans from the measured task times after ``warmup_steps``.
         emulate: a :class:`~codedgrad.emulate.Heterogeneity` that adds emulated per-task delays;
             None reads ``CODEDGRAD_EMULATE`` from the environment (absent: no emulation).
-        timeout: seconds any wait on another rank may take before a :class:`CodedStepTimeout`.
+        timeout: seconds a rank may wait *without progress from the others* before a
+            :class:`CodedStepTimeout` naming what is missing. Its own compute never counts: a first
+            step that compiles for minutes is fine.
         process_group: group for the coded all-reduce (default: the world). Several groups (e.g. the
             data-parallel groups of a 2-D layout) get separate Store namespaces.
         store: c10d Store for the step protocol (default: the default process group's store).
         name: the engine's Store namespace within its group; needed only when ranks build different
             numbers of engines (by default the n-th engine of a group on every rank is matched).
         replan_every: steps between profile exchanges (0 disables re-planning).
-        replan_threshold: re-plan only when the predicted step time improves by more than this share
-            (the first exchange of measured profiles always replaces the starting ones).
+        replan_threshold: switch plans only when the predicted step time improves by more than this
+            share; a switch that makes the measured step time worse is reverted.
         warmup_steps: steps measured before the first re-plan when no profiles are given.
         spare_work: once this rank's queue is dry and the step is not decided, compute other ranks'
-            uncovered tasks (repetition codes) instead of waiting, when that can end the step sooner:
-            the rank behind has more than one of this rank's tasks left, or is late beyond its
-            noise (see ``RepetitionState.spare_work``); until measured task times of every rank are
-            in the plan (the first profile exchange; never with ``replan_every=0``), whenever work
-            is open. False gives the static baselines.
-        no_wait: run the coded all-reduce on a release thread with its own process group as soon as
-            the step is decided, so that no rank waits for another rank's task in flight (a rank that
-            is late skips its remaining work). Needs a Store that can be cloned; with a custom
-            ``process_group`` it is available only on the world group.
-        broadcast_buffers: broadcast rank 0's module buffers after every step. This is a collective
-            on the compute thread, so a module with buffers re-synchronises the ranks every step.
+            open tasks (repetition codes) when that can end the step sooner.
+        no_wait: reduce on a release thread, with its own process group, as soon as the step is
+            decided, so that no rank waits for another rank's task in flight (default). With a custom
+            ``process_group`` only the synchronous step is available.
+        broadcast_buffers: after every step give every rank rank 0's module buffers (carried by
+            the release in step order, not a barrier of its own).
         bucket_cap_mb: largest flat gradient bucket of the coded all-reduce.
+        max_steps_ahead: steps the release may complete for this rank while its compute thread is
+            still inside an earlier one (a stall); each costs one gradient buffer while it lasts.
+        nonfinite: ``"raise"`` (every rank raises :class:`NonFiniteGradientError` when the decoded
+            gradient or loss is not finite, leaving ``p.grad`` untouched) or ``"keep"`` (write it,
+            e.g. for ``torch.amp.GradScaler``, which then skips the step on every rank alike).
     """
 
     def __init__(
@@ -221,6 +130,8 @@ class CodedDataParallel(nn.Module):
         no_wait: bool = True,
         broadcast_buffers: bool = True,
         bucket_cap_mb: float = 25.0,
+        max_steps_ahead: int = 4,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
@@ -229,445 +140,519 @@ class CodedDataParallel(nn.Module):
         self._group = process_group
         self._rank = dist.get_rank(process_group)
         self._world_size = dist.get_world_size(process_group)
-        self._redundancy = redundancy
-        self._gamma = gamma
-        self._code_name = code
-        self._timeout = timeout
-        self._replan_every = replan_every
-        self._replan_threshold = replan_threshold
-        self._warmup_steps = warmup_steps
-        self._spare_work = spare_work
-        self._broadcast_buffers = broadcast_buffers
-        self._emulate = emulate if emulate is not None else Heterogeneity.from_env()
-        self._profiles = list(profiles) if profiles is not None else None
-        self._measured_profiles = self._profiles is not None
-        self._plan_is_measured = False  # whether the plan's profiles were measured in this run
         if store is None:
             store = dist.distributed_c10d._get_default_store()
         group_ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))
         if name is None:
             name = str(next(_instances.setdefault(group_ranks, itertools.count())))
         group_id = hashlib.sha256(repr(group_ranks).encode()).hexdigest()[:12]
+        safe_timeout = timeout if isinstance(timeout, Real) and math.isfinite(timeout) and timeout > 0 else 300.0
         self._coordinator = StoreCoordinator(
-            dist.PrefixStore(f"codedgrad/{group_id}/{name}", store), self._rank, self._world_size, timeout
+            dist.PrefixStore(f"codedgrad/{group_id}/{name}", store), self._rank, self._world_size, safe_timeout
         )
-        # The release thread's collectives need a group of their own (collectives issued from two
-        # threads on one group can interleave, DESIGN.md §4), and its waits a Store client of their own.
-        self._no_wait = bool(no_wait and process_group is None and self._coordinator.has_wait_client)
-        self._broken: BaseException | None = None  # set when a release thread could not be ended
-        # Check every rank's configuration through the Store before the first collective.
-        self._agree("config", self._config(), self._validate_config())
+        # Validate locally, then agree: a bad setting on one rank fails every rank with its message,
+        # before any collective.
+        error, config = None, None
+        try:
+            if emulate is None:
+                emulate = Heterogeneity.from_env()
+            config = EngineConfig(
+                redundancy=redundancy, gamma=gamma, code=code, profiles=profiles, emulate=emulate,
+                timeout=timeout, replan_every=replan_every, replan_threshold=replan_threshold,
+                warmup_steps=warmup_steps, spare_work=spare_work, no_wait=no_wait,
+                broadcast_buffers=broadcast_buffers, bucket_cap_mb=bucket_cap_mb,
+                max_steps_ahead=max_steps_ahead, nonfinite=nonfinite,
+            )  # fmt: skip
+            config.check_world(self._world_size)
+            if not any(p.requires_grad for p in module.parameters()):
+                raise ConfigurationError("module: has no parameter that requires grad (nothing to train)")
+        except (ConfigurationError, EmulationError) as exc:
+            error = str(exc)
+        values = config.to_dict() if config is not None else {}
+        if config is not None:
+            # The release needs a group of its own and a second Store client; fall back to the
+            # synchronous step where either is missing, the same way on every rank.
+            values["no_wait"] = config.no_wait and process_group is None and self._coordinator.has_wait_client
+            values.update(describe_module(module))
+        agree(self._coordinator, "config", values, error)
+        assert config is not None
+        self.config = config
+        self._no_wait = bool(values["no_wait"])
+        _warn_about_batch_statistics(module)
+
         self._params = [p for p in module.parameters() if p.requires_grad]
         self._on_cuda = any(p.is_cuda for p in self._params)
-        self._accumulator = FlatGradients(self._params, bucket_bytes=max(1, int(bucket_cap_mb * 2**20)))
-        self._broadcast_state()
+        self._bucket_bytes = max(1, int(config.bucket_cap_mb * 2**20))
+        self._free: list[FlatGradients] = []  # accumulators not in use (one per step in flight)
+        self._free_lock = threading.Lock()
+        self._broadcast(itertools.chain(module.parameters(), module.buffers()))
+        self._planner = Planner(self._coordinator, config, self._rank, self._world_size)
+        self._step = 0
+        self._buffers_lock = threading.Lock()
+        self._latest_buffers: list[torch.Tensor] = []
+        self._buffer_share = self._make_buffer_share()
         self._release_group: dist.ProcessGroup | None = None
         self._release_stream: torch.cuda.Stream | None = None
+        self._releaser: Releaser | None = None
         if self._no_wait:  # every rank agreed on it above, so every rank joins new_group
-            self._release_group = dist.new_group(timeout=timedelta(seconds=timeout), backend=dist.get_backend())
+            self._release_group = dist.new_group(timeout=timedelta(seconds=config.timeout), backend=dist.get_backend())
             if self._on_cuda:
                 self._release_stream = torch.cuda.Stream(device=self._params[0].device)
-        self._plan: _Plan | None = None
-        self._step = 0
-        self._steps_since_plan = 0
-        self._plan_versions = 0
-        # Per-task seconds since the last profile exchange: a profile describes the recent past, so a
-        # rank that slowed down is not outvoted by the many fast tasks it ran before.
-        self._recent_seconds: deque[float] = deque(maxlen=4096)
+        self._broken: BaseException | None = None  # the release could not be ended: never reuse its buffers
+        self._closed = False
         self.last_report: StepReport | None = None
+        _open_engines.add(self)
 
     # ----------------------------------------------------------------- public API
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     @property
+    def step_index(self) -> int:
+        """The index of the next step (steps completed or failed so far)."""
+        return self._step
+
+    @property
     def plan_version(self) -> int:
-        return self._plan.version if self._plan else -1
+        plan = self._planner.plan
+        return plan.version if plan is not None else -1
 
     @property
     def profiles(self) -> list[WorkerProfile] | None:
         """The profiles the current plan was built from."""
-        return list(self._plan.profiles) if self._plan else self._profiles
+        plan = self._planner.plan
+        if plan is not None:
+            return list(plan.profiles)
+        return list(self.config.profiles) if self.config.profiles is not None else None
 
-    def backward(self, task_loss: Callable[[int], torch.Tensor], num_tasks: int) -> StepReport:
-        """Run one coded step; afterwards ``p.grad`` is the gradient of the mean loss over all tasks.
+    @property
+    def plan(self) -> Plan | None:
+        """The current plan (None before the first step)."""
+        return self._planner.plan
+
+    def planned_tasks(self) -> list[int]:
+        """The tasks this rank's current plan computes, in order (primaries, then backups).
+
+        A hint for prefetching a step's data (:meth:`codedgrad.data.TaskData.prefetch`); the next step
+        may run under a new plan after a profile exchange, and spare work takes other tasks on demand.
+        """
+        plan = self._planner.plan
+        return plan.planned_tasks() if plan is not None else []
+
+    def backward(self, task_loss: Callable[[int], torch.Tensor], tasks: int | Sequence[float]) -> StepReport:
+        """Run one coded step; afterwards ``p.grad`` is the gradient of the weighted mean loss.
 
         Args:
-            task_loss: ``task_loss(j)`` returns the mean loss (a scalar tensor) of task j's micro-batch.
+            task_loss: ``task_loss(j)`` returns the mean loss (a scalar tensor) of task j's samples.
                 It is called only for the tasks this rank computes, in the plan's order.
-            num_tasks: K, the number of equal tasks the global batch is split into (≥ world size).
+            tasks: K, the number of equal tasks, or one weight per task (e.g. its number of
+                samples or tokens; ≥ 0, not all 0). At least one task per rank. Every rank must
+                pass the same value.
 
         Returns:
-            This rank's :class:`StepReport`.
+            This rank's :class:`StepReport`; ``report.loss`` is the decoded loss of the global batch.
+
+        Raises:
+            CodedStepTimeout: a rank made no progress for ``timeout`` seconds (the step failed everywhere).
+            StepMismatchError: ranks passed different tasks or ran different plans (the step failed everywhere).
+            NonFiniteGradientError: the decoded gradient is not finite (``nonfinite="raise"``; on every rank).
         """
-        if self._broken is not None:
-            raise RuntimeError(f"codedgrad: this engine is unusable since an earlier step failed: {self._broken}")
-        plan = self._ensure_plan(num_tasks)
-        ctx = _StepContext(
-            step=self._step,
-            plan=plan,
-            accumulator=self._accumulator,
-            report=StepReport(step=self._step, rank=self._rank, plan_version=plan.version, num_tasks=num_tasks),
-            task_loss=task_loss,
-        )
-        ctx.accumulator.zero_()
-        self._mark_accumulated(ctx)
-        self._coordinator.begin(ctx.step, plan.code)
-        if self._release_group is not None:
-            threading.Thread(
-                target=self._release, args=(ctx,), name=f"codedgrad-release-{ctx.step}", daemon=True
-            ).start()
+        self._check_usable()
+        start = time.perf_counter()
+        weights = _task_weights(tasks)
+        plan = self._planner.plan_for(len(weights))
+        digest = _digest(weights)
+        step = self._step
+        fresh = self._new_record(step, plan, weights, digest, start)
+        record = self._releaser_for(step).claim(step, lambda: fresh) if self._no_wait else fresh
+        if record is not fresh:
+            self._release_accumulator(fresh.accumulator)
+        channel = self._coordinator.channel(step, plan.code, plan.version, digest, wait=False)
         try:
-            self._compute_queue(ctx)
-            self._decide(ctx)
+            if record.ahead:  # the release began this step while this thread was in an earlier one
+                self._join_ahead(record, channel, weights, digest, task_loss)
+            else:
+                channel.begin()
+                self._run_tasks(record, channel, task_loss)
+            self._wait_for_release(record, channel)
         except BaseException as error:
-            completed = self._fail_step(ctx, error)
+            completed = self._fail_or_complete(record, channel, error)
             if not completed:
                 raise
             if not isinstance(error, Exception):  # Ctrl-C, SystemExit: stop, but leave the step done
-                self._finish_step(ctx)
+                self._apply(record, start)
                 raise
-            # Every rank already reduced this step without the failed work (it was decided before
-            # this rank's task ended): applying it here too keeps all ranks on the same path.
-            ctx.report.late_error = f"{type(error).__name__}: {error}"
+            # Every rank reduced this step without the failed work (it was decided before this
+            # rank's task ended): applying it here too keeps all ranks on the same path.
+            record.report.late_error = f"{type(error).__name__}: {error}"
             warnings.warn(
-                f"codedgrad: rank {self._rank}: {ctx.report.late_error}, after step {ctx.step} was decided without "
+                f"codedgrad: rank {self._rank}: {record.report.late_error}, after step {step} was decided without "
                 "this rank's remaining work; the step completed exactly on every rank and is applied here too",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self._finish_step(ctx)
-        ctx.report.step_time = time.perf_counter() - ctx.start
-        self.last_report = ctx.report
-        return ctx.report
+        return self._apply(record, start)
 
-    def _finish_step(self, ctx: _StepContext) -> None:
-        """Apply the reduced gradient, clean up and share the buffers: the step completed on every rank.
+    def close(self) -> None:
+        """End the release thread, destroy its process group and delete this engine's Store keys.
 
-        Every rank that completes a step runs this, whatever else happened on it, so that the
-        buffer broadcast (a collective) is matched on every rank.
+        Call it on every rank once training is done (or use the engine as a context manager). A
+        script that ends without it still exits cleanly: the release is stopped at exit.
         """
-        if ctx.reduced_on_device is not None:
-            torch.cuda.current_stream().wait_event(ctx.reduced_on_device)
-        ctx.accumulator.write_to_params()
-        self._coordinator.finish()  # also the gathers' keys: every rank passed them before this step's collective
-        self._step += 1
-        self._steps_since_plan += 1
-        if self._broadcast_buffers:
-            self._broadcast(self.module.buffers())
-
-    # ----------------------------------------------------------------- phases of a step
-    def _compute_queue(self, ctx: _StepContext) -> None:
-        # No read before each item: begin() read the state, and every successful commit leaves this
-        # rank's view exactly current (a commit that raced is retried on the Store's answer).
-        queue = ctx.plan.queue
-        for position, work in enumerate(queue):
-            state = self._coordinator.state
-            if ctx.released or state.decided:
-                ctx.report.purged += len(queue) - position
-                return
-            if not state.is_needed(self._rank, work.result):
-                ctx.report.purged += 1
-                continue
-            self._compute_and_commit(ctx, work)
-
-    def _decide(self, ctx: _StepContext) -> None:
-        """Cover other ranks' uncovered work while the code allows it, then finish the reduction.
-
-        With the no-wait release the reduction runs on the release thread as soon as the step is
-        decided; this thread only waits for it to end. Without it, this thread waits for the
-        decision, the other ranks' arrival and the collective itself.
-        """
-        state = self._coordinator.state
-        while not (ctx.released or state.decided) and self._spare_work:
-            # Whether helping pays is judged against the plan's task times, which must be measured
-            # seconds for that; until the first profile exchange, take whatever is open.
-            elapsed = time.perf_counter() - ctx.start if self._plan_is_measured else None
-            spare = state.spare_work(self._rank, elapsed=elapsed)
-            if spare is None:  # nothing worth doing now; maybe once a rank falls behind its schedule
-                state = self._idle_until_behind(ctx, state, elapsed)
-                if state is None:
-                    break
-                continue
-            ctx.report.spare += 1
-            self._compute_and_commit(ctx, spare)
-            state = self._coordinator.state
-        start = time.perf_counter()
-        if self._release_group is None:
-            state = self._coordinator.state
-            ctx.decided_state = state if state.decided else self._coordinator.wait_decided()
-            ctx.report.time_to_decision = time.perf_counter() - ctx.start
-            self._arrive_and_reduce(ctx, self._group)
-        elif not self._wait_for_release(ctx):
-            raise CodedStepTimeout(f"codedgrad: rank {self._rank}: the release of step {ctx.step} did not finish")
-        # Time this thread spent waiting for others (the all-reduce itself is reported separately).
-        ctx.report.time_waited += max(0.0, time.perf_counter() - start - ctx.report.allreduce_time)
-        if ctx.error is not None:
-            raise ctx.error
-
-    def _idle_until_behind(self, ctx: _StepContext, state: DecoderState, elapsed: float | None) -> DecoderState | None:
-        """After spare work was declined: idle until some rank may be behind, then read the state again.
-
-        Returns None when there is nothing to wait for or the step ended meanwhile: with the no-wait
-        release, once the release is done (a decision alone is caught by ``released``); without it,
-        once the decision flag is set. The idle time counts as waited.
-        """
-        retry = None if elapsed is None else state.next_spare_check(self._rank, elapsed)
-        if retry is None:
-            return None
-        idle_start = time.perf_counter()
-        seconds = max(0.0, ctx.start + retry - idle_start)
-        if self._release_group is not None:
-            ended = ctx.reduced.wait(timeout=seconds)
-        else:
-            ended = self._coordinator.poll_decided(seconds)
-        ctx.report.time_waited += time.perf_counter() - idle_start
-        if ended:
-            return None
-        with ctx.lock:  # unreleased under the lock: the step's keys cannot be deleted meanwhile
-            return None if ctx.released else self._coordinator.refresh()
-
-    def _wait_for_release(self, ctx: _StepContext) -> bool:
-        # The release's decision wait, arrival wait and collective each time out after ``timeout``.
-        return ctx.reduced.wait(timeout=3 * self._timeout + 10)
-
-    def _fail_step(self, ctx: _StepContext, error: BaseException) -> bool:
-        """Keep the ranks in step after this rank failed mid-step; True if the step completed anyway.
-
-        The step's gate is sealed as abandoned unless every rank had already gone on (``go``): then
-        the others fail the same step at their arrival, and every rank leaves this step index
-        behind, so a caller that catches the error can go on training. If they had gone on (the
-        no-wait release reduced the step while this rank's failed task was still running), the
-        step completed on every rank with what this rank had committed, which is exact; the caller
-        must then finish it (:meth:`_finish_step`) like any other step.
-        """
-        with ctx.lock:
-            ctx.released = True  # nothing more goes into the accumulator
-        abandoned = self._coordinator.abandon(f"{type(error).__name__}: {error}")
-        if self._release_group is not None and not self._wait_for_release(ctx):
-            self._broken = error  # a release thread still holds the accumulator: never reuse it
-            return False
-        # Only the release can have gone on without this thread: in the synchronous step this thread
-        # arrives itself, so a failure after "go" is a failure of the collective, never a completion.
-        completed = self._release_group is not None and not abandoned and ctx.error is None
-        if not completed:
-            self._coordinator.leave_failed()
-            self._step += 1
-            self._steps_since_plan += 1
-        return completed
-
-    def _release(self, ctx: _StepContext) -> None:
-        """The no-wait release (own thread, own Store client, own process group).
-
-        As soon as the step is decided, freeze this rank's accumulator and reduce it, while the
-        compute thread may still be busy with a task that can no longer be used.
-        """
+        if self._closed:
+            return
+        self._stop_release(join_timeout=max(5.0, self.config.timeout), destroy_group=True)
+        self._closed = True
+        _open_engines.discard(self)
         try:
-            state = self._coordinator.wait_decided()
-            with ctx.lock:  # a commit in progress is used or not, and accumulated, before we go on
-                ctx.released, ctx.decided_state = True, state
-            ctx.report.time_to_decision = time.perf_counter() - ctx.start
-            self._arrive_and_reduce(ctx, self._release_group)
-        except BaseException as error:  # handed to the compute thread, which raises it
-            with ctx.lock:
-                ctx.released = True  # stop the compute thread from working for a dead step
-            ctx.error = error
-        finally:
-            ctx.reduced.set()
+            self._coordinator.close()
+        except (RuntimeError, dist.DistError) as error:  # the Store went away first (e.g. at exit)
+            warnings.warn(f"codedgrad: could not delete the engine's Store keys: {error}", RuntimeWarning, stacklevel=2)
 
-    def _compute_and_commit(self, ctx: _StepContext, work: Work) -> None:
+    def __enter__(self) -> CodedDataParallel:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- checkpoints
+    def get_extra_state(self) -> dict:
+        """The engine's state in ``state_dict()``: step index and plan (profiles, version)."""
+        return {"format": 1, "step": self._step, "planner": self._planner.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore :meth:`get_extra_state`: the next step re-agrees the saved plan, without warm-up."""
+        if not isinstance(state, dict) or state.get("format") != 1:
+            raise ValueError(f"codedgrad: not a CodedDataParallel state (got {type(state).__name__})")
+        self._stop_release(join_timeout=max(5.0, self.config.timeout))  # restarted at the restored step
+        self._step = int(state["step"])
+        self._planner.load_state_dict(state["planner"])
+
+    # ----------------------------------------------------------------- the compute thread's step
+    def _run_tasks(self, record: StepRecord, channel: StepChannel, task_loss: Callable[[int], torch.Tensor]) -> None:
+        """This rank's queue, then spare work, committing each result as it is done."""
+        plan: Plan = record.plan  # type: ignore[assignment]
+        record.compute_busy = True
+        try:
+            queue = plan.queue
+            for position, work in enumerate(queue):
+                state = channel.state
+                if record.phase is not StepPhase.RUNNING or state.decided:
+                    record.report.purged += len(queue) - position
+                    return
+                if not state.is_needed(self._rank, work.result):
+                    record.report.purged += 1
+                    continue
+                self._compute_and_commit(record, channel, work, task_loss)
+        finally:
+            record.compute_busy = False
+        self._spare_work(record, channel, task_loss)
+
+    def _spare_work(self, record: StepRecord, channel: StepChannel, task_loss: Callable[[int], torch.Tensor]) -> None:
+        """Cover other ranks' open work while the code offers it and helping can end the step sooner."""
+        plan: Plan = record.plan  # type: ignore[assignment]
+        state = channel.state
+        while self.config.spare_work and record.phase is StepPhase.RUNNING and not state.decided:
+            # Whether helping pays is judged against the plan's task times, which must be measured
+            # seconds for that; until they are, take whatever is open.
+            elapsed = time.perf_counter() - record.start if plan.measured else None
+            work = spare_work(state, self._rank, elapsed=elapsed)
+            if work is None:
+                retry = None if elapsed is None else next_spare_check(state, self._rank, elapsed)
+                if retry is None or not self._idle(record, channel, record.start + retry):
+                    return
+                with record.lock:  # still RUNNING under the lock: the step's keys cannot be deleted meanwhile
+                    if record.phase is not StepPhase.RUNNING:
+                        return
+                    state = channel.refresh()
+                continue
+            record.report.spare += 1
+            record.compute_busy = True
+            try:
+                self._compute_and_commit(record, channel, work, task_loss)
+            finally:
+                record.compute_busy = False
+            state = channel.state
+
+    def _idle(self, record: StepRecord, channel: StepChannel, until: float) -> bool:
+        """Wait until ``until`` (perf_counter) unless the step ends first; True if it did not end."""
+        begin = time.perf_counter()
+        seconds = max(0.0, until - begin)
+        if self._no_wait:
+            ended = record.done.wait(timeout=seconds) or record.phase is not StepPhase.RUNNING
+        else:
+            ended = channel.poll_decided(seconds)
+        record.report.time_waited += time.perf_counter() - begin
+        return not ended
+
+    def _compute_and_commit(
+        self, record: StepRecord, channel: StepChannel, work, task_loss: Callable[[int], torch.Tensor]
+    ) -> None:
         start = time.perf_counter()
+        weights, total = record.weights, record.weights_total
+        assert weights is not None
         grads: list[torch.Tensor | None] = [None] * len(self._params)
+        loss_sum = 0.0
         for i, (task, coefficient) in enumerate(zip(work.tasks, work.coefficients)):
-            if i > 0 and self._decided_meanwhile(ctx):
+            if i > 0 and self._decided_meanwhile(record, channel):
                 return  # a rank-level result the step no longer needs: decided while computing it
-            loss = ctx.task_loss(task)
-            if ctx.released:
+            scale = coefficient * weights[task] / total
+            if weights[task] == 0:
+                continue  # an empty task: nothing to compute, but its commit still counts
+            loss = _checked_loss(task_loss(task), task, self._rank)
+            if record.phase is not StepPhase.RUNNING:
                 return  # released during the forward pass: the backward would be wasted
-            task_grads = torch.autograd.grad(loss, self._params, allow_unused=True)
-            # Scale in the accumulator's precision: bf16(coefficient / K) would bias every gradient.
-            _add_scaled(grads, task_grads, coefficient / ctx.plan.num_tasks, ctx.accumulator.dtypes)
-            if self._emulate is not None:
-                ctx.report.emulated_seconds += self._emulate.sleep(self._rank, ctx.step, ctx.tasks_run)
-            ctx.tasks_run += 1
+            try:
+                task_grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+            except RuntimeError as error:
+                if "does not require grad" in str(error):
+                    raise TypeError(
+                        f"codedgrad: task_loss({task}) on rank {self._rank} returned a loss that does not depend "
+                        "on the module's parameters (computed under torch.no_grad(), or detached)"
+                    ) from error
+                raise
+            # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
+            _add_scaled(grads, task_grads, scale, record.accumulator.dtypes)
+            loss_sum += scale * float(loss.detach())
+            if self.config.emulate is not None:
+                record.report.emulated_seconds += self.config.emulate.sleep(self._rank, record.step, record.tasks_run)
+            record.tasks_run += 1
         if self._on_cuda:
             torch.cuda.current_stream().synchronize()  # commit means "done", and the timer must see it
-        with ctx.lock:
-            # Once released, the step's keys may already be gone and the accumulator is being reduced.
-            used = False
-            if not ctx.released:
-                round_trips = self._coordinator.commit_round_trips
+        self._snapshot_buffers()
+        used = False
+        with record.lock:  # the release cannot freeze the accumulator between the commit and the addition
+            if record.phase is StepPhase.RUNNING:
+                trips = channel.commit_round_trips
                 commit_start = time.perf_counter()
-                used = self._coordinator.commit(work.result)
-                ctx.report.commit_seconds.append(time.perf_counter() - commit_start)
-                ctx.report.commit_round_trips += self._coordinator.commit_round_trips - round_trips
-            if used:
-                ctx.accumulator.add_(grads)
-                self._mark_accumulated(ctx)
-        ctx.report.computed += 1
-        ctx.report.used += used
-        elapsed = time.perf_counter() - start
-        ctx.report.task_seconds.append(elapsed)
-        self._recent_seconds.append(elapsed / len(work.tasks))
+                used = channel.commit(work.result)
+                record.report.commit_seconds.append(time.perf_counter() - commit_start)
+                record.report.commit_round_trips += channel.commit_round_trips - trips
+                if used:
+                    record.accumulator.add_(grads, loss_sum)
+                    record.accumulated.append(work.result)  # after the addition completed
+                    self._mark_accumulated(record)
+        end = time.perf_counter()
+        record.report.computed += 1
+        record.report.used += used
+        record.report.task_seconds.append(end - start)
+        record.report.timeline.append((work.result, start - record.start, end - record.start, used))
+        self._planner.record_task((end - start) / len(work.tasks))
 
-    def _mark_accumulated(self, ctx: _StepContext) -> None:
+    def _decided_meanwhile(self, record: StepRecord, channel: StepChannel) -> bool:
+        if self._no_wait:
+            return record.phase is not StepPhase.RUNNING  # the release watches the Store; no round trip
+        return channel.refresh().decided
+
+    def _wait_for_release(self, record: StepRecord, channel: StepChannel) -> None:
+        """The step's reduction: on the release thread (wait for it), or here (synchronous step)."""
+        begin = time.perf_counter()
+        if self._no_wait:
+            releaser = self._releaser
+            while not record.done.wait(timeout=1.0):
+                if releaser is None or not releaser.alive:
+                    raise RuntimeError(
+                        f"codedgrad: rank {self._rank}: the release thread ended during step {record.step}"
+                    )
+        else:
+            reduce_step(
+                record, channel, self._group, self._rank, self._buffer_share, cleanup=self._coordinator.step_done
+            )
+        waited = time.perf_counter() - begin - record.report.allreduce_time
+        record.report.time_waited += max(0.0, waited)
+        if record.phase is StepPhase.FAILED:
+            raise record.error if record.error is not None else RuntimeError("codedgrad: the step failed")
+
+    def _join_ahead(
+        self,
+        record: StepRecord,
+        channel: StepChannel,
+        weights: tuple[float, ...],
+        digest: bytes,
+        task_loss: Callable[[int], torch.Tensor],
+    ) -> None:
+        """The release began this step before this thread got here: compute in it if it is still open."""
+        if record.digest != digest:
+            raise StepMismatchError(
+                f"codedgrad: rank {self._rank}: step {record.step} ran with other task weights on the other ranks "
+                f"({record.digest.hex()} against this rank's {digest.hex()}); every rank must pass the same tasks"
+            )
+        with record.lock:
+            if record.phase is not StepPhase.RUNNING:
+                record.report.ahead = True
+                return
+            channel.begin()  # the keys exist: the release cannot freeze (and then delete) while we hold the lock
+            record.weights = weights
+            record.weights_total = math.fsum(weights)
+            record.ahead = record.report.ahead = False
+        self._run_tasks(record, channel, task_loss)
+
+    def _fail_or_complete(self, record: StepRecord, channel: StepChannel, error: BaseException) -> bool:
+        """After an error on this thread: fail the step on every rank, or find that it completed.
+
+        If the release had not frozen the accumulator, the step fails here and now (RUNNING → FAILED
+        under the lock, so the release can never arrive with it) and the others are woken. If it
+        had, every rank goes on with the step; this waits for its end and says whether it completed.
+        """
+        if record.fail(error):
+            try:
+                channel.abandon(f"{type(error).__name__}: {error}")
+            except Exception as store_error:
+                warnings.warn(
+                    f"codedgrad: could not abandon step {record.step}: {store_error}", RuntimeWarning, stacklevel=2
+                )
+            if not self._no_wait:
+                record.finish(StepPhase.FAILED)
+        if not record.done.wait(timeout=3 * self.config.timeout + 10):
+            self._broken = error  # a release thread still holds the accumulator: never reuse it
+            return False
+        if record.phase is StepPhase.REDUCED:
+            return True
+        self._leave(record, failed=True)
+        return False
+
+    def _apply(self, record: StepRecord, start: float) -> StepReport:
+        """Write the reduced gradient (and rank 0's buffers) and leave the step (``start``: when
+        ``backward`` was called)."""
+        report = record.report
+        if record.reduced_event is not None:
+            torch.cuda.current_stream().wait_event(record.reduced_event)
+        if report.finite or self.config.nonfinite == "keep":
+            record.accumulator.write_to_params()
+        if record.buffers is not None:
+            with torch.no_grad():
+                for buffer, value in zip(self.module.buffers(), record.buffers):
+                    buffer.copy_(value)
+            if self._rank == 0:
+                self._snapshot_buffers()
+        report.step_time = time.perf_counter() - start
+        self._leave(record, failed=False)
+        self.last_report = report
+        if not report.finite and self.config.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"codedgrad: the decoded gradient of step {report.step} is not finite (loss {report.loss}); "
+                "p.grad is left as it was on every rank. Use nonfinite='keep' with a GradScaler."
+            )
+        return report
+
+    def _leave(self, record: StepRecord, failed: bool) -> None:
+        if failed:
+            self._coordinator.step_failed(record.step)
+        self._planner.step_ended(None if failed or record.report.ahead else record.report.step_time)
+        self._step = record.step + 1
+        if self._releaser is not None:
+            self._releaser.left(record.step)
+        self._release_accumulator(record.accumulator)
+
+    # ----------------------------------------------------------------- records and the release
+    def _new_record(self, step: int, plan: Plan, weights: tuple[float, ...] | None, digest: bytes, start: float):
+        accumulator = self._take_accumulator()
+        record = StepRecord(
+            step=step,
+            plan=plan,
+            weights=weights,
+            digest=digest,
+            accumulator=accumulator,
+            report=StepReport(step=step, rank=self._rank, plan_version=plan.version, num_tasks=plan.num_tasks),
+            start=start,
+        )
+        record.weights_total = math.fsum(weights) if weights is not None else 0.0
+        self._mark_accumulated(record)
+        return record
+
+    def _record_ahead(self, step: int, version: int, digest: bytes) -> StepRecord | None:
+        """A record for the release to serve ``step`` before this rank's compute thread gets there."""
+        plan = self._planner.plan
+        if plan is None or plan.version != version:
+            return None  # another plan: the compute thread must take part in its agreement first
+        record = self._new_record(step, plan, None, digest, time.perf_counter())
+        record.ahead = True
+        record.report.ahead = True
+        return record
+
+    def _releaser_for(self, step: int) -> Releaser:
+        if self._releaser is None:
+            assert self._release_group is not None
+            self._releaser = Releaser(
+                self._coordinator,
+                self._release_group,
+                self._rank,
+                first_step=step,
+                max_steps_ahead=self.config.max_steps_ahead,
+                new_record=self._record_ahead,
+                channel_for=self._release_channel,
+                buffers=self._buffer_share,
+                stream=self._release_stream,
+            )
+        return self._releaser
+
+    def _release_channel(self, record: StepRecord) -> StepChannel:
+        plan: Plan = record.plan  # type: ignore[assignment]
+        return self._coordinator.channel(record.step, plan.code, plan.version, record.digest, wait=True)
+
+    def _stop_release(self, join_timeout: float, destroy_group: bool = False) -> None:
+        """End the release thread (it is restarted at the next step), and destroy its group if asked."""
+        releaser, self._releaser = self._releaser, None
+        if releaser is not None and not releaser.close(join_timeout):
+            self._broken = RuntimeError("the release thread did not end in time")
+            return  # it may still use its group: leave the group alone
+        group, self._release_group = (self._release_group, None) if destroy_group else (None, self._release_group)
+        if group is not None and dist.is_initialized():
+            try:
+                dist.destroy_process_group(group)
+            except (RuntimeError, ValueError) as error:  # already gone with the default group
+                warnings.warn(
+                    f"codedgrad: could not destroy the release's process group: {error}", RuntimeWarning, stacklevel=2
+                )
+
+    def _take_accumulator(self) -> FlatGradients:
+        with self._free_lock:
+            accumulator = self._free.pop() if self._free else None
+        if accumulator is None:
+            accumulator = FlatGradients(self._params, bucket_bytes=self._bucket_bytes)
+        else:
+            accumulator.zero_()
+        return accumulator
+
+    def _release_accumulator(self, accumulator: FlatGradients) -> None:
+        with self._free_lock:
+            if len(self._free) <= self.config.max_steps_ahead:
+                self._free.append(accumulator)
+
+    def _mark_accumulated(self, record: StepRecord) -> None:
         """CUDA: let the release stream wait for what the compute stream has accumulated so far."""
         if self._release_stream is not None:
-            ctx.accumulated = torch.cuda.Event()
-            ctx.accumulated.record()
+            record.accumulated_event = torch.cuda.Event()
+            record.accumulated_event.record()
 
-    def _decided_meanwhile(self, ctx: _StepContext) -> bool:
-        if self._release_group is not None:
-            return ctx.released  # the release thread watches the Store; no round trip here
-        return self._coordinator.refresh().decided
+    # ----------------------------------------------------------------- module buffers
+    def _make_buffer_share(self) -> BufferShare | None:
+        buffers = list(self.module.buffers())
+        if not (self.config.broadcast_buffers and buffers):
+            return None
+        source = dist.get_global_rank(self._group, 0) if self._group is not None else 0
+        self._snapshot_buffers()
+        return BufferShare(source, self._rank == 0, self._latest_snapshot, buffers)
 
-    def _arrive_and_reduce(self, ctx: _StepContext, group: dist.ProcessGroup | None) -> None:
-        """Wait for every rank at the Store, then the coded all-reduce of the flat buckets."""
-        self._coordinator.arrive_and_wait()
-        decoding = ctx.decided_state.decoding()
-        coefficient = float(decoding.rank_coefficients[self._rank])
-        ctx.report.rank_coefficient = coefficient
-        ctx.report.condition_number = float(decoding.condition_number)
-        start = time.perf_counter()
-        if self._release_stream is not None and group is self._release_group:
-            # The release thread works on its own stream, after the compute stream's accumulation,
-            # so that it does not queue behind the kernels of a task still in flight.
-            self._release_stream.wait_event(ctx.accumulated)
-            with torch.cuda.stream(self._release_stream):
-                for bucket in ctx.accumulator:
-                    coded_allreduce_(bucket, coefficient, group)
-                ctx.reduced_on_device = torch.cuda.Event()
-                ctx.reduced_on_device.record()
-        else:
-            for bucket in ctx.accumulator:
-                coded_allreduce_(bucket, coefficient, group)
-        ctx.report.allreduce_time = time.perf_counter() - start
+    def _snapshot_buffers(self) -> None:
+        """On rank 0: copy its buffers as they are after its last finished task (what the release shares)."""
+        if self._rank != 0 or not self.config.broadcast_buffers:
+            return
+        buffers = [b.detach().clone() for b in self.module.buffers()]
+        if buffers:
+            with self._buffers_lock:
+                self._latest_buffers = buffers
 
-    # ----------------------------------------------------------------- planning
-    def _ensure_plan(self, num_tasks: int) -> _Plan:
-        if self._plan is None or self._plan.num_tasks != num_tasks:
-            # Keep what was measured so far as a guess for the split (with nothing known, every rank
-            # is alike); but those are times of tasks of another size, not for the clock.
-            profiles = self.profiles or homogeneous_profiles(self._world_size)
-            self._plan = self._agreed_plan(num_tasks, profiles)
-            self._plan_is_measured = False
-            self._recent_seconds.clear()
-        elif self._replan_due():
-            self._maybe_replan()
-        return self._plan
+    def _latest_snapshot(self) -> list[torch.Tensor]:
+        with self._buffers_lock:
+            return [b.clone() for b in self._latest_buffers]
 
-    def _replan_due(self) -> bool:
-        if self._replan_every <= 0:
-            return False
-        period = self._replan_every if self._measured_profiles else self._warmup_steps
-        return self._steps_since_plan >= period
-
-    def _maybe_replan(self) -> None:
-        """Exchange fitted profiles and switch plans when the predicted step time improves enough
-        (or always, the first time).
-
-        Every rank receives the same profiles from the Store and applies the same deterministic rule,
-        so all ranks switch (or not) at the same step without another round of agreement.
-        """
-        assert self._plan is not None
-        own, fitted = self._fitted_profile()
-        name = f"profiles/{self._plan.version}/{self._step}"
-        payload = {"profile": profiles_to_dict([own]), "fitted": fitted}
-        shared = [json.loads(value) for value in self._coordinator.gather(name, json.dumps(payload).encode())]
-        measured = [profiles_from_dict(entry["profile"])[0] for entry in shared]
-        all_fitted = all(entry["fitted"] for entry in shared)
-        self._steps_since_plan = 0  # also when the plan stays: the next exchange is a period away
-        K = self._plan.num_tasks
-        current = _predicted_step_time(measured, optimal_split(self._plan.profiles, K, 1.0, self._gamma))
-        proposed = _predicted_step_time(measured, optimal_split(measured, K, 1.0, self._gamma))
-        self._measured_profiles = True
-        # The first measurements always replace the starting profiles: those are a guess, perhaps in
-        # other units than seconds, and spare work compares the plan's task times with the clock.
-        if not self._plan_is_measured or proposed < (1.0 - self._replan_threshold) * current:
-            self._plan = self._build_plan(K, measured)
-            self._plan_is_measured = all_fitted  # a rank short of samples sent its old guess
-
-    def _fitted_profile(self) -> tuple[WorkerProfile, bool]:
-        """This rank's profile from its task times since the last exchange, and whether it was fitted."""
-        assert self._plan is not None
-        samples = list(self._recent_seconds)
-        self._recent_seconds.clear()
-        if len(samples) < 3:  # too few measurements (e.g. everything purged): keep the old profile
-            return self._plan.profiles[self._rank], False
-        return fit_profile(samples), True
-
-    def _agreed_plan(self, num_tasks: int, profiles: list[WorkerProfile]) -> _Plan:
-        """Build the plan and check through the Store that every rank built the same one."""
-        name = f"plan/{self._plan_versions}"  # before building: a failed build must not move the name
-        plan, error = None, None
-        try:
-            plan = self._build_plan(num_tasks, profiles)
-        except (CodeError, PlanError, ValueError) as exc:
-            error = str(exc)
-        fingerprint = _fingerprint(plan) if plan else ""
-        self._agree(name, {"num_tasks": num_tasks, "plan": fingerprint}, error)
-        assert plan is not None
-        return plan
-
-    def _build_plan(self, num_tasks: int, profiles: list[WorkerProfile]) -> _Plan:
-        code = make_code(self._code_name, self._world_size, num_tasks, self._redundancy, profiles, self._gamma)
-        version = self._plan_versions
-        self._plan_versions += 1
-        return _Plan(version, num_tasks, profiles, code, code.queue(self._rank))
-
-    # ----------------------------------------------------------------- start-up checks
-    def _config(self) -> dict:
-        shapes = [(tuple(p.shape), str(p.dtype)) for p in self.module.parameters()]
-        return {
-            "world_size": self._world_size,
-            "code": self._code_name,
-            "redundancy": self._redundancy,
-            "gamma": self._gamma,
-            "timeout": self._timeout,
-            "profiles": profiles_to_dict(self._profiles) if self._profiles else None,
-            "emulate": self._emulate.to_json() if self._emulate else None,
-            "spare_work": self._spare_work,
-            "no_wait": self._no_wait,
-            "parameters": hashlib.sha256(repr(shapes).encode()).hexdigest()[:16],
-        }
-
-    def _validate_config(self) -> str | None:
-        """This rank's configuration error, if any (reported on every rank by :meth:`_agree`)."""
-        if self._code_name not in CODE_NAMES:
-            return f"code: must be one of {', '.join(CODE_NAMES)}, got {self._code_name!r}"
-        if not (isinstance(self._redundancy, (int, float)) and math.isfinite(self._redundancy)):
-            return f"redundancy: must be a finite number, got {self._redundancy!r}"
-        if self._redundancy < 1:
-            return f"redundancy: must be >= 1, got {self._redundancy}"
-        if not (math.isfinite(self._gamma) and self._gamma >= 0):
-            return f"gamma: must be finite and >= 0, got {self._gamma}"
-        if not (self._timeout > 0 and math.isfinite(self._timeout)):
-            return f"timeout: must be a positive number of seconds, got {self._timeout}"
-        if self._profiles is not None and len(self._profiles) != self._world_size:
-            return f"profiles: {len(self._profiles)} profiles for a world of {self._world_size} ranks"
-        if self._emulate is not None and len(self._emulate.speeds) != self._world_size:
-            return f"emulate.speeds: {len(self._emulate.speeds)} speeds for a world of {self._world_size} ranks"
-        return None
-
-    def _agree(self, name: str, config: dict, error: str | None) -> None:
-        """Gather every rank's configuration and error; raise the same ConfigurationError everywhere."""
-        payload = json.dumps({"config": config, "error": error}, sort_keys=True).encode()
-        everyone = [json.loads(value) for value in self._coordinator.gather(name, payload)]
-        ranks_by_error: dict[str, list[int]] = {}
-        for r, entry in enumerate(everyone):
-            if entry["error"]:
-                ranks_by_error.setdefault(entry["error"], []).append(r)
-        problems = [f"{_ranks(ranks)}: {error}" for error, ranks in ranks_by_error.items()]
-        for key in config:
-            values = [json.dumps(entry["config"].get(key), sort_keys=True) for entry in everyone]
-            if len(set(values)) > 1:
-                per_rank = ", ".join(f"rank {r}={v}" for r, v in enumerate(values))
-                problems.append(f"ranks disagree on {key}: {per_rank}")
-        if problems:
-            raise ConfigurationError("codedgrad: " + "; ".join(problems))
-
-    def _broadcast_state(self) -> None:
-        self._broadcast(itertools.chain(self.module.parameters(), self.module.buffers()))
+    # ----------------------------------------------------------------- helpers
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("codedgrad: this engine is closed")
+        if self._broken is not None:
+            raise RuntimeError(f"codedgrad: this engine is unusable since an earlier step failed: {self._broken}")
 
     def _broadcast(self, tensors) -> None:
         source = dist.get_global_rank(self._group, 0) if self._group is not None else 0
@@ -676,8 +661,38 @@ class CodedDataParallel(nn.Module):
                 dist.broadcast(tensor.data, src=source, group=self._group)
 
 
-def _ranks(ranks: list[int]) -> str:
-    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+def _task_weights(tasks: int | Sequence[float]) -> tuple[float, ...]:
+    """``tasks`` as one weight per task (K equal tasks: weight 1 each), validated."""
+    if isinstance(tasks, bool):
+        raise TypeError(f"codedgrad: tasks must be a number of tasks or a list of task weights, got {tasks!r}")
+    if isinstance(tasks, int):
+        if tasks < 1:
+            raise ValueError(f"codedgrad: tasks: need at least one task, got {tasks}")
+        return (1.0,) * tasks
+    try:
+        weights = tuple(float(w) for w in tasks)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"codedgrad: tasks must be a number of tasks or a list of task weights, got {tasks!r}"
+        ) from None
+    if not weights:
+        raise ValueError("codedgrad: tasks: the list of task weights is empty")
+    for j, w in enumerate(weights):
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"codedgrad: tasks[{j}]: a task weight must be finite and >= 0, got {w}")
+    if not math.fsum(weights) > 0:
+        raise ValueError("codedgrad: tasks: the task weights sum to 0")
+    return weights
+
+
+def _checked_loss(loss: object, task: int, rank: int) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shown = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else repr(loss)[:80]
+        raise TypeError(
+            f"codedgrad: task_loss({task}) on rank {rank} must return a scalar tensor (the mean loss of task "
+            f"{task}'s samples), got {shown}"
+        )
+    return loss.reshape(())
 
 
 def _add_scaled(
@@ -693,11 +708,18 @@ def _add_scaled(
             total[i].add_(grad.to(dtype), alpha=scale)
 
 
-def _predicted_step_time(profiles: Sequence[WorkerProfile], split: Sequence[int]) -> float:
-    """The slowest rank's expected finish time under ``split`` (the planner's view of a step)."""
-    return float(split_statistics(profiles, split).mean_finish.max())
-
-
-def _fingerprint(plan: _Plan) -> str:
-    queues = [[(w.result, w.tasks, w.coefficients) for w in plan.code.queue(r)] for r in range(plan.code.num_ranks)]
-    return hashlib.sha256(repr(queues).encode()).hexdigest()[:16]
+def _warn_about_batch_statistics(module: nn.Module) -> None:
+    """BatchNorm in training mode mixes samples across a task: the coded gradient is then not the
+    whole batch's gradient (each task normalises with its own statistics)."""
+    names = [
+        name or type(m).__name__ for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if names:
+        shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+        warnings.warn(
+            f"codedgrad: {len(names)} BatchNorm layer(s) ({shown}) normalise each task with its own batch "
+            "statistics, so the gradient is not the global batch's: use GroupNorm/LayerNorm, or put them in "
+            "eval mode, for exact gradients (see docs/design.md, 'What breaks exactness')",
+            UserWarning,
+            stacklevel=3,
+        )

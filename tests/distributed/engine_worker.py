@@ -29,8 +29,8 @@ from torch import nn
 
 from codedgrad import CodedDataParallel
 from codedgrad.emulate import Heterogeneity
+from codedgrad.runtime import ConfigurationError
 from codedgrad.runtime.coordinator import CodedStepTimeout
-from codedgrad.runtime.engine import ConfigurationError
 
 SAMPLES_PER_TASK = 3
 FEATURES = 5
@@ -158,7 +158,7 @@ def scenario_exact(rank: int, world: int) -> dict:
             timeout=30,
         )
         results[name] = run_steps(cdp, steps=6, num_tasks=16, dtype=torch.float64)
-        results[name]["measured"] = cdp._plan_is_measured
+        results[name]["measured"] = cdp.plan.measured
     slow = Heterogeneity(speeds=[1.0] * (world - 1) + [0.1], base=0.004, jitter=0.2, seed=4)
     for code, redundancy in (("repetition", 1.25), ("cyclic", 2)):
         cdp = CodedDataParallel(make_model(torch.float64), code=code, redundancy=redundancy, emulate=slow, timeout=30)
@@ -176,18 +176,18 @@ def scenario_exact(rank: int, world: int) -> dict:
         "max_error": run["max_error"],
         "versions": run["plan_version"],
         "means_end": [p.mean for p in cdp.profiles],
-        "primaries_end": len(cdp._plan.queue),
-        "measured_before_k_change": cdp._plan_is_measured,
+        "primaries_end": len(cdp.plan.queue),
+        "measured_before_k_change": cdp.plan.measured,
     }
     # Another K: a new plan, whose per-task times are no longer measured (tasks of another size).
     results["replan"]["new_k_error"] = run_steps(cdp, steps=1, num_tasks=20, dtype=torch.float64)["max_error"]
-    results["replan"]["measured_after_k_change"] = cdp._plan_is_measured
+    results["replan"]["measured_after_k_change"] = cdp.plan.measured
     cdp = CodedDataParallel(
         make_model(torch.float64), redundancy=1.0, emulate=drifting, replan_every=4, warmup_steps=3, timeout=30
     )
     run = run_steps(cdp, steps=11, num_tasks=16, dtype=torch.float64)
     results["replan"]["means_mid"] = [p.mean for p in cdp.profiles]
-    results["replan"]["primaries_mid"] = len(cdp._plan.queue)
+    results["replan"]["primaries_mid"] = len(cdp.plan.queue)
 
     # 50 SGD steps: parameters bitwise identical across ranks, and equal to the single-process run.
     light = Heterogeneity(speeds=noisy.speeds, base=0.001, jitter=0.5, stall_prob=0.05, seed=11)
@@ -267,7 +267,7 @@ def run_with_task_error(cdp: CodedDataParallel, rank: int, delay: float) -> dict
         "outcomes": outcomes,
         "late_errors": late_errors,
         "identical": identical,
-        "step": cdp._step,
+        "step": cdp.step_index,
         "new_keys": keys[1] - keys[0],  # from after the first step to after the last
     }
 

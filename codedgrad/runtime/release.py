@@ -1,0 +1,247 @@
+"""The release: reduce each decided step, in step order, on a thread of its own.
+
+:func:`reduce_step` is the reduction of one step: wait for the decision, freeze the accumulator
+(RUNNING → RELEASING under the step's lock), arrive with the list of accumulated results, and, once
+every rank arrived and the accounts add up, one SUM all-reduce per flat bucket scaled by this rank's
+decoding coefficient; then share rank 0's module buffers. The synchronous step calls it on the
+compute thread; the no-wait release calls it from :class:`Releaser`.
+
+:class:`Releaser` is one thread per engine, with its own process group (collectives from two threads
+on one group can interleave and abort) and its own Store client. It serves steps strictly in order.
+When this rank's compute thread is still inside step t while the others have begun step t+1, the
+releaser joins step t+1 on its own (the Store header says it runs under the same plan), contributes
+an empty accumulator, and keeps the reduced gradient for the compute thread, which applies it
+without computing anything of that step; so nobody waits for a straggler's task in flight, not at
+the decision and not at the next step. At most ``max_steps_ahead`` steps are served that way.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from codedgrad.runtime.coordinator import StepChannel, StoreCoordinator
+from codedgrad.runtime.hooks import coded_allreduce_
+from codedgrad.runtime.step import StepPhase, StepRecord
+
+__all__ = ["BufferShare", "Releaser", "reduce_step"]
+
+
+@dataclass
+class BufferShare:
+    """Rank 0's module buffers, carried by the release after every step.
+
+    Args:
+        source: the global rank whose buffers everyone takes.
+        snapshot: on the source rank, returns a copy of its buffers as of its last finished task.
+        like: tensors shaped like the buffers (received into fresh copies of these).
+        group: the group to broadcast on.
+    """
+
+    source: int
+    is_source: bool
+    snapshot: Callable[[], list[torch.Tensor]]
+    like: list[torch.Tensor]
+
+    def share(self, group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+        tensors = self.snapshot() if self.is_source else [torch.empty_like(t) for t in self.like]
+        for tensor in tensors:
+            dist.broadcast(tensor, src=self.source, group=group)
+        return tensors
+
+
+def reduce_step(
+    record: StepRecord,
+    channel: StepChannel,
+    group: dist.ProcessGroup | None,
+    rank: int,
+    buffers: BufferShare | None = None,
+    stream: torch.cuda.Stream | None = None,
+    cleanup: Callable[[int], None] | None = None,
+) -> None:
+    """Reduce one step on the calling thread; the record ends REDUCED or FAILED (never half-way).
+
+    ``cleanup(step)`` runs after the collective and before the compute thread is woken: every rank
+    is then past every wait of the step, and a caller that counts Store keys between steps sees
+    them gone. Raises nothing: an error is stored in ``record.error`` for the compute thread to raise.
+    """
+    try:
+        decided = channel.wait_decided(busy=lambda: record.compute_busy)
+        with record.lock:  # a commit in progress is accumulated (or not) before the freeze
+            if record.phase is not StepPhase.RUNNING:  # the compute thread failed the step meanwhile
+                failed_locally = True
+            else:
+                failed_locally = False
+                record.phase, record.decided = StepPhase.RELEASING, decided
+                accumulated = list(record.accumulated)
+        decision_time = time.perf_counter()
+        record.report.time_to_decision = decision_time - record.start
+        if failed_locally:
+            channel.abandon(f"{type(record.error).__name__}: {record.error}")
+            record.finish(StepPhase.FAILED)
+            return
+        channel.arrive_and_wait(decided, accumulated)
+        decoding = decided.decoding()
+        coefficient = float(decoding.rank_coefficients[rank])
+        record.report.rank_coefficient = coefficient
+        record.report.condition_number = float(decoding.condition_number)
+        start = time.perf_counter()
+        if stream is not None:
+            # Work on the release's own stream, after the compute stream's accumulation, so that the
+            # reduction does not queue behind the kernels of a task still in flight.
+            if record.accumulated_event is not None:
+                stream.wait_event(record.accumulated_event)
+            with torch.cuda.stream(stream):
+                _reduce_buckets(record, coefficient, group, buffers)
+                record.reduced_event = torch.cuda.Event()
+                record.reduced_event.record()
+        else:
+            _reduce_buckets(record, coefficient, group, buffers)
+        record.report.allreduce_time = time.perf_counter() - start
+        record.report.release_lag = time.perf_counter() - decision_time
+        if cleanup is not None:
+            cleanup(record.step)
+        record.finish(StepPhase.REDUCED)
+    except BaseException as error:  # handed to the compute thread, which raises it
+        record.finish(StepPhase.FAILED, error)
+
+
+def _reduce_buckets(
+    record: StepRecord, coefficient: float, group: dist.ProcessGroup | None, buffers: BufferShare | None
+) -> None:
+    for bucket in record.accumulator:
+        coded_allreduce_(bucket, coefficient, group)
+    # The same values on every rank after the all-reduce, so every rank reaches the same verdict.
+    record.report.finite = record.accumulator.is_finite()
+    record.report.loss = float(record.accumulator.loss)
+    if buffers is not None:
+        record.buffers = buffers.share(group)
+
+
+class Releaser:
+    """The no-wait release: one thread that reduces this rank's steps in order as they are decided.
+
+    Args:
+        coordinator: the engine's Store access (the thread uses its wait client).
+        group: a process group of the release's own.
+        rank: this rank in the group.
+        first_step: the step it serves first.
+        max_steps_ahead: steps it may complete while the compute thread is inside an earlier one.
+        new_record: makes a record for a step served ahead: ``new_record(step) -> StepRecord | None``
+            (None when the compute thread's plan is not the one the step runs under).
+        buffers: rank 0's buffers to share after every step, or None.
+        stream: on CUDA, the release's own stream.
+    """
+
+    def __init__(
+        self,
+        coordinator: StoreCoordinator,
+        group: dist.ProcessGroup,
+        rank: int,
+        first_step: int,
+        max_steps_ahead: int,
+        new_record: Callable[[int, int, bytes], StepRecord | None],
+        channel_for: Callable[[StepRecord], StepChannel],
+        buffers: BufferShare | None = None,
+        stream: torch.cuda.Stream | None = None,
+    ) -> None:
+        self._coordinator = coordinator
+        self.group = group
+        self._rank = rank
+        self._max_ahead = max_steps_ahead
+        self._new_record = new_record
+        self._channel_for = channel_for
+        self._buffers = buffers
+        self._stream = stream
+        self._cond = threading.Condition()
+        self._records: dict[int, StepRecord] = {}
+        self._next = first_step  # the step to serve next
+        self._compute_step = first_step  # the step the compute thread is in (or will begin next)
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="codedgrad-release", daemon=True)
+        self._thread.start()
+
+    def claim(self, step: int, make: Callable[[], StepRecord]) -> StepRecord:
+        """The record of ``step`` for the compute thread: the one served ahead, or ``make()``'s, submitted."""
+        with self._cond:
+            self._compute_step = step
+            record = self._records.get(step)
+            if record is None:
+                record = self._records[step] = make()
+                self._cond.notify_all()
+            return record
+
+    def left(self, step: int) -> None:
+        """The compute thread is done with ``step`` (applied or failed): forget its record."""
+        with self._cond:
+            self._records.pop(step, None)
+            self._compute_step = max(self._compute_step, step + 1)
+            self._cond.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float) -> bool:
+        """Stop the thread after the step it is serving; True if it ended within ``timeout``."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        interval = 0.001
+        while True:
+            with self._cond:
+                while not self._closing and self._next not in self._records and not self._may_go_ahead():
+                    self._cond.wait()
+                if self._closing:
+                    return
+                record = self._records.get(self._next)
+            if record is None:  # the compute thread is behind: join the next step if others began it
+                record = self._try_ahead(self._next)
+                if record is None:
+                    with self._cond:
+                        self._cond.wait(interval)  # woken early by the compute thread's claim
+                    interval = min(2 * interval, 0.02)
+                    continue
+            interval = 0.001
+            channel = self._channel_for(record)
+            reduce_step(
+                record, channel, self.group, self._rank, self._buffers, self._stream, self._coordinator.step_done
+            )
+            with self._cond:
+                self._next += 1
+                if record.phase is StepPhase.FAILED:
+                    # Never run ahead of a failure: the compute thread decides what comes next.
+                    self._compute_step = max(self._compute_step, record.step)
+
+    def _may_go_ahead(self) -> bool:
+        """Whether to look for the next step on the Store without the compute thread (lock held)."""
+        if self._max_ahead <= 0 or self._next - self._compute_step > self._max_ahead or self._next == 0:
+            return False
+        previous = self._records.get(self._next - 1)
+        # Only after a step that this thread reduced and the compute thread has not left yet (it is
+        # still inside it, or behind), never after a failure.
+        return previous is not None and previous.phase is StepPhase.REDUCED and self._compute_step < self._next
+
+    def _try_ahead(self, step: int) -> StepRecord | None:
+        header = self._coordinator.step_exists(step)
+        if header is None:
+            return None
+        record = self._new_record(step, *header)
+        if record is None:
+            return None
+        with self._cond:
+            if step in self._records:  # the compute thread claimed it meanwhile
+                return self._records[step]
+            if self._compute_step >= step:
+                return None
+            self._records[step] = record
+            return record
