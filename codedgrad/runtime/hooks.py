@@ -122,8 +122,9 @@ class CodedHookState:
     Tuning: nothing to tune beyond the weights; the hook adds one multiply per bucket and one
     16-byte all-reduce per backward pass (the agreement check) to DDP's all-reduce. To change batch
     sizes between steps, call :meth:`set_sample_counts` (or :meth:`set_coefficient`) on every rank
-    before the backward pass of that step. On CUDA, reading the check's verdict synchronises the
-    host with the check's reduction once per backward pass, at the last bucket.
+    before the backward pass of that step. The check runs on host tensors where the group has gloo
+    (also ``"cpu:gloo,cuda:nccl"``); on an NCCL-only group it runs on the GPU and reading its verdict
+    synchronises the host once per backward pass, at the last bucket.
 
     The group's world size and this rank's index are checked against ``sample_counts`` at
     construction when the process group is already initialised, otherwise on first use.
@@ -217,11 +218,20 @@ class CodedHookState:
         return f"CodedHookState(process_group={self.process_group!r}, {weights})"
 
 
+def _check_device(group: dist.ProcessGroup, bucket_device: torch.device) -> torch.device:
+    """Where the check's tensor lives: on the host when the group can reduce host tensors (gloo)."""
+    # A host tensor keeps the verdict off the GPU: no device synchronisation to read it. NCCL (and
+    # backends we do not know) reduce tensors on the bucket's device, which they support by construction.
+    backend = str(dist.get_backend(group))
+    return torch.device("cpu") if "gloo" in backend else bucket_device
+
+
 def _launch_check(
     state: CodedHookState, group: dist.ProcessGroup, device: torch.device, local_error: ValueError | None
 ) -> _PendingCheck:
     """Start the agreement check of this backward pass (asynchronous, 2 × int64, MAX)."""
     rank = dist.get_rank(group)
+    device = _check_device(group, device)
     # Every rank issues this collective, whatever its weights, so the collective sequences stay
     # aligned; a rank with an unusable state still takes part and fails after it with the others.
     low = rank & _RANK_MASK
