@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import atexit
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -93,9 +92,10 @@ class BalancedStrategy(DDPStrategy):
             share (0.05 = 5 %), so that noise does not move samples back and forth.
         gamma: the planner's weight of the second moment (:func:`codedgrad.plan.optimal_split`).
         emulate: emulated heterogeneity for tests and benchmarks: each training step sleeps, after
-            the forward, for the sum of the per-sample delays of its ``counts[rank]`` samples
-            (``Heterogeneity.task_delay`` with the sample's position as the index, the global step
-            as the step; ``base`` is a speed-1 rank's time per sample). None reads ``CODEDGRAD_EMULATE``.
+            the forward, for the emulated time of its ``counts[rank]`` samples
+            (``Heterogeneity.sleep_batch``: one delay per sample, index = position in the rank's
+            batch, step = the global step; ``base`` is a speed-1 rank's time per sample). None reads
+            ``CODEDGRAD_EMULATE``.
         **kwargs: passed to :class:`~pytorch_lightning.strategies.DDPStrategy`.
 
     Raises:
@@ -283,10 +283,9 @@ class BalancedStrategy(DDPStrategy):
             output = super().training_step(*args, **kwargs)
         finally:
             self._step_counts = None
-        if self._emulate is not None:
+        if self._emulate is not None:  # after the forward, before the backward and its all-reduce
             step = self.lightning_module.trainer.global_step
-            delay = sum(self._emulate.task_delay(self.global_rank, step, i) for i in range(counts[self.global_rank]))
-            time.sleep(delay)
+            self._emulate.sleep_batch(self.global_rank, step, counts[self.global_rank])
         self._steps += 1
         return output
 
@@ -433,6 +432,9 @@ def _is_mean(reduce_op: Any) -> bool:
 def _with_batch_sampler(dataloader: DataLoader, batch_sampler: ShardBatchSampler) -> DataLoader:
     """A plain DataLoader with ``dataloader``'s settings, reading batches from ``batch_sampler``."""
     workers = dataloader.num_workers
+    kwargs: dict[str, Any] = {}
+    if hasattr(dataloader, "in_order"):  # torch >= 2.6
+        kwargs["in_order"] = dataloader.in_order
     return DataLoader(
         dataloader.dataset,
         batch_sampler=batch_sampler,
@@ -446,5 +448,5 @@ def _with_batch_sampler(dataloader: DataLoader, batch_sampler: ShardBatchSampler
         prefetch_factor=dataloader.prefetch_factor if workers > 0 else None,
         persistent_workers=dataloader.persistent_workers if workers > 0 else False,
         pin_memory_device=dataloader.pin_memory_device,
-        in_order=getattr(dataloader, "in_order", True),
+        **kwargs,
     )

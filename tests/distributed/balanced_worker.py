@@ -38,7 +38,7 @@ from codedgrad.lightning import BalancedStrategy
 N, EVAL_N, FEATURES, BATCH, WORLD = 100, 24, 4, 8, 3
 LR, MOMENTUM = 0.1, 0.9
 SPEEDS = (1.0, 2.0, 4.0)
-EMULATE = Heterogeneity(speeds=SPEEDS, base=0.004, jitter=0.2, seed=0)
+EMULATE = Heterogeneity(speeds=SPEEDS, base=0.01, jitter=0.2, seed=0)  # 10 ms per sample at speed 1
 
 
 def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
