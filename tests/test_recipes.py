@@ -166,16 +166,28 @@ def _strategy_module_missing(strategy: str) -> str | None:
     return None if found else f"codedgrad/lightning/{strategy}.py does not exist yet (built in parallel)"
 
 
+def _torchrun(strategy: str, parent: Path) -> Path:
+    """Launch the short run of ``strategy`` under ``parent``; return its run directory."""
+    # The run directory is named by the resolver on each rank: exactly one directory means they agreed.
+    run_dir_arg = f"hydra.run.dir={parent}/${{codedgrad_run_name:}}"
+    run_torchrun(TRAIN, RANKS, [f"strategy={strategy}", *SHORT_RUN, run_dir_arg], timeout=240)
+    (run_dir,) = parent.iterdir()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ddp run, shared with the launcher test (which must reproduce its losses)."""
+    return _torchrun("ddp", tmp_path_factory.mktemp("ddp"))
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "balanced", "coded"])
-def test_torchrun_recipe(strategy: str, tmp_path: Path) -> None:
+def test_torchrun_recipe(strategy: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     missing = _strategy_module_missing(strategy)
     if missing:
         pytest.skip(missing)
-    # The run directory is named by the resolver on each rank: exactly one directory means they agreed.
-    run_dir_arg = f"hydra.run.dir={tmp_path}/${{codedgrad_run_name:}}"
-    run_torchrun(TRAIN, RANKS, [f"strategy={strategy}", *SHORT_RUN, run_dir_arg], timeout=240)
-    (run_dir,) = tmp_path.iterdir()
+    run_dir = request.getfixturevalue("ddp_run") if strategy == "ddp" else _torchrun(strategy, tmp_path)
     extra = ("time_waited",) if strategy == "ddp" else ()
     if strategy == "coded":
         extra = ("used", "purged", "spare", "time_waited", "plan_version", "stalls_seen")
@@ -187,8 +199,9 @@ def test_torchrun_recipe(strategy: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
-def test_lightning_launcher_shares_the_run_dir(tmp_path: Path) -> None:
-    """``python recipes/train.py trainer.devices=2``: Lightning starts rank 1 with rank 0's run directory."""
+def test_lightning_launcher_shares_the_run_dir(tmp_path: Path, ddp_run: Path) -> None:
+    """``python recipes/train.py trainer.devices=2``: Lightning starts rank 1 with rank 0's run directory,
+    and the run reproduces the torchrun run's losses exactly (seeded; the emulation only sleeps)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
@@ -199,3 +212,5 @@ def test_lightning_launcher_shares_the_run_dir(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     _check_run_dir(run_dir, ("time_waited",))
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, ddp_run))
+    assert (ours["train/loss"], ours["val/loss"]) == (theirs["train/loss"], theirs["val/loss"])

@@ -1,6 +1,11 @@
 """The ``cluster`` config group as a :class:`~codedgrad.emulate.Heterogeneity`, its ideal bound, and
 the per-batch delay that makes a strategy without built-in emulation (plain ``ddp``) equally slow.
 
+A cluster's ``base`` is the emulated time of one *sample* on a rank of speed 1: a unit every strategy
+shares, whatever it calls a task. ``balanced`` and the recipe's own delay for ``ddp`` draw one delay
+per sample; a strategy that draws one per task (``coded``: K tasks per global batch) gets the same
+emulation scaled to its task size by :func:`per_task`, so every strategy emulates the same mean work.
+
 A cluster profile names speeds for a fixed number of ranks (``hetero4``: 1, 1, 2, 4). A job with a
 different world size gets a resized profile (logged): fewer ranks take speeds spread evenly over the
 list, so the fastest and slowest stay; more ranks repeat the list.
@@ -21,7 +26,7 @@ import torch
 from codedgrad.emulate import Heterogeneity
 from codedgrad.plan import capacity_time
 
-__all__ = ["EmulatedDelay", "batch_len", "build_emulation", "fit_speeds", "pooled_bound", "stalled_tasks"]
+__all__ = ["EmulatedDelay", "batch_len", "build_emulation", "fit_speeds", "per_task", "pooled_bound", "stalled_tasks"]
 
 log = logging.getLogger(__name__)
 
@@ -70,53 +75,57 @@ def build_emulation(cfg: Mapping[str, Any], world_size: int) -> Heterogeneity | 
     return Heterogeneity(**args, forced_stalls=tuple(stalls))
 
 
-def pooled_bound(het: Heterogeneity, num_tasks: int, step: int = 0) -> float:
-    """The ideal step time: ``num_tasks`` tasks on all ranks' pooled capacity, ``K / Σ_p 1/m_p``.
+def per_task(het: Heterogeneity, samples_per_task: float) -> Heterogeneity:
+    """The per-sample emulation ``het`` for a consumer that draws one delay per task of this many samples."""
+    return replace(het, base=het.base * samples_per_task)
 
-    ``m_p`` is rank p's mean emulated task time at ``step`` (speed changes applied, stalls included
+
+def pooled_bound(het: Heterogeneity, units: int, step: int = 0) -> float:
+    """The ideal time of ``units`` emulated units of work on all ranks' pooled capacity: ``units / Σ_p 1/m_p``.
+
+    ``m_p`` is rank p's mean emulated time per unit at ``step`` (speed changes applied, stalls included
     at their rate; DESIGN.md §1). It leaves out real compute and the all-reduce, so it bounds the
     emulated part of a step.
     """
     steady = replace(het, speeds=het.speeds_at(step), change_step=None, change_speeds=None, forced_stalls=())
-    return capacity_time(steady.profiles(), num_tasks)
+    return capacity_time(steady.profiles(), units)
 
 
-def stalled_tasks(het: Heterogeneity, rank: int, step: int, task_seconds: Sequence[float], ratio: float) -> int:
-    """How many of ``task_seconds`` took more than ``ratio`` times ``rank``'s mean task time at ``step``."""
-    limit = ratio * het.mean_task_time(rank, step)
-    return sum(1 for t in task_seconds if t > limit)
+def stalled_tasks(het: Heterogeneity, rank: int, step: int, task_seconds: Sequence[float], limit: float) -> int:
+    """How many of ``task_seconds`` took more than ``limit`` times ``rank``'s mean unit time at ``step``.
+
+    ``limit`` is the stall ratio times the samples per task when the task times are of tasks.
+    """
+    threshold = limit * het.mean_task_time(rank, step)
+    return sum(1 for t in task_seconds if t > threshold)
 
 
 class EmulatedDelay(pl.Callback):
-    """Sleeps on each rank, once per training batch, for the emulated time of its share of the tasks.
+    """Sleeps on each rank, once per training batch, for the emulated time of its samples.
 
-    For strategies that do not take ``emulate=`` (plain DDP): the rank's batch counts as
-    ``round(len(batch) · num_tasks / global_batch)`` tasks, and the delay is the sum of their
-    :meth:`Heterogeneity.task_delay` (the same draws a coded strategy would make for those tasks).
-    The sleep is in ``on_before_backward``: inside the step, before the gradient all-reduce, so the
-    other ranks wait for it in their backward, as they would for a slow device.
+    For strategies that do not take ``emulate=`` (plain DDP): the delay is the sum of
+    :meth:`Heterogeneity.task_delay` over the batch's samples (index = position in the rank's batch,
+    step = the global step), as ``balanced`` draws them. The sleep is in ``on_before_backward``:
+    inside the step, before the gradient all-reduce, so the other ranks wait for it in their
+    backward, as they would for a slow device.
 
     Attributes:
-        last_task_seconds: the emulated delay of each task of the last batch on this rank.
-        last_tasks: how many tasks the last batch counted as.
+        last_sample_seconds: the emulated delay of each sample of the last batch on this rank.
     """
 
-    def __init__(self, het: Heterogeneity, num_tasks: int, global_batch: int):
+    def __init__(self, het: Heterogeneity):
         super().__init__()
-        self.het, self.num_tasks, self.global_batch = het, num_tasks, global_batch
-        self.last_task_seconds: list[float] = []
-        self.last_tasks = 0
-        self._batch_len = global_batch
+        self.het = het
+        self.last_sample_seconds: list[float] = []
+        self._batch_len = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         self._batch_len = batch_len(batch)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        tasks = max(1, round(self._batch_len * self.num_tasks / self.global_batch))
         rank, step = trainer.global_rank, trainer.global_step
-        self.last_task_seconds = [self.het.task_delay(rank, step, i) for i in range(tasks)]
-        self.last_tasks = tasks
-        time.sleep(sum(self.last_task_seconds))  # one sleep: fewer wake-ups than one per task
+        self.last_sample_seconds = [self.het.task_delay(rank, step, i) for i in range(self._batch_len)]
+        time.sleep(sum(self.last_sample_seconds))  # one sleep: fewer wake-ups than one per sample
 
 
 def batch_len(batch: Any) -> int:

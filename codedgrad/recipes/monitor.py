@@ -1,9 +1,10 @@
 """``CodedMonitor``: step times, the ideal bound, per-rank work and figures in TensorBoard.
 
 Every step, on every rank, the monitor times the training batch (``on_train_batch_start`` to
-``on_train_batch_end``, local clock only: no collective) and logs ``perf/step_time`` and
-``perf/bound_ratio`` (the step time over the pooled-capacity bound of the emulation) through
-``self.log``, so they reach Lightning's TensorBoardLogger and the progress bar.
+``on_train_batch_end``, local clock only: no collective) and logs ``perf/step_time``, ``perf/bound``
+(the global batch's emulated work on the pooled capacity of all ranks, DESIGN.md §1) and
+``perf/bound_ratio`` through ``self.log``, so they reach Lightning's TensorBoardLogger and the
+progress bar. The bound is an expectation: a lucky step can come in under it.
 
 Per-rank values (tasks computed, used and purged, spare work, time waited, plan version, stalls seen)
 are gathered to rank 0 every ``every_n_steps`` steps by one small ``all_gather`` of a fixed-size
@@ -19,10 +20,12 @@ What a strategy exposes is read with ``getattr`` and defaults, so any strategy w
   ``purged``, ``spare``, ``time_waited``, ``plan_version``, ``task_seconds``, ``emulated_seconds``,
   ``num_tasks``); without it (plain DDP, balanced) the rank's tasks are its share of the global batch
   (``len(batch) · K / global_batch``), nothing is purged and, when the recipe's own delay emulated
-  them, its time waited is the emulated delay of the slowest rank minus its own;
+  them (plain DDP), the timeline shows the emulated delay of each sample and the time waited is the
+  emulated delay of the slowest rank minus its own;
 * ``profiles`` (a list of :class:`~codedgrad.profile.WorkerProfile`, one per rank), ``split`` (tasks
-  per rank) and ``stalls_seen`` (per rank, cumulative). Without ``stalls_seen``, a stall is a task
-  that took more than ``stall_ratio`` times its rank's mean emulated task time.
+  per rank) or ``counts`` (samples per rank, as ``balanced`` has), and ``stalls_seen`` (per rank,
+  cumulative). Without ``stalls_seen``, a stall is a task (or sample) that took more than
+  ``stall_ratio`` times its rank's mean emulated time for it.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class CodedMonitor(pl.Callback):
     """Writes the step-time, bound, per-rank and figure logs described in the module docstring.
 
     Args:
-        het: the emulation (None: no bound, no stall detection).
+        het: the emulation, per sample (None: no bound, no stall detection).
         num_tasks: tasks per global batch (K), for the bound and the ideal split.
         global_batch: samples per global batch, to count a rank's tasks when no report does.
         every_n_steps: gather and write per-rank scalars every this many steps (from step 0).
@@ -116,33 +119,36 @@ class CodedMonitor(pl.Callback):
         num_tasks = int(getattr(report, "num_tasks", self.num_tasks) or self.num_tasks)
         log = {"perf/step_time": step_time}
         if self.het is not None:
-            bound = pooled_bound(self.het, num_tasks, max(step, 0))
+            bound = pooled_bound(self.het, self.global_batch, max(step, 0))
             log.update({"perf/bound": bound, "perf/bound_ratio": step_time / bound})
         for name, value in log.items():
             # sync_dist=False: rank 0's own clock; a collective per step would distort what is measured.
             pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name != "perf/bound", batch_size=1)
-        row = self._rank_row(trainer, report, step, step_time)
+        row = self._rank_row(trainer, report, num_tasks, step, step_time)
         if step >= 0 and step % self.every_n_steps == 0:
             rows = _gather(row, trainer.strategy.root_device)
             if trainer.global_rank == 0:
                 self._write(trainer, rows, step)
 
-    def _rank_row(self, trainer: pl.Trainer, report: Any, step: int, step_time: float) -> np.ndarray:
+    def _rank_row(self, trainer: pl.Trainer, report: Any, num_tasks: int, step: int, step_time: float) -> np.ndarray:
         """This rank's fields and task times as one fixed-size vector (NaN: not known)."""
         if report is not None:
             values = {f: float(getattr(report, f, math.nan)) for f in RANK_FIELDS[1:]}
             task_seconds = list(getattr(report, "task_seconds", []) or [])
+            unit = self.global_batch / num_tasks  # samples per task: the stall limit scales with it
         else:
-            task_seconds = list(self.emulator.last_task_seconds) if self.emulator else []
-            tasks = max(1, round(self._batch_len * self.num_tasks / self.global_batch))
+            task_seconds = list(self.emulator.last_sample_seconds) if self.emulator else []
+            tasks = self._batch_len * num_tasks / self.global_batch
             values = dict.fromkeys(RANK_FIELDS[1:], math.nan)
             values.update(computed=tasks, used=tasks, purged=0.0, spare=0.0, plan_version=0.0)
             values["emulated_seconds"] = sum(task_seconds) if self.emulator else math.nan
+            unit = 1.0  # the emulator's times are per sample
         reported_stalls = getattr(trainer.strategy, "stalls_seen", None)
         if reported_stalls is not None:
             self.stalls_seen = int(reported_stalls[trainer.global_rank])
         elif self.het is not None and step >= 0:
-            self.stalls_seen += stalled_tasks(self.het, trainer.global_rank, step, task_seconds, self.stall_ratio)
+            limit = self.stall_ratio * unit
+            self.stalls_seen += stalled_tasks(self.het, trainer.global_rank, step, task_seconds, limit)
         values.update(step_time=step_time, stalls_seen=float(self.stalls_seen))
         row = np.full(_HEADER + MAX_TASKS, math.nan)
         row[: len(RANK_FIELDS)] = [values[f] for f in RANK_FIELDS]
@@ -171,10 +177,13 @@ class CodedMonitor(pl.Callback):
                 writer.add_scalar(f"rank{rank}/profile_{attr}", float(getattr(profile, attr)), step)
         if step % self.figure_every_n_steps == 0:
             split = getattr(trainer.strategy, "split", None)
+            counts = getattr(trainer.strategy, "counts", None)
+            if split is None and counts is not None:  # samples per rank: in tasks, like the other bars
+                split = np.asarray(counts, dtype=float) * self.num_tasks / self.global_batch
             task_seconds = [row[_HEADER : _HEADER + int(row[len(RANK_FIELDS)])] for row in rows]
             writer.add_figure("figures/load_split", self._split_figure(fields, split, step), step)
             # Without a report (plain DDP) the per-task times are the emulated delays; real compute is "rest".
-            note = "" if getattr(trainer.strategy, "last_report", None) is not None else ": emulated delays"
+            note = "" if getattr(trainer.strategy, "last_report", None) is not None else ": emulated, per sample"
             timeline = _timeline_figure(task_seconds, fields["step_time"], step, note)
             writer.add_figure("figures/timeline", timeline, step)
 
@@ -184,7 +193,7 @@ class CodedMonitor(pl.Callback):
         series = {"computed": fields["computed"], "used": fields["used"]}
         if split is not None:
             series = {"assigned": np.asarray(split, dtype=float), **series}
-        fig = Figure(figsize=(6, 3.5))  # no pyplot: no global figure registry, no display backend
+        fig = Figure(figsize=(7.5, 3.5))  # no pyplot: no global figure registry, no display backend
         ax = fig.subplots()
         width = 0.8 / len(series)
         for i, (label, values) in enumerate(series.items()):
@@ -194,7 +203,7 @@ class CodedMonitor(pl.Callback):
             ideal = self.num_tasks * speeds / speeds.sum()
             ax.scatter(ranks, ideal, marker="_", s=600, color="black", label="speed-proportional", zorder=3)
         ax.set(xlabel="rank", ylabel="tasks", xticks=ranks, title=f"load split, step {step}")
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the bars, not on them
         fig.tight_layout()
         return fig
 

@@ -24,7 +24,9 @@ from pytorch_lightning.strategies import DDPStrategy, Strategy, StrategyRegistry
 
 from codedgrad.emulate import Heterogeneity
 
-__all__ = ["build_strategy", "takes_emulation"]
+__all__ = ["build_strategy", "emulation_unit", "takes_emulation"]
+
+_SAMPLE_UNIT = {"balanced"}  # strategies known to draw one emulated delay per sample (see emulation_unit)
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +65,23 @@ def takes_emulation(name: str) -> bool:
     return "emulate" in inspect.signature(cls.__init__).parameters
 
 
+def emulation_unit(name: str) -> str:
+    """What strategy ``name`` draws one emulated delay for: ``"sample"`` or ``"task"``.
+
+    A strategy class may say so itself with an ``emulation_unit`` attribute; otherwise ``balanced`` is
+    known to draw per sample and every other strategy (``coded``: ``CodedDataParallel``) per task.
+    """
+    cls, _ = _strategy_class(name)
+    return getattr(cls, "emulation_unit", "sample" if name in _SAMPLE_UNIT else "task")
+
+
 def build_strategy(cfg: Mapping[str, Any], emulate: Heterogeneity | None = None) -> Strategy:
     """The strategy the ``strategy`` config group names, built from its keys.
 
     Args:
-        cfg: ``name`` plus constructor arguments. For ``ddp``: ``process_group_backend`` and
-            ``timeout`` (seconds) are understood.
+        cfg: ``name`` plus constructor arguments. ``timeout`` is in seconds; it becomes the
+            ``timedelta`` DDPStrategy wants when the strategy hands it on to DDPStrategy (``ddp``, and
+            subclasses that take it through ``**kwargs``).
         emulate: the emulation, passed to strategies whose constructor takes ``emulate``.
     """
     args = {k: v for k, v in cfg.items() if k != "name"}
@@ -85,6 +98,8 @@ def build_strategy(cfg: Mapping[str, Any], emulate: Heterogeneity | None = None)
     if unused:
         log.warning("strategy=%s: its constructor takes no %s; left out", name, ", ".join(unused))
     kwargs = {**init_params, **{k: v for k, v in args.items() if k not in unused}}
+    if "timeout" in kwargs and "timeout" not in parameters and issubclass(cls, DDPStrategy):
+        kwargs["timeout"] = timedelta(seconds=float(kwargs["timeout"]))
     if "emulate" in parameters:
         kwargs["emulate"] = emulate
     return cls(**kwargs)

@@ -19,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from codedgrad.recipes.datamodules import build_datamodule
-from codedgrad.recipes.emulation import EmulatedDelay, build_emulation
+from codedgrad.recipes.emulation import EmulatedDelay, build_emulation, per_task
 from codedgrad.recipes.models import build_model
 from codedgrad.recipes.module import RecipeModule
 from codedgrad.recipes.monitor import CodedMonitor
-from codedgrad.recipes.strategies import build_strategy, takes_emulation
+from codedgrad.recipes.strategies import build_strategy, emulation_unit, takes_emulation
 
 __all__ = ["run"]
 
@@ -74,10 +74,14 @@ def run(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path = ".") -> dict[
     module = RecipeModule(build_model(cfg["model"], data.describe()), data.kind, cfg.get("optim"))
 
     num_tasks = int(cfg["tasks_per_step"])
-    inside = takes_emulation(cfg["strategy"]["name"])
-    strategy = build_strategy(cfg["strategy"], emulate=het if inside else None)
     global_batch = data.batch_size * world_size  # DDP's global batch, for every strategy
-    emulator = EmulatedDelay(het, num_tasks, global_batch) if het is not None and not inside else None
+    name = cfg["strategy"]["name"]
+    inside = takes_emulation(name)
+    emulate = het
+    if het is not None and inside and emulation_unit(name) == "task":
+        emulate = per_task(het, global_batch / num_tasks)  # same mean work, one draw per task
+    strategy = build_strategy(cfg["strategy"], emulate=emulate if inside else None)
+    emulator = EmulatedDelay(het) if het is not None and not inside else None
     monitor_cfg = dict(cfg.get("monitor") or {})
     monitor_cfg.setdefault("every_n_steps", trainer_cfg.get("log_every_n_steps", 50))
     monitor = CodedMonitor(het, num_tasks, global_batch, emulator=emulator, **monitor_cfg)
