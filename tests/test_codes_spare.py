@@ -117,16 +117,3 @@ def test_spare_work_offers_an_open_task_and_keeps_its_promise(case, elapsed):
     assert retry is not None
     assert spare_work(state, rank, elapsed=retry) is not None
     assert spare_work(state, rank, elapsed=max(retry, elapsed)) is not None
-
-
-def test_deprecated_state_methods_forward_to_the_policy():
-    # Kept until the runtime switches to codedgrad.codes.spare; remove with the methods.
-    code = RepetitionCode(3, 12, 1.0, [WorkerProfile(0, 1, 0)] * 3)
-    state = code.new_state()
-    for j in range(11):
-        state.commit(0, j)
-    assert state.spare_work(1, elapsed=3.9) == spare_work(state, 1, elapsed=3.9)
-    assert state.spare_work(1) == spare_work(state, 1)
-    assert state.next_spare_check(1, 3.9) == next_spare_check(state, 1, 3.9)
-    frc = make_code("frc", 4, 8, 2.0).new_state()
-    assert frc.spare_work(0) is None and frc.next_spare_check(0, 1.0) is None

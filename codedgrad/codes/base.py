@@ -114,20 +114,6 @@ class DecoderState(ABC):
     def to_bytes(self) -> bytes:
         """A compact serialisation; :meth:`GradientCode.state_from_bytes` inverts it."""
 
-    # Kept until the runtime switches to codedgrad.codes.spare; remove after.
-    def spare_work(self, rank: int, elapsed: float | None = None) -> Work | None:
-        """Deprecated: :func:`codedgrad.codes.spare.spare_work` on this state."""
-        from codedgrad.codes import spare  # late: spare imports the codes, which import this module
-
-        return spare.spare_work(self, rank, elapsed)
-
-    # Kept until the runtime switches to codedgrad.codes.spare; remove after.
-    def next_spare_check(self, rank: int, elapsed: float) -> float | None:
-        """Deprecated: :func:`codedgrad.codes.spare.next_spare_check` on this state."""
-        from codedgrad.codes import spare
-
-        return spare.next_spare_check(self, rank, elapsed)
-
 
 class GradientCode(ABC):
     """A gradient code over ``num_ranks`` ranks and ``num_tasks`` equal tasks."""
