@@ -39,7 +39,9 @@ What the strategy does with Lightning (Lightning 2.6; the internals are named wh
   min are honoured). ``sync_dist`` is then served without a collective inside the step; epoch-level
   aggregation still reduces across ranks at the epoch's end. On a step the release completed for
   this rank while it was stalled (``StepReport.ahead``, it computed nothing), the step's values
-  repeat the previous ones with weight 0, so they do not count in epoch means.
+  repeat the previous ones with weight 0, so they do not count in epoch means. A key becomes known to
+  a rank with its first computed task: before that (a rank whose first steps were decided without
+  it) the rank logs nothing for it.
 * **Checkpoints.** The engine's state (step index, plan, profiles) is stored under
   :data:`CHECKPOINT_KEY` and restored on resume; the module's ``state_dict`` stays the user's.
 * **Evaluation.** Validation, test and predict loops are DDP's (``DistributedSampler`` shards, metrics
