@@ -1,6 +1,6 @@
 """Data for tasks: DDP's global batches, split into weighted tasks, loaded only where computed.
 
-Three jobs, one per part of this module (DESIGN.md §3 "Data"):
+Three jobs, one per part of this module (docs/design.md, "Data"):
 
 * :class:`GlobalBatchSampler` yields the world's t-th *global batch*: exactly the samples that
   ``world_size`` ranks, each running a ``DataLoader`` over a ``DistributedSampler``, see at their

@@ -1,4 +1,4 @@
-"""The load split: how many of a job's task slots each worker gets (DESIGN.md §1).
+"""The load split: how many of a job's task slots each worker gets (docs/design.md, "The model").
 
 The *optimal split* of Esfahanizadeh, Cohen & Médard gives worker p a real load κ_p ≥ 0 with
 Σ κ_p = K·Ω such that every worker in use has the same cost ``f_p(κ) = E[T_p] + γ·E[T_p²]``.
@@ -221,7 +221,7 @@ def capacity_time(profiles: Sequence[WorkerProfile], tasks: int) -> float:
     """The fluid lower bound on one job's time: all capacity pooled, no waste.
 
     The earliest t at which the workers can together have done K tasks on average,
-    Σ_p max(0, t − c_p)/m_p = K; with no shifts this is K / Σ_p (1/m_p) (DESIGN.md §1).
+    Σ_p max(0, t − c_p)/m_p = K; with no shifts this is K / Σ_p (1/m_p) (docs/design.md, "The model").
     It bounds the *expected* job time for task times with std ≤ mean (shifted exponential,
     exponential, deterministic). With heavier-tailed tasks (std > mean) and redundancy a job can
     on average finish sooner, because the fastest of many long-tailed copies beats the mean.
@@ -325,9 +325,9 @@ def propose_num_tasks(
       step's compute on one rank of average speed, spread over P ranks): + W/K per step.
 
     ``T(K) ≈ W/P + K·o/P + W/K`` is smallest at ``K* = sqrt(W·P/o)``. The result is then kept at
-    least P (one task per rank), at least long enough that a task lasts 50 commits (DESIGN.md §4:
-    coordination must stay a small share of the work), and at most ``max_tasks`` (e.g. the global
-    batch size, one sample per task).
+    least P (one task per rank), at least long enough that a task lasts 50 commits (docs/design.md,
+    "Facts about the stack": coordination must stay a small share of the work), and at most
+    ``max_tasks`` (e.g. the global batch size, one sample per task).
 
     Args:
         world_size: P, the number of ranks.

@@ -31,7 +31,7 @@ from codedgrad.runtime import CodedHookState
 
 WORKER = Path(__file__).parent / "distributed" / "balanced_worker.py"
 NPROC = 3
-FP64_TOLERANCE = 1e-10  # DESIGN.md §3
+FP64_TOLERANCE = 1e-10  # docs/design.md, "The step protocol"
 STEPS_PER_EPOCH = 5  # 100 samples, 8 per device, 3 ranks: 24, 24, 24, 24, 6
 
 

@@ -1,4 +1,4 @@
-"""Gradient codes: who computes which tasks, and how committed results decode (DESIGN.md §2).
+"""Gradient codes: who computes which tasks, and how committed results decode (docs/design.md, "The codes").
 
 numpy and scipy only: nothing here knows torch or torch.distributed. :func:`make_code` builds a code
 by name; :mod:`codedgrad.codes.spare` is the spare-work policy, :mod:`codedgrad.codes.accounting`

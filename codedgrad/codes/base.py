@@ -1,4 +1,4 @@
-"""The interface every gradient code implements (DESIGN.md §2).
+"""The interface every gradient code implements (docs/design.md, "The codes").
 
 A code answers two questions for the runtime:
 

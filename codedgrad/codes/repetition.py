@@ -1,4 +1,4 @@
-"""Task-level repetition with backups: the default code (DESIGN.md §2).
+"""Task-level repetition with backups: the default code (docs/design.md, "The codes").
 
 Every task has one *primary* rank: the optimal split at Ω = 1 says how many, and rank 0 gets tasks
 ``[0, k_0)``, rank 1 the next ``k_1``, and so on. The ``round(K·Ω) − K`` extra slots of the split at

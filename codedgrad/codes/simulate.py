@@ -1,4 +1,4 @@
-"""Simulate training steps of a gradient code under the worker model (DESIGN.md §1–3).
+"""Simulate training steps of a gradient code under the worker model (docs/design.md).
 
 Each step, every rank starts at its profile's shift and works through its queue in order. A Work
 takes the sum of its tasks' sampled times. Before starting a Work, the rank asks the decoder whether

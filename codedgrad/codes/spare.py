@@ -1,4 +1,6 @@
-"""Spare work: what an idle rank computes for others once its own queue has run dry (DESIGN.md §3).
+"""Spare work: what an idle rank computes for others once its own queue has run dry.
+
+See docs/design.md, "The step protocol".
 
 The no-wait release lets a rank whose queue is empty cover another rank's uncovered work instead of
 waiting for the decision. Which work, and whether helping is worth it at all, is a *policy*: it

@@ -6,7 +6,7 @@ soon as a bucket's gradients are ready, and the all-reduces run asynchronously.
 """
 
 # No ``from __future__ import annotations``: DistributedDataParallel.register_comm_hook compares the
-# hook's annotations with the real objects and rejects strings (DESIGN.md §4).
+# hook's annotations with the real objects and rejects strings (docs/design.md, "Facts about the stack").
 
 import time
 

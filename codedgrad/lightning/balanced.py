@@ -1,7 +1,7 @@
 """``strategy="balanced"``: plain DDP with per-rank batch sizes from measured speeds, exact gradients.
 
 Every rank runs one batch per step, as with DDP, and DDP's bucketed all-reduce still overlaps the
-backward. What changes (DESIGN.md §3, "Communication overlap"):
+backward. What changes (docs/design.md, "Communication overlap"):
 
 * **Data.** The user's ``batch_size`` stays per device, so a global batch is ``batch_size × world
   size`` samples: the *same* global batches, in the same order, as ``strategy="ddp"``
@@ -80,8 +80,8 @@ class BalancedStrategy(DDPStrategy):
     ``64-true``, ``32-true``, ``bf16-mixed``). Anything else raises at setup or at the first step.
 
     When the strategy started the process group, it destroys it at interpreter exit (gloo under
-    torchrun can otherwise abort there, DESIGN.md §4); the group stays usable between ``trainer.fit``,
-    ``validate`` and ``test`` calls of the same script.
+    torchrun can otherwise abort there, docs/design.md, "Facts about the stack"); the group stays
+    usable between ``trainer.fit``, ``validate`` and ``test`` calls of the same script.
 
     Args:
         profiles: per-sample :class:`~codedgrad.profile.WorkerProfile` of each rank to start from
@@ -411,7 +411,7 @@ def _destroy_at_exit() -> None:
     """Destroy the default process group when the interpreter exits, before its objects are torn down.
 
     A gloo group still alive at exit can abort the process under torchrun ("terminate called without
-    an active exception", DESIGN.md §4); Lightning registers the same clean-up for NCCL only
+    an active exception", docs/design.md, "Facts about the stack"); Lightning registers the same clean-up for NCCL only
     (``lightning_fabric/utilities/distributed.py``, ``_init_dist_connection``). Not at teardown: a
     group destroyed and created again in the same torchrun job reads the first group's stale
     addresses from the agent's store and fails to connect, so a later ``trainer.validate`` or

@@ -2,5 +2,5 @@
 
 ``recipes/train.py`` (the ``@hydra.main`` entry point) only calls :func:`codedgrad.recipes.train.run`;
 everything it builds lives here so that it can be tested without Hydra or torchrun. Nothing else in
-the package imports this one (DESIGN.md §5: recipes only compose).
+the package imports this one (docs/design.md, "Layout": recipes only compose).
 """

@@ -84,7 +84,7 @@ def pooled_bound(het: Heterogeneity, units: int, step: int = 0) -> float:
     """The ideal time of ``units`` emulated units of work on all ranks' pooled capacity: ``units / Σ_p 1/m_p``.
 
     ``m_p`` is rank p's mean emulated time per unit at ``step`` (speed changes applied, stalls included
-    at their rate; DESIGN.md §1). It leaves out real compute and the all-reduce, so it bounds the
+    at their rate; docs/design.md, "The model"). It leaves out real compute and the all-reduce, so it bounds the
     emulated part of a step.
     """
     steady = replace(het, speeds=het.speeds_at(step), change_step=None, change_speeds=None, forced_stalls=())

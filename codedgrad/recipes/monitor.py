@@ -2,7 +2,7 @@
 
 Every step, on every rank, the monitor times the training batch (``on_train_batch_start`` to
 ``on_train_batch_end``, local clock only: no collective) and logs ``perf/step_time``, ``perf/bound``
-(the global batch's emulated work on the pooled capacity of all ranks, DESIGN.md §1) and
+(the global batch's emulated work on the pooled capacity of all ranks, docs/design.md, "The model") and
 ``perf/bound_ratio`` through ``self.log``, so they reach Lightning's TensorBoardLogger and the
 progress bar. The bound is an expectation: a lucky step can come in under it.
 

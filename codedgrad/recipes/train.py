@@ -49,7 +49,7 @@ def run(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path = ".") -> dict[
     """Train as ``cfg`` says, writing TensorBoard logs under ``run_dir/tb``; return the final metrics.
 
     Every rank calls this. The process group is destroyed before returning (if one was set up): plain
-    DDP on gloo can otherwise abort at interpreter exit (DESIGN.md §4).
+    DDP on gloo can otherwise abort at interpreter exit (docs/design.md, "Facts about the stack").
 
     Args:
         cfg: the composed ``conf/train.yaml``.
