@@ -165,7 +165,7 @@ def describe_module(module: nn.Module) -> dict[str, Any]:
     }
 
 
-def agree(coordinator: StoreCoordinator, name: str, values: dict[str, Any], error: str | None) -> None:
+def agree(coordinator: StoreCoordinator, name: str, values: dict[str, Any], error: str | None, step: int = 0) -> None:
     """Publish ``values`` and ``error``; raise the same :class:`ConfigurationError` on every rank
     when any rank has an error or two ranks' values differ.
 
@@ -173,7 +173,7 @@ def agree(coordinator: StoreCoordinator, name: str, values: dict[str, Any], erro
     differs), so a user sees ``rank 0: redundancy=1.25, rank 1: redundancy=1.5`` rather than hashes.
     """
     payload = json.dumps({"values": values, "error": error}, sort_keys=True, default=_jsonable).encode()
-    everyone = [json.loads(value) for value in coordinator.gather(name, payload)]
+    everyone = [json.loads(value) for value in coordinator.gather(name, payload, step)]
     ranks_by_error: dict[str, list[int]] = {}
     for r, entry in enumerate(everyone):
         if entry["error"]:

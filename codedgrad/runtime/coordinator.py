@@ -13,7 +13,8 @@ Keys, all under one :class:`~torch.distributed.PrefixStore` namespace per engine
 ``s{t}/decided``
     Set by the commit that makes the step decodable (or by a rank that abandons the step).
 ``s{t}/arrived/{r}``
-    Rank r is ready for the coded all-reduce; the value lists the results in its accumulator. Every
+    Rank r is ready for the coded all-reduce; the value (``R`` + a bitmask) lists the results in
+    its accumulator. Every
     rank waits for all of them and checks that the accumulators hold exactly what the decoder uses
     (:func:`codedgrad.codes.accounting.check_accumulated`) before the collective: a result that was
     committed but never accumulated (an exception or Ctrl-C in between) fails the step on every
@@ -49,12 +50,13 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from codedgrad.codes.accounting import check_accumulated, decode_results, encode_results
-from codedgrad.codes.base import DecoderState, GradientCode
+from codedgrad.codes.base import CodeError, DecoderState, GradientCode
 
 __all__ = ["CodedStepTimeout", "StepChannel", "StepMismatchError", "StoreCoordinator", "weights_digest"]
 
 # sequence number of the last commit, its rank, the plan version, the task weights' digest
 _HEADER = struct.Struct("<IHI8s")
+_ANY_STEP = -(2**62)  # a deferred key's "last needed at" that any later success is past
 
 
 class CodedStepTimeout(TimeoutError):
@@ -80,19 +82,22 @@ class StoreCoordinator:
         timeout: seconds a wait may go on without progress from another rank.
     """
 
-    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout: float) -> None:
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout: float, steps_behind: int = 0) -> None:
         self.store = store
         self.rank = rank
         self.world_size = world_size
         self.timeout = timeout
+        self.steps_behind = steps_behind
         try:
             self.wait_store = store.clone()
         except (RuntimeError, NotImplementedError):  # e.g. a FileStore or HashStore: share the client
             self.wait_store = store
         self.has_wait_client = self.wait_store is not store
         self._lock = threading.Lock()  # the deferred lists are used by both threads
-        self._own_deferred: list[str] = []  # this rank's keys, deleted by this rank
-        self._shared_deferred: list[str] = []  # keys of all ranks, deleted by rank 0 (or the last to close)
+        # (step after which every rank is past the key, key): this rank's keys, deleted by this rank,
+        # and keys of all ranks, deleted by rank 0 (or the last rank to close).
+        self._own_deferred: list[tuple[int, str]] = []
+        self._shared_deferred: list[tuple[int, str]] = []
         self._gathers = 0
 
     def channel(self, step: int, code: GradientCode, plan_version: int, digest: bytes, wait: bool) -> StepChannel:
@@ -110,10 +115,20 @@ class StoreCoordinator:
 
     # ----------------------------------------------------------------- clean-up
     def step_done(self, step: int) -> None:
-        """Step ``step`` was reduced on every rank: delete its keys and everything deferred so far."""
+        """Step ``step`` was reduced on every rank: delete its keys, and deferred keys every rank is past.
+
+        A rank's compute thread may be up to ``steps_behind`` steps behind the step its release
+        reduces (the release completes steps ahead of a stalled compute thread), so a key last
+        used by the compute threads at step s is deleted once a step later than s + steps_behind is done.
+        """
+        # Each rank's compute thread has at least claimed step - steps_behind (and so passed the
+        # gathers before it); without a release running ahead, it is in this very step.
+        horizon = step - self.steps_behind - 1 if self.steps_behind else step
         with self._lock:
-            own, shared = self._own_deferred, self._shared_deferred
-            self._own_deferred, self._shared_deferred = [], []
+            own = [key for when, key in self._own_deferred if when <= horizon]
+            shared = [key for when, key in self._shared_deferred if when <= horizon]
+            self._own_deferred = [(w, k) for w, k in self._own_deferred if w > horizon]
+            self._shared_deferred = [(w, k) for w, k in self._shared_deferred if w > horizon]
         keys = [*own, f"s{step}/arrived/{self.rank}"]
         if self.rank == 0:
             keys += shared + [f"s{step}/{what}" for what in ("state", "decided", "gate")]
@@ -121,38 +136,54 @@ class StoreCoordinator:
             self.wait_store.delete_key(key)
 
     def step_failed(self, step: int) -> None:
-        """This rank left step ``step`` without reducing it: its keys go after the next success."""
+        """This rank left step ``step`` without reducing it: its keys go at the next success.
+
+        Nobody touches a failed step's keys after leaving it (a release never runs ahead of a
+        failure, and a compute thread still in a task of it finds the step failed locally).
+        """
         with self._lock:
-            self._own_deferred.append(f"s{step}/arrived/{self.rank}")
-            self._shared_deferred.extend(f"s{step}/{what}" for what in ("state", "decided", "gate"))
+            self._own_deferred.append((_ANY_STEP, f"s{step}/arrived/{self.rank}"))
+            self._shared_deferred.extend((_ANY_STEP, f"s{step}/{what}") for what in ("state", "decided", "gate"))
 
     def close(self) -> None:
         """Delete this rank's keys; the last rank to close also deletes the shared ones."""
         with self._lock:
             own, shared = self._own_deferred, self._shared_deferred
             self._own_deferred, self._shared_deferred = [], []
-        for key in own:
+        for _, key in own:
             self.store.delete_key(key)
         if self.store.add("closed", 1) == self.world_size:
-            for key in [*shared, "closed"]:
+            for key in [*(k for _, k in shared), "closed"]:
                 self.store.delete_key(key)
 
     # ----------------------------------------------------------------- gathers
-    def gather(self, name: str, value: bytes) -> list[bytes]:
-        """Every rank's ``value`` for ``name``, in rank order (compute thread; waits with the timeout).
+    def publish(self, name: str, value: bytes) -> str:
+        """Publish this rank's ``value`` for the next gather named ``name``; :meth:`collect` reads all.
 
-        Its keys stay until the next successful step: a rank that comes late to a failed gather
-        must still find its gate sealed.
+        Publishing does not wait: a rank can publish at one step and collect a few steps later, so
+        that an exchange never waits for a rank that is still inside an earlier step.
         """
         prefix = f"g/{self._gathers}/{name}"
         self._gathers += 1
+        self.store.set(f"{prefix}/{self.rank}", value)
+        return prefix
+
+    def collect(self, prefix: str, step: int) -> list[bytes]:
+        """Every rank's value of the gather :meth:`publish` started, in rank order (waits with the timeout).
+
+        ``step`` is the step at which every rank collects; the keys are deleted once every rank is
+        past it. A rank that comes late to a failed gather still finds its gate sealed.
+        """
         keys = [f"{prefix}/{r}" for r in range(self.world_size)]
         with self._lock:
-            self._own_deferred.append(keys[self.rank])
-            self._shared_deferred.append(f"{prefix}/gate")
-        self.store.set(keys[self.rank], value)
-        values = _wait_all(self.store, keys, f"{prefix}/gate", self.timeout, self.rank, f"to publish {name!r}")
-        return values
+            self._own_deferred.append((step, keys[self.rank]))
+            self._shared_deferred.append((step, f"{prefix}/gate"))
+        name = prefix.split("/", 2)[2]
+        return _wait_all(self.store, keys, f"{prefix}/gate", self.timeout, self.rank, f"to publish {name!r}")
+
+    def gather(self, name: str, value: bytes, step: int = 0) -> list[bytes]:
+        """Every rank's ``value`` for ``name``, in rank order: :meth:`publish` and :meth:`collect` at once."""
+        return self.collect(self.publish(name, value), step)
 
 
 class StepChannel:
@@ -289,14 +320,27 @@ class StepChannel:
         both cases on every rank, and none enters the collective.
         """
         num_results = self.code.num_tasks if not _rank_level(self.code) else self.world_size
-        self.client.set(self._key(f"arrived/{self.rank}"), encode_results(accumulated, num_results))
+        # "R" + the results' bitmask, or "E" + why this rank could not list them (e.g. a result
+        # accumulated twice): every rank must hear it. An abandoning rank writes "abandoned".
+        try:
+            arrival = b"R" + encode_results(accumulated, num_results)
+        except CodeError as error:
+            arrival = b"E" + f"rank {self.rank}: {error}".encode()
+        self.client.set(self._key(f"arrived/{self.rank}"), arrival)
         keys = [self._key(f"arrived/{r}") for r in range(self.world_size)]
 
         def audit(values: list[bytes]) -> str | None:
-            try:
-                sets = [decode_results(v, num_results) for v in values]
-            except ValueError:
-                return "an arrival could not be read (a rank abandoned the step)"
+            sets = []
+            for r, value in enumerate(values):
+                kind, body = value[:1], value[1:]
+                if kind == b"E":
+                    return body.decode(errors="replace")
+                try:
+                    if kind != b"R":
+                        raise CodeError("not an arrival")
+                    sets.append(decode_results(body, num_results))
+                except CodeError:
+                    return f"rank {r}'s arrival could not be read (it abandoned the step)"
             return check_accumulated(self.code, decided, sets)
 
         _wait_all(

@@ -186,7 +186,12 @@ class CodedDataParallel(nn.Module):
         self._free: list[FlatGradients] = []  # accumulators not in use (one per step in flight)
         self._free_lock = threading.Lock()
         self._broadcast(itertools.chain(module.parameters(), module.buffers()))
-        self._planner = Planner(self._coordinator, config, self._rank, self._world_size)
+        # A rank's compute thread may be up to max_steps_ahead steps behind what its release reduces.
+        behind = config.max_steps_ahead if self._no_wait else 0
+        self._coordinator.steps_behind = behind
+        self._planner = Planner(
+            self._coordinator, config, self._rank, self._world_size, lag=behind + 1 if behind else 0
+        )
         self._step = 0
         self._buffers_lock = threading.Lock()
         self._latest_buffers: list[torch.Tensor] = []
@@ -260,7 +265,7 @@ class CodedDataParallel(nn.Module):
         self._check_usable()
         start = time.perf_counter()
         weights = _task_weights(tasks)
-        plan = self._planner.plan_for(len(weights))
+        plan = self._planner.plan_for(len(weights), self._step)
         digest = _digest(weights)
         step = self._step
         fresh = self._new_record(step, plan, weights, digest, start)
@@ -419,6 +424,7 @@ class CodedDataParallel(nn.Module):
             record.tasks_run += 1
         if self._on_cuda:
             torch.cuda.current_stream().synchronize()  # commit means "done", and the timer must see it
+        computed = time.perf_counter()
         self._snapshot_buffers()
         used = False
         with record.lock:  # the release cannot freeze the accumulator between the commit and the addition
@@ -437,7 +443,9 @@ class CodedDataParallel(nn.Module):
         record.report.used += used
         record.report.task_seconds.append(end - start)
         record.report.timeline.append((work.result, start - record.start, end - record.start, used))
-        self._planner.record_task((end - start) / len(work.tasks))
+        # The profile is of compute alone: Store latency is the same for every rank and would
+        # flatten the measured speed ratios (a fast rank's tasks look relatively slower).
+        self._planner.record_task((computed - start) / len(work.tasks))
 
     def _decided_meanwhile(self, record: StepRecord, channel: StepChannel) -> bool:
         if self._no_wait:

@@ -37,10 +37,17 @@ from codedgrad.profile import WorkerProfile, fit_profile, profiles_from_dict, pr
 from codedgrad.runtime.config import ConfigurationError, EngineConfig, agree
 from codedgrad.runtime.coordinator import StoreCoordinator
 
-__all__ = ["MIN_SAMPLES", "Measurement", "Plan", "Planner", "ReplanPolicy"]
+__all__ = ["MAX_WINDOWS", "MIN_SAMPLES", "MIN_SAMPLES_REPLAN", "Measurement", "Plan", "Planner", "ReplanPolicy"]
 
-#: Task times a rank must have measured since the last exchange for its fit to count.
+#: Task times every rank must have measured (since its last fit was used) before measured profiles
+#: replace a starting guess: any measurement beats a guess that may not even be in seconds.
 MIN_SAMPLES = 8
+#: ... and before they replace measured profiles: a fit from few noisy tasks is off by as much as
+#: the gains a re-plan looks for (about ±16 % (1σ) for the mean at 16 exponential-jitter tasks).
+MIN_SAMPLES_REPLAN = 16
+#: A fit uses the newest exchange windows that together hold enough samples, at most this many:
+#: a rank that computes few tasks per step still gets a fit, and none older than this.
+MAX_WINDOWS = 3
 
 
 @dataclass(frozen=True)
@@ -78,20 +85,22 @@ class Measurement:
     Attributes:
         profile: the rank's fitted task-time profile, or None with fewer than :data:`MIN_SAMPLES` tasks.
         step_time: the rank's median step time over the window (seconds), or None.
+        samples: how many task times the fit used.
     """
 
     profile: WorkerProfile | None
     step_time: float | None
+    samples: int = 0
 
     def to_json(self) -> str:
         profile = profiles_to_dict([self.profile]) if self.profile is not None else None
-        return json.dumps({"profile": profile, "step_time": self.step_time})
+        return json.dumps({"profile": profile, "step_time": self.step_time, "samples": self.samples})
 
     @staticmethod
     def from_json(text: bytes | str) -> Measurement:
         data = json.loads(text)
         profile = profiles_from_dict(data["profile"])[0] if data["profile"] is not None else None
-        return Measurement(profile, data["step_time"])
+        return Measurement(profile, data["step_time"], int(data.get("samples", 0)))
 
 
 @dataclass
@@ -140,6 +149,8 @@ class ReplanPolicy:
         measured = tuple(m.profile for m in shared if m.profile is not None)
         if not measured_before:
             return "switch", measured  # a guess, perhaps not even in seconds: always replace it
+        if any(m.samples < MIN_SAMPLES_REPLAN for m in shared):
+            return "keep", None  # not yet precise enough to tell a real gain from noise
         now = predicted_step_time(measured, optimal_split(list(current), num_tasks, 1.0, self.gamma))
         proposed = predicted_step_time(measured, optimal_split(list(measured), num_tasks, 1.0, self.gamma))
         if proposed < (1.0 - self.threshold) * now:
@@ -167,9 +178,14 @@ class Planner:
         config: the agreed configuration.
         rank: this rank.
         world_size: number of ranks.
+        lag: steps between publishing this rank's measurements and reading everyone's. With the
+            no-wait release a rank's compute thread may be up to ``max_steps_ahead`` steps behind
+            the others; a lag beyond that means an exchange never waits for a stalled rank.
     """
 
-    def __init__(self, coordinator: StoreCoordinator, config: EngineConfig, rank: int, world_size: int) -> None:
+    def __init__(
+        self, coordinator: StoreCoordinator, config: EngineConfig, rank: int, world_size: int, lag: int = 0
+    ) -> None:
         self._coordinator = coordinator
         self._config = config
         self._rank = rank
@@ -180,38 +196,47 @@ class Planner:
         self.plan: Plan | None = None
         self._next_version = 0
         self._steps_since_exchange = 0
-        # Per-task seconds and step times since the last exchange: a profile describes the recent
-        # past, so a rank that slowed down is not outvoted by the many fast tasks it ran before.
-        self._task_seconds: deque[float] = deque(maxlen=4096)
+        # Per-task seconds per exchange window (newest last) and step times of the current window: a
+        # profile describes the recent past, so a rank that slowed down is not outvoted by the many
+        # fast tasks it ran before.
+        self._windows: deque[list[float]] = deque([[]], maxlen=MAX_WINDOWS)
         self._step_seconds: deque[float] = deque(maxlen=1024)
         self._restored: dict | None = None
+        self._lag = lag
+        self._pending: tuple[str, int] | None = None  # an exchange published: (its gather, the step to read it)
+        self._skip_step = True  # the first step under a new plan: warm-up (allocations, caches) is not speed
 
     # ----------------------------------------------------------------- the plan of a step
-    def plan_for(self, num_tasks: int) -> Plan:
-        """The plan of the next step for ``num_tasks`` tasks (agreeing a new one if needed).
+    def plan_for(self, num_tasks: int, step: int = 0) -> Plan:
+        """The plan of step ``step`` for ``num_tasks`` tasks (agreeing a new one if needed).
 
-        Runs on the compute thread at the start of every step; the gathers in here are the only
-        points where all ranks' compute threads meet, and every rank reaches them at the same step.
+        Runs on the compute thread at the start of every step. Every rank reaches the gathers in
+        here at the same step: a new K or a plan switch waits for every rank's compute thread; a
+        profile exchange publishes at one step and reads everyone's ``lag`` steps later.
         """
         if self._restored is not None:
             restored, self._restored = self._restored, None
             if restored["num_tasks"] == num_tasks:
                 profiles = tuple(profiles_from_dict(restored["profiles"]))
                 self._next_version = restored["version"]
-                self._adopt(num_tasks, profiles, restored["measured"])
+                self._adopt(num_tasks, profiles, restored["measured"], step)
                 return self._plan_checked()
         if self.plan is None or self.plan.num_tasks != num_tasks:
             # What was measured for another K is still the best guess of relative speed, but not a
             # clock for tasks of this size.
-            profiles = (
-                self.plan.profiles if self.plan is not None else (self._guess or homogeneous_profiles(self._world_size))
-            )
-            self._adopt(num_tasks, tuple(profiles), measured=False)
-            self._task_seconds.clear()
+            guess = self._guess or homogeneous_profiles(self._world_size)
+            profiles = self.plan.profiles if self.plan is not None else guess
+            self._adopt(num_tasks, tuple(profiles), measured=False, step=step)
+            self._windows = deque([[]], maxlen=MAX_WINDOWS)
             self._step_seconds.clear()
             self._steps_since_exchange = 0
-        elif self._exchange_due():
-            self._exchange()
+            self._pending = None  # every rank drops it alike: K is agreed
+        elif self._pending is not None and step >= self._pending[1]:
+            self._collect(step)
+        elif self._pending is None and self._exchange_due():
+            self._publish(step)
+            if self._lag == 0:
+                self._collect(step)
         return self._plan_checked()
 
     def _plan_checked(self) -> Plan:
@@ -225,32 +250,45 @@ class Planner:
         period = self._config.replan_every if measured else self._config.warmup_steps
         return self._steps_since_exchange >= period
 
-    def _exchange(self) -> None:
-        """Share this rank's measurements, let the policy decide, and switch together if it says so."""
-        assert self.plan is not None
-        mine = self._measure()
-        shared = [Measurement.from_json(v) for v in self._coordinator.gather("profiles", mine.to_json().encode())]
+    def _publish(self, step: int) -> None:
+        """Publish this rank's measurements of the window that ends here; read them at ``step + lag``."""
+        prefix = self._coordinator.publish("profiles", self._measure().to_json().encode())
+        self._pending = (prefix, step + self._lag)
         self._steps_since_exchange = 0
-        action, profiles = self._policy.decide(self.plan.profiles, self.plan.measured, self.plan.num_tasks, shared)
-        if all(m.profile is not None for m in shared):
-            # The window was used (every rank had enough samples); otherwise keep collecting, so a
-            # rank that computes few tasks per step still gets a fit over several windows.
-            self._task_seconds.clear()
+        self._windows.append([])
         self._step_seconds.clear()
+
+    def _collect(self, step: int) -> None:
+        """Read every rank's measurements, let the policy decide, and switch together if it says so."""
+        assert self.plan is not None and self._pending is not None
+        prefix, self._pending = self._pending[0], None
+        shared = [Measurement.from_json(v) for v in self._coordinator.collect(prefix, step)]
+        action, profiles = self._policy.decide(self.plan.profiles, self.plan.measured, self.plan.num_tasks, shared)
         if action == "keep" or profiles is None:
             return
         try:
-            self._adopt(self.plan.num_tasks, profiles, measured=True)
+            self._adopt(self.plan.num_tasks, profiles, measured=True, step=step)
         except ConfigurationError as error:  # raised alike on every rank: all keep the current plan
             warnings.warn(f"codedgrad: re-plan skipped on every rank: {error}", RuntimeWarning, stacklevel=3)
 
     def _measure(self) -> Measurement:
-        tasks, steps = list(self._task_seconds), list(self._step_seconds)
-        profile = fit_profile(tasks) if len(tasks) >= MIN_SAMPLES else None
-        step_time = float(np.median(steps)) if steps else None
-        return Measurement(profile, step_time)
+        """Fit the newest windows that together hold enough task times (or None).
 
-    def _adopt(self, num_tasks: int, profiles: tuple[WorkerProfile, ...], measured: bool) -> None:
+        The windows before the current one are kept until they are used in a fit of every rank;
+        :data:`MAX_WINDOWS` bounds how old a sample can be.
+        """
+        needed = MIN_SAMPLES_REPLAN if self.plan is not None and self.plan.measured else MIN_SAMPLES
+        tasks: list[float] = []
+        for window in reversed(self._windows):
+            tasks = window + tasks
+            if len(tasks) >= needed:
+                break
+        profile = fit_profile(tasks) if len(tasks) >= MIN_SAMPLES else None
+        steps = list(self._step_seconds)
+        step_time = float(np.median(steps)) if steps else None
+        return Measurement(profile, step_time, len(tasks))
+
+    def _adopt(self, num_tasks: int, profiles: tuple[WorkerProfile, ...], measured: bool, step: int) -> None:
         """Build the plan, agree its fingerprint with every rank, and only then make it current."""
         plan, error = None, None
         try:
@@ -258,10 +296,11 @@ class Planner:
         except (CodeError, PlanError, ValueError) as exc:
             error = str(exc)
         values = {"num_tasks": num_tasks, "version": self._next_version, "plan": plan.fingerprint if plan else None}
-        agree(self._coordinator, "plan", values, error)  # raises on every rank alike; nothing changed then
+        agree(self._coordinator, "plan", values, error, step)  # raises on every rank alike; nothing changed then
         assert plan is not None
         self.plan = plan
         self._next_version += 1
+        self._skip_step = True
 
     def _build(self, num_tasks: int, profiles: tuple[WorkerProfile, ...], measured: bool, version: int) -> Plan:
         config = self._config
@@ -273,14 +312,16 @@ class Planner:
 
     # ----------------------------------------------------------------- measurements
     def record_task(self, seconds_per_task: float) -> None:
-        if math.isfinite(seconds_per_task) and seconds_per_task >= 0:
-            self._task_seconds.append(seconds_per_task)
+        """One task's compute time (forward, backward, emulated delay; not the commit)."""
+        if not self._skip_step and math.isfinite(seconds_per_task) and seconds_per_task >= 0:
+            self._windows[-1].append(seconds_per_task)
 
     def step_ended(self, step_seconds: float | None) -> None:
         """Count a step of the current plan (and its time, when this rank computed it)."""
         self._steps_since_exchange += 1
-        if step_seconds is not None:
+        if step_seconds is not None and not self._skip_step:
             self._step_seconds.append(step_seconds)
+        self._skip_step = False
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

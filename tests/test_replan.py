@@ -1,0 +1,80 @@
+"""The re-planning policy on its own: deterministic, no processes, no clocks.
+
+The policy must not let a steady cluster get slower: a first measurement always replaces the
+starting guess; later switches need precise fits and a predicted gain over the threshold; a
+switch whose measured step time turns out worse is reverted and the plan is held.
+"""
+
+from __future__ import annotations
+
+from codedgrad.profile import WorkerProfile
+from codedgrad.runtime.replan import MIN_SAMPLES_REPLAN, Measurement, ReplanPolicy
+
+GUESS = (WorkerProfile(0.0, 1.0, 1.0),) * 4
+TRUE = (
+    WorkerProfile(0.0, 0.020, 0.010),
+    WorkerProfile(0.0, 0.020, 0.010),
+    WorkerProfile(0.0, 0.010, 0.005),
+    WorkerProfile(0.0, 0.005, 0.0025),
+)
+
+
+def shared(profiles, step_time=0.1, samples=100):
+    return [Measurement(p, step_time, samples) for p in profiles]
+
+
+def test_the_first_measurement_replaces_the_guess():
+    policy = ReplanPolicy(threshold=0.1)
+    action, profiles = policy.decide(GUESS, False, 32, shared(TRUE, samples=8))
+    assert action == "switch" and profiles == TRUE
+
+
+def test_a_rank_without_a_fit_keeps_the_plan():
+    policy = ReplanPolicy()
+    measurements = shared(TRUE)
+    measurements[2] = Measurement(None, 0.1, 3)
+    assert policy.decide(GUESS, False, 32, measurements) == ("keep", None)
+
+
+def test_the_same_speeds_measured_again_keep_the_plan():
+    policy = ReplanPolicy(threshold=0.1)
+    noisy = tuple(WorkerProfile(0.0, p.mean * f, p.std) for p, f in zip(TRUE, (1.04, 0.97, 1.02, 0.99)))
+    assert policy.decide(TRUE, True, 32, shared(noisy))[0] == "keep"
+
+
+def test_few_samples_never_move_a_measured_plan():
+    policy = ReplanPolicy(threshold=0.1)
+    reversed_speeds = TRUE[::-1]
+    assert policy.decide(TRUE, True, 32, shared(reversed_speeds, samples=MIN_SAMPLES_REPLAN - 1))[0] == "keep"
+    assert policy.decide(TRUE, True, 32, shared(reversed_speeds, samples=MIN_SAMPLES_REPLAN))[0] == "switch"
+
+
+def test_a_switch_that_made_steps_slower_is_reverted_and_held():
+    policy = ReplanPolicy(threshold=0.1, hold_exchanges=2)
+    reversed_speeds = TRUE[::-1]
+    action, new = policy.decide(TRUE, True, 32, shared(reversed_speeds, step_time=0.100))
+    assert action == "switch"
+    # The next window under the new plan measured 20 % slower: go back to the plan before.
+    action, back = policy.decide(new, True, 32, shared(reversed_speeds, step_time=0.120))
+    assert action == "revert" and back == TRUE
+    # Held for two exchanges even though the prediction still favours the switch...
+    assert policy.decide(TRUE, True, 32, shared(reversed_speeds))[0] == "keep"
+    assert policy.decide(TRUE, True, 32, shared(reversed_speeds))[0] == "keep"
+    # ...then the switch may be tried again.
+    assert policy.decide(TRUE, True, 32, shared(reversed_speeds))[0] == "switch"
+
+
+def test_a_switch_that_paid_is_kept():
+    policy = ReplanPolicy(threshold=0.1)
+    action, new = policy.decide(TRUE, True, 32, shared(TRUE[::-1], step_time=0.100))
+    assert action == "switch"
+    assert policy.decide(new, True, 32, shared(TRUE[::-1], step_time=0.080))[0] == "keep"
+
+
+def test_every_rank_decides_the_same_from_the_same_bytes():
+    payloads = [m.to_json().encode() for m in shared(TRUE)]
+    decisions = []
+    for _ in range(3):  # three ranks, each parsing the same gathered bytes
+        policy = ReplanPolicy()
+        decisions.append(policy.decide(GUESS, False, 32, [Measurement.from_json(p) for p in payloads]))
+    assert decisions[0] == decisions[1] == decisions[2]
