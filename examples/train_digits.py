@@ -94,7 +94,9 @@ def main() -> None:
                 x, y = train[global_batch[rank * share : (rank + 1) * share]]
                 loss = loss_fn(engine(x), y)
                 loss.backward()
-                losses.append(float(loss))
+                global_loss = loss.detach().clone()  # the global batch's loss, as coded reports it
+                dist.all_reduce(global_loss)
+                losses.append(float(global_loss) / world)
             opt.step()
         dist.barrier()
         epochs.append({"seconds": time.perf_counter() - start, "loss": sum(losses) / len(losses)})
