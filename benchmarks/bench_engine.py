@@ -151,6 +151,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in engines}
     decision: dict[str, list[float]] = {name: [] for name in engines}
     allreduce, commits, task_seconds, round_trips = [], [], [], 0
+    release_lag: list[float] = []  # coded: from the decision to the end of the coded all-reduce
     for _ in range(args.rounds):
         for name in engines:
             dist.barrier()
@@ -160,6 +161,8 @@ def main() -> None:
                 decision[name].append(report.time_to_decision)
                 if name != "ddp":  # DDP's all-reduce overlaps its backward; it is not timed apart
                     allreduce.append(report.allreduce_time)
+                if name == "coded":
+                    release_lag.append(report.release_lag)
                 commits.extend(report.commit_seconds)
                 round_trips += report.commit_round_trips
                 task_seconds.extend(report.task_seconds)
@@ -168,6 +171,8 @@ def main() -> None:
             times[name].append(float(block))
     everyone: list = [None] * world
     dist.all_gather_object(everyone, (commits, float(np.mean(task_seconds)), round_trips))
+    lags: list = [None] * world
+    dist.all_gather_object(lags, release_lag)
     if rank == 0:
         all_commits = np.array([c for per_rank, *_ in everyone for c in per_rank])
         ideal = capacity_time(profiles, args.tasks) + float(np.median(allreduce))
@@ -202,6 +207,11 @@ def main() -> None:
             "commit_median_ms": float(np.median(all_commits) * 1e3),
             "commit_p99_ms": float(np.quantile(all_commits, 0.99) * 1e3),
             "commit_round_trips": sum(trips for *_, trips in everyone) / all_commits.size,
+            # From the decision to the end of the coded all-reduce, per rank and step, over the coded step.
+            "release_lag_median_ms": float(np.median([lag for per_rank in lags for lag in per_rank]) * 1e3),
+            "release_lag_share": float(
+                np.median([lag for per_rank in lags for lag in per_rank]) / np.median(times["coded"])
+            ),
         }
         if args.json:
             print(json.dumps(summary, indent=2))
@@ -225,6 +235,14 @@ def main() -> None:
                 f"{summary['commit_round_trips']:.2f} Store round trips, over {all_commits.size} commits of "
                 f"{world} contending ranks"
             )
+            print(
+                f"release lag (decision to the end of the coded all-reduce): median "
+                f"{summary['release_lag_median_ms']:.2f} ms = {summary['release_lag_share'] * 100:.2f} % "
+                "of the coded step"
+            )
+    for engine in engines.values():
+        if isinstance(engine, CodedDataParallel):
+            engine.close()
     dist.destroy_process_group()
 
 
