@@ -109,6 +109,7 @@ def _measure(cfg: DictConfig, runner: StreamRunner, out: Path) -> bool:
         redundancies=list(cfg.measure.redundancies),
         arrival_rates=list(cfg.measure.arrival_rates),
         jobs=list(cfg.measure.jobs),
+        segment_jobs=cfg.measure.segment_jobs,
         calibration_rounds=cfg.calibration.rounds,
         calibration_seconds=cfg.calibration.seconds,
         kind=cfg.kind,

@@ -143,13 +143,13 @@ class Master:
     def __init__(
         self,
         store: dist.Store,
+        publisher_store: dist.Store,
         operators: Sequence[CodedMatrix],
         workers: int,
         timeout: float,
         same_host: bool,
     ) -> None:
-        self._session_store = store  # each thread makes its own client from it
-        self._store = client(store, timeout)
+        self._store, self._publisher_store = store, publisher_store  # two clients: the publisher's blocks apart
         self._operators, self._workers = list(operators), workers
         self._timeout, self._same_host = timeout, same_host
         self._needed = operators[0].code.tasks
@@ -212,7 +212,7 @@ class Master:
         failure: list[BaseException] = []
 
         def publish() -> None:  # on its own Store client: the main thread is blocked in waits meanwhile
-            own = client(self._session_store, self._timeout)
+            own = self._publisher_store
             try:
                 for j, value in enumerate(values):
                     if halt.wait(max(0.0, origin + arrivals[j] - time.monotonic())):
@@ -386,6 +386,8 @@ class StreamRunner:
             )
         self.emulate, self.timeout, self.namespace = emulate, float(timeout), namespace
         self._store = store if store is not None else dist.distributed_c10d._get_default_store()
+        # Two clients per rank, made once: the main thread's, and the watcher's or publisher's.
+        self._clients = (client(self._store, self.timeout), client(self._store, self.timeout))
         self._sessions = 0
         settings = {"emulate": None if emulate is None else emulate.to_json(), "timeout": self.timeout}
         settings["namespace"] = namespace
@@ -436,10 +438,11 @@ class StreamRunner:
         loads = self._check_session(operators, loads, step_offset)
         session = self._sessions
         self._sessions += 1
-        store = dist.PrefixStore(f"{self.namespace}/{session}", self._store)
+        prefix = f"{self.namespace}/{session}"
+        store, side_store = (dist.PrefixStore(prefix, own) for own in self._clients)
         code = operators[0].code
         if self.is_master:
-            handle = Master(store, operators, self.workers, self.timeout, self.same_host)
+            handle = Master(store, side_store, operators, self.workers, self.timeout, self.same_host)
             error: BaseException | None = None
             try:
                 value = master(handle)
@@ -474,7 +477,7 @@ class StreamRunner:
         )
         failure: BaseException | None = None
         try:
-            log = serve(store, seat)
+            log = serve(store, side_store, seat)
         except BaseException as caught:  # reported to the master, then raised here
             failure = caught
             log = WorkerLog(rank=self.rank, error=f"rank {self.rank}: {caught!r}\n{traceback.format_exc(limit=4)}")

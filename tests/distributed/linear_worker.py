@@ -20,7 +20,7 @@ import torch.distributed as dist
 from codedgrad import plan
 from codedgrad.emulate import Heterogeneity
 from codedgrad.linear import CodedMatrix, MDSCode, StreamRunner
-from codedgrad.linear.measure import calibrate, random_inputs
+from codedgrad.linear.measure import Comparison, calibrate, compare, random_inputs
 from codedgrad.linear.solve import coded_least_squares, direct_solution, gradient_descent, load_regression
 
 SPEEDS = [1.0, 1.0, 2.0, 4.0]
@@ -86,6 +86,22 @@ def scenario(rank: int) -> dict:
             "used": int(np.sum(outcomes == 0)),
             "session_jobs": len(outcome.jobs),
         }
+
+    # The model against the run, in miniature: both splits, two segments, predictions on measured profiles.
+    small = Comparison(
+        tasks=TASKS,
+        redundancies=[1.25],
+        arrival_rates=[20.0],
+        jobs=[16],
+        segment_jobs=8,
+        calibration_rounds=1,
+        calibration_seconds=0.03,
+        sim_jobs=400,
+    )
+    rows = compare(runner, digits, small)
+    if rows is not None:
+        keep = ("split", "loads", "jobs", "segments", "measured", "predicted", "predicted_moments", "max_decode_error")
+        results["compare"] = [{key: row[key] for key in keep} for row in rows]
 
     # Least squares: CG to the direct solution, and gradient descent step for step with one process.
     a, b = load_regression("diabetes")
