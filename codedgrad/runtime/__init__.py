@@ -5,6 +5,7 @@
 * :mod:`~codedgrad.runtime.replan`: plans agreed by fingerprint, and re-planning from measurements;
 * :mod:`~codedgrad.runtime.coordinator`: the step protocol on the c10d Store (commits, decision, arrival);
 * :mod:`~codedgrad.runtime.step`: one step in flight, its phase and its :class:`StepReport`;
+* :mod:`~codedgrad.runtime.compute`: the compute thread's tasks of a step (queue, spare work, commits);
 * :mod:`~codedgrad.runtime.release`: the reduction of a decided step and the release thread;
 * :mod:`~codedgrad.runtime.buffers`: flat per-(device, dtype) gradient buffers for one collective per bucket;
 * :mod:`~codedgrad.runtime.hooks`: the coded all-reduce, also as a standard DDP communication hook.

@@ -1,4 +1,4 @@
-"""CodedDataParallel: the module face of the coded step (see docs/design.md, "The coded step").
+"""CodedDataParallel: the module face of the coded step (see docs/design.md, "The step protocol").
 
 This file composes the parts; each has a file of its own:
 
@@ -6,6 +6,7 @@ This file composes the parts; each has a file of its own:
 * :mod:`~codedgrad.runtime.replan`: the plan of each step, agreed by fingerprint, and re-planning;
 * :mod:`~codedgrad.runtime.coordinator`: the step protocol on the c10d Store;
 * :mod:`~codedgrad.runtime.step`: one step in flight, its phase (:class:`StepPhase`) and report;
+* :mod:`~codedgrad.runtime.compute`: this rank's tasks of a step (queue, spare work, commits);
 * :mod:`~codedgrad.runtime.release`: the reduction of a decided step, and the release thread.
 
 What stays here is the compute thread's side of a step: take the plan, begin the step, run this
@@ -33,10 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from codedgrad.codes.spare import next_spare_check, spare_work
 from codedgrad.emulate import EmulationError, Heterogeneity
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime.buffers import FlatGradients
+from codedgrad.runtime.compute import TaskRunner
 from codedgrad.runtime.config import ConfigurationError, EngineConfig, agree, describe_module
 from codedgrad.runtime.coordinator import StepChannel, StepMismatchError, StoreCoordinator
 from codedgrad.runtime.coordinator import weights_digest as _digest
@@ -192,6 +193,16 @@ class CodedDataParallel(nn.Module):
         self._planner = Planner(
             self._coordinator, config, self._rank, self._world_size, lag=behind + 1 if behind else 0
         )
+        self._tasks = TaskRunner(
+            self._params,
+            self._rank,
+            config,
+            self._no_wait,
+            self._on_cuda,
+            record_task=self._planner.record_task,
+            after_task=self._snapshot_buffers,
+            mark_accumulated=self._mark_accumulated,
+        )
         self._step = 0
         self._buffers_lock = threading.Lock()
         self._latest_buffers: list[torch.Tensor] = []
@@ -278,7 +289,7 @@ class CodedDataParallel(nn.Module):
                 self._join_ahead(record, channel, weights, digest, task_loss)
             else:
                 channel.begin()
-                self._run_tasks(record, channel, task_loss)
+                self._tasks.run(record, channel, task_loss)
             self._wait_for_release(record, channel)
         except BaseException as error:
             completed = self._fail_or_complete(record, channel, error)
@@ -334,124 +345,6 @@ class CodedDataParallel(nn.Module):
         self._planner.load_state_dict(state["planner"])
 
     # ----------------------------------------------------------------- the compute thread's step
-    def _run_tasks(self, record: StepRecord, channel: StepChannel, task_loss: Callable[[int], torch.Tensor]) -> None:
-        """This rank's queue, then spare work, committing each result as it is done."""
-        plan: Plan = record.plan  # type: ignore[assignment]
-        record.compute_busy = True
-        try:
-            queue = plan.queue
-            for position, work in enumerate(queue):
-                state = channel.state
-                if record.phase is not StepPhase.RUNNING or state.decided:
-                    record.report.purged += len(queue) - position
-                    return
-                if not state.is_needed(self._rank, work.result):
-                    record.report.purged += 1
-                    continue
-                self._compute_and_commit(record, channel, work, task_loss)
-        finally:
-            record.compute_busy = False
-        self._spare_work(record, channel, task_loss)
-
-    def _spare_work(self, record: StepRecord, channel: StepChannel, task_loss: Callable[[int], torch.Tensor]) -> None:
-        """Cover other ranks' open work while the code offers it and helping can end the step sooner."""
-        plan: Plan = record.plan  # type: ignore[assignment]
-        state = channel.state
-        while self.config.spare_work and record.phase is StepPhase.RUNNING and not state.decided:
-            # Whether helping pays is judged against the plan's task times, which must be measured
-            # seconds for that; until they are, take whatever is open.
-            elapsed = time.perf_counter() - record.start if plan.measured else None
-            work = spare_work(state, self._rank, elapsed=elapsed)
-            if work is None:
-                retry = None if elapsed is None else next_spare_check(state, self._rank, elapsed)
-                if retry is None or not self._idle(record, channel, record.start + retry):
-                    return
-                with record.lock:  # still RUNNING under the lock: the step's keys cannot be deleted meanwhile
-                    if record.phase is not StepPhase.RUNNING:
-                        return
-                    state = channel.refresh()
-                continue
-            record.report.spare += 1
-            record.compute_busy = True
-            try:
-                self._compute_and_commit(record, channel, work, task_loss)
-            finally:
-                record.compute_busy = False
-            state = channel.state
-
-    def _idle(self, record: StepRecord, channel: StepChannel, until: float) -> bool:
-        """Wait until ``until`` (perf_counter) unless the step ends first; True if it did not end."""
-        begin = time.perf_counter()
-        seconds = max(0.0, until - begin)
-        if self._no_wait:
-            ended = record.done.wait(timeout=seconds) or record.phase is not StepPhase.RUNNING
-        else:
-            ended = channel.poll_decided(seconds)
-        record.report.time_waited += time.perf_counter() - begin
-        return not ended
-
-    def _compute_and_commit(
-        self, record: StepRecord, channel: StepChannel, work, task_loss: Callable[[int], torch.Tensor]
-    ) -> None:
-        start = time.perf_counter()
-        weights, total = record.weights, record.weights_total
-        assert weights is not None
-        grads: list[torch.Tensor | None] = [None] * len(self._params)
-        loss_sum = 0.0
-        for i, (task, coefficient) in enumerate(zip(work.tasks, work.coefficients)):
-            if i > 0 and self._decided_meanwhile(record, channel):
-                return  # a rank-level result the step no longer needs: decided while computing it
-            scale = coefficient * weights[task] / total
-            if weights[task] == 0:
-                continue  # an empty task: nothing to compute, but its commit still counts
-            loss = _checked_loss(task_loss(task), task, self._rank)
-            if record.phase is not StepPhase.RUNNING:
-                return  # released during the forward pass: the backward would be wasted
-            try:
-                task_grads = torch.autograd.grad(loss, self._params, allow_unused=True)
-            except RuntimeError as error:
-                if "does not require grad" in str(error):
-                    raise TypeError(
-                        f"codedgrad: task_loss({task}) on rank {self._rank} returned a loss that does not depend "
-                        "on the module's parameters (computed under torch.no_grad(), or detached)"
-                    ) from error
-                raise
-            # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
-            _add_scaled(grads, task_grads, scale, record.accumulator.dtypes)
-            loss_sum += scale * float(loss.detach())
-            if self.config.emulate is not None:
-                record.report.emulated_seconds += self.config.emulate.sleep(self._rank, record.step, record.tasks_run)
-            record.tasks_run += 1
-        if self._on_cuda:
-            torch.cuda.current_stream().synchronize()  # commit means "done", and the timer must see it
-        computed = time.perf_counter()
-        self._snapshot_buffers()
-        used = False
-        with record.lock:  # the release cannot freeze the accumulator between the commit and the addition
-            if record.phase is StepPhase.RUNNING:
-                trips = channel.commit_round_trips
-                commit_start = time.perf_counter()
-                used = channel.commit(work.result)
-                record.report.commit_seconds.append(time.perf_counter() - commit_start)
-                record.report.commit_round_trips += channel.commit_round_trips - trips
-                if used:
-                    record.accumulator.add_(grads, loss_sum)
-                    record.accumulated.append(work.result)  # after the addition completed
-                    self._mark_accumulated(record)
-        end = time.perf_counter()
-        record.report.computed += 1
-        record.report.used += used
-        record.report.task_seconds.append(end - start)
-        record.report.timeline.append((work.result, start - record.start, end - record.start, used))
-        # The profile is of compute alone: Store latency is the same for every rank and would
-        # flatten the measured speed ratios (a fast rank's tasks look relatively slower).
-        self._planner.record_task((computed - start) / len(work.tasks))
-
-    def _decided_meanwhile(self, record: StepRecord, channel: StepChannel) -> bool:
-        if self._no_wait:
-            return record.phase is not StepPhase.RUNNING  # the release watches the Store; no round trip
-        return channel.refresh().decided
-
     def _wait_for_release(self, record: StepRecord, channel: StepChannel) -> None:
         """The step's reduction: on the release thread (wait for it), or here (synchronous step)."""
         begin = time.perf_counter()
@@ -493,7 +386,7 @@ class CodedDataParallel(nn.Module):
             record.weights = weights
             record.weights_total = math.fsum(weights)
             record.ahead = record.report.ahead = False
-        self._run_tasks(record, channel, task_loss)
+        self._tasks.run(record, channel, task_loss)
 
     def _fail_or_complete(self, record: StepRecord, channel: StepChannel, error: BaseException) -> bool:
         """After an error on this thread: fail the step on every rank, or find that it completed.
@@ -691,29 +584,6 @@ def _task_weights(tasks: int | Sequence[float]) -> tuple[float, ...]:
     if not math.fsum(weights) > 0:
         raise ValueError("codedgrad: tasks: the task weights sum to 0")
     return weights
-
-
-def _checked_loss(loss: object, task: int, rank: int) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shown = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else repr(loss)[:80]
-        raise TypeError(
-            f"codedgrad: task_loss({task}) on rank {rank} must return a scalar tensor (the mean loss of task "
-            f"{task}'s samples), got {shown}"
-        )
-    return loss.reshape(())
-
-
-def _add_scaled(
-    total: list[torch.Tensor | None], new: Sequence[torch.Tensor | None], scale: float, dtypes: Sequence[torch.dtype]
-) -> None:
-    """total[i] += scale · new[i], in ``dtypes[i]`` (None counts as zero)."""
-    for i, (grad, dtype) in enumerate(zip(new, dtypes)):
-        if grad is None:
-            continue
-        if total[i] is None:
-            total[i] = grad.to(dtype) * scale
-        else:
-            total[i].add_(grad.to(dtype), alpha=scale)
 
 
 def _warn_about_batch_statistics(module: nn.Module) -> None:
