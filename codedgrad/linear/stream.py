@@ -8,7 +8,7 @@ session the master runs a function of a :class:`Master`, which submits jobs:
 * :meth:`Master.stream`: jobs arrive as a Poisson process of rate λ (the arrival times the simulator
   draws for the same seed) and are served in order;
 * :meth:`Master.apply`: one job now, its decoded product returned (iterative algorithms);
-* :meth:`Master.calibrate`: rounds in which every worker runs a fixed number of tasks, none purged,
+* :meth:`Master.calibrate`: rounds in which every worker runs tasks for a time budget, none purged,
   so their durations measure the workers' profiles without the bias of purging.
 
 A job ends when any K coded results are in (:mod:`codedgrad.linear.worker` describes the worker's

@@ -23,7 +23,7 @@ from codedgrad.emulate import Heterogeneity
 from codedgrad.linear import wire
 from codedgrad.linear.mds import CodedMatrix
 
-__all__ = ["INTERRUPTED", "LATE", "USED", "StreamTimeout", "WorkerLog", "client", "fetch", "serve"]
+__all__ = ["INTERRUPTED", "LATE", "USED", "Seat", "StreamTimeout", "WorkerLog", "client", "fetch", "serve"]
 
 USED, LATE, INTERRUPTED = 0, 1, 2
 """Outcomes of a task: its result was among the first ``needed``; it finished after the job was
