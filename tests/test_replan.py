@@ -78,3 +78,12 @@ def test_every_rank_decides_the_same_from_the_same_bytes():
         policy = ReplanPolicy()
         decisions.append(policy.decide(GUESS, False, 32, [Measurement.from_json(p) for p in payloads]))
     assert decisions[0] == decisions[1] == decisions[2]
+
+
+def test_a_slower_window_after_the_speeds_changed_is_not_blamed_on_the_switch():
+    """The cluster itself changed (the fits moved): comparing step times across it says nothing."""
+    policy = ReplanPolicy(threshold=0.1)
+    action, new = policy.decide(TRUE, True, 32, shared(TRUE[::-1], step_time=0.100))
+    assert action == "switch"
+    slowed = tuple(WorkerProfile(0.0, p.mean * 2, p.std) for p in TRUE[::-1])  # every rank twice as slow
+    assert policy.decide(new, True, 32, shared(slowed, step_time=0.200))[0] != "revert"

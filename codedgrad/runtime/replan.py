@@ -118,6 +118,7 @@ class ReplanPolicy:
     gamma: float = 1.0
     _previous: tuple[WorkerProfile, ...] | None = field(default=None, repr=False)  # the plan before a switch
     _window_before: float | None = field(default=None, repr=False)  # its measured step time
+    _switched_to: tuple[WorkerProfile, ...] | None = field(default=None, repr=False)  # the fits switched on
     _hold: int = field(default=0, repr=False)
 
     def decide(
@@ -135,10 +136,11 @@ class ReplanPolicy:
         times = [m.step_time for m in shared if m.step_time is not None]
         window = float(np.median(times)) if len(times) == len(shared) else None
         if self._previous is not None and window is not None and self._window_before is not None:
-            previous, before = self._previous, self._window_before
-            self._previous = self._window_before = None
+            previous, before, switched_to = self._previous, self._window_before, self._switched_to
+            self._previous = self._window_before = self._switched_to = None
             # The switch made real steps slower by more than half the threshold: go back, and hold.
-            if window > before * (1.0 + self.threshold / 2):
+            # Unless the ranks' speeds changed since (the fits moved): then the windows do not compare.
+            if window > before * (1.0 + self.threshold / 2) and not _speeds_changed(switched_to, shared):
                 self._hold = self.hold_exchanges
                 return "revert", previous
         if self._hold > 0:
@@ -154,7 +156,7 @@ class ReplanPolicy:
         now = predicted_step_time(measured, optimal_split(list(current), num_tasks, 1.0, self.gamma))
         proposed = predicted_step_time(measured, optimal_split(list(measured), num_tasks, 1.0, self.gamma))
         if proposed < (1.0 - self.threshold) * now:
-            self._previous, self._window_before = tuple(current), window
+            self._previous, self._window_before, self._switched_to = tuple(current), window, measured
             return "switch", measured
         return "keep", None
 
@@ -163,6 +165,20 @@ class ReplanPolicy:
 
     def load_state_dict(self, state: dict) -> None:
         self._hold = int(state.get("hold", 0))
+
+
+#: A rank's fitted mean moving by more than this share means its speed changed, not the plan's effect.
+SPEED_CHANGE = 0.25
+
+
+def _speeds_changed(before: Sequence[WorkerProfile] | None, shared: Sequence[Measurement]) -> bool:
+    """Whether some rank's fitted mean moved by more than :data:`SPEED_CHANGE` since ``before``."""
+    if before is None:
+        return False
+    for old, m in zip(before, shared):
+        if m.profile is not None and abs(m.profile.mean - old.mean) > SPEED_CHANGE * old.mean:
+            return True
+    return False
 
 
 def predicted_step_time(profiles: Sequence[WorkerProfile], split: Sequence[int]) -> float:

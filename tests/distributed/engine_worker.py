@@ -180,7 +180,7 @@ def scenario_exact(rank: int, world: int) -> dict:
         max_steps_ahead=1,
         timeout=30,
     )
-    run = run_steps(cdp, steps=36, num_tasks=16, dtype=torch.float64)
+    run = run_steps(cdp, steps=40, num_tasks=16, dtype=torch.float64)
     results["replan"] = {
         "max_error": run["max_error"],
         "versions": run["plan_version"],
