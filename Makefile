@@ -9,7 +9,7 @@ STAMP := $(VENV)/.codedgrad-installed
 DEMO_DIR ?= outputs/demo
 PAPER_DIR ?= outputs/paper
 
-.PHONY: setup test lint demo paper bench clean
+.PHONY: setup test lint demo paper stream stream-measure bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,14 @@ paper: $(STAMP)
 	$(BIN)/codedgrad plan --preset paper --redundancy 1.05
 	$(BIN)/codedgrad simulate --preset paper --redundancy 1,1.05,1.1,1.2 --plot $(PAPER_DIR)/paper.png
 	$(BIN)/codedgrad simulate --preset paper --redundancy 1.05,1.2,2 --code uncoded,repetition,frc,cyclic --jobs 300
+
+# Coded least squares through the coded linear stream (1 master + 4 emulated workers), and the
+# measured stream against the simulator (~15 min; docs/linear.md).
+stream: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 5 recipes/stream.py
+
+stream-measure: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 5 recipes/stream.py mode=measure
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_planner.py
