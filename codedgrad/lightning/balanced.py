@@ -49,13 +49,13 @@ from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities.data import extract_batch_size
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from codedgrad.data import GlobalBatchSampler, balanced_counts
+from codedgrad.data import balanced_counts
 from codedgrad.emulate import Heterogeneity
 from codedgrad.lightning._timed_hook import TimedHookState, timed_coded_hook
-from codedgrad.lightning.sampling import CountsSchedule, Position, ShardBatchSampler
+from codedgrad.lightning.sampling import CountsSchedule, Position, ShardBatchSampler, global_batches_of
 from codedgrad.lightning.speed import StepTimer
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime import CodedHookState
@@ -220,46 +220,16 @@ class BalancedStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or trainer.state.stage != RunningStage.TRAINING:
             return super().process_dataloader(dataloader)  # evaluation and prediction: as DDP
-        dataloader = self._check_train_dataloader(dataloader)
-        sampler: DistributedSampler = dataloader.sampler  # type: ignore[assignment]
-        global_batches = GlobalBatchSampler(
-            len(dataloader.dataset),  # type: ignore[arg-type]
-            dataloader.batch_size,  # type: ignore[arg-type]
+        global_batches = global_batches_of(
+            dataloader,
             self.world_size,
-            shuffle=sampler.shuffle,
-            seed=sampler.seed,
-            drop_last=dataloader.drop_last,
-            sampler_drop_last=sampler.drop_last,
+            self.global_rank,
+            "balanced",
+            "it deals each global batch out to the ranks by index",
         )
-        global_batches.set_epoch(sampler.epoch)
         assert self._schedule is not None, "setup() creates the schedule before the train dataloader"
         self._batch_sampler = ShardBatchSampler(global_batches, self.global_rank, self._schedule)
         return _with_batch_sampler(dataloader, self._batch_sampler)
-
-    def _check_train_dataloader(self, dataloader: object) -> DataLoader:
-        if not isinstance(dataloader, DataLoader):
-            raise TypeError(
-                f"strategy='balanced' needs a torch DataLoader for training, got {type(dataloader).__name__}"
-            )
-        if isinstance(dataloader.dataset, IterableDataset):
-            raise TypeError(
-                "strategy='balanced' needs a map-style train dataset: it deals each global batch out to the "
-                "ranks by index. Materialise the stream into a list or index its source, or use strategy='ddp'"
-            )
-        sampler, batch_sampler = dataloader.sampler, dataloader.batch_sampler
-        if type(sampler) is not DistributedSampler or type(batch_sampler) is not BatchSampler:
-            raise TypeError(
-                "strategy='balanced' decides each rank's share of DDP's global batches itself: it needs a train "
-                "DataLoader with batch_size and shuffle (no custom sampler or batch_sampler) and "
-                f"Trainer(use_distributed_sampler=True); got sampler={type(sampler).__name__}, "
-                f"batch_sampler={type(batch_sampler).__name__}"
-            )
-        if sampler.num_replicas != self.world_size or sampler.rank != self.global_rank:
-            raise ValueError(
-                f"sampler: the train DataLoader's DistributedSampler is for rank {sampler.rank} of "
-                f"{sampler.num_replicas}, but this is rank {self.global_rank} of {self.world_size}"
-            )
-        return dataloader
 
     # -- the training step ------------------------------------------------------------------------
 

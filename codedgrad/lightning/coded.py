@@ -72,12 +72,13 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from codedgrad.data import GlobalBatchSampler, TaskData, split_tasks
 from codedgrad.emulate import EmulationError, Heterogeneity
 from codedgrad.lightning.balanced import _destroy_at_exit
+from codedgrad.lightning.sampling import global_batches_of
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime import CodedDataParallel, ConfigurationError, EngineConfig, StepReport
 
@@ -443,18 +444,13 @@ class CodedStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or trainer.state.stage != RunningStage.TRAINING:
             return super().process_dataloader(dataloader)  # evaluation and prediction: as DDP
-        dataloader = self._check_train_dataloader(dataloader)
-        sampler: DistributedSampler = dataloader.sampler  # type: ignore[assignment]
-        global_batches = GlobalBatchSampler(
-            len(dataloader.dataset),  # type: ignore[arg-type]
-            dataloader.batch_size,  # type: ignore[arg-type]
+        global_batches = global_batches_of(
+            dataloader,
             self.world_size,
-            shuffle=sampler.shuffle,
-            seed=sampler.seed,
-            drop_last=dataloader.drop_last,
-            sampler_drop_last=sampler.drop_last,
+            self.global_rank,
+            "coded",
+            "any rank may compute any task of a global batch and loads its samples by index",
         )
-        global_batches.set_epoch(sampler.epoch)
         full = dataloader.batch_size * self.world_size  # type: ignore[operator]
         if self._num_tasks_arg is None:
             self._num_tasks = min(full, TASKS_PER_RANK * self.world_size)
@@ -474,24 +470,6 @@ class CodedStrategy(DDPStrategy):
             collate_fn=self._open_batch,
             num_workers=0,
         )
-
-    def _check_train_dataloader(self, dataloader: object) -> DataLoader:
-        if not isinstance(dataloader, DataLoader):
-            raise TypeError(f"strategy='coded' needs a torch DataLoader for training, got {type(dataloader).__name__}")
-        if isinstance(dataloader.dataset, IterableDataset):
-            raise TypeError(
-                "strategy='coded' needs a map-style train dataset: any rank may compute any task of a global "
-                "batch and loads its samples by index. Materialise the stream into a list or index its source, "
-                "or use strategy='ddp'"
-            )
-        sampler, batch_sampler = dataloader.sampler, dataloader.batch_sampler
-        if type(sampler) is not DistributedSampler or type(batch_sampler) is not BatchSampler:
-            raise TypeError(
-                "strategy='coded' builds DDP's global batches itself: it needs a train DataLoader with batch_size "
-                "and shuffle (no custom sampler or batch_sampler) and Trainer(use_distributed_sampler=True); got "
-                f"sampler={type(sampler).__name__}, batch_sampler={type(batch_sampler).__name__}"
-            )
-        return dataloader
 
     def _open_batch(self, indices: list[int]) -> GlobalBatch:
         """The collate function of the index-only loader: a handle whose planned tasks start loading now."""

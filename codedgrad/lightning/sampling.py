@@ -13,10 +13,62 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Sequence
 
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
+
 from codedgrad.data import GlobalBatchSampler, balanced_counts, shard
 from codedgrad.profile import WorkerProfile
 
-__all__ = ["CountsSchedule", "ShardBatchSampler"]
+__all__ = ["CountsSchedule", "ShardBatchSampler", "global_batches_of"]
+
+
+def global_batches_of(dataloader: object, world_size: int, rank: int, strategy: str, why: str) -> GlobalBatchSampler:
+    """DDP's global batches of the train ``dataloader`` Lightning prepared for ``rank`` of ``world_size``.
+
+    Lightning has put in a ``DistributedSampler`` (the user's shuffle, its seed, drop_last); the
+    global batches are what every rank's loader would read together, in rank order.
+
+    Args:
+        dataloader: the train loader as Lightning passes it to ``process_dataloader``.
+        world_size: the number of ranks.
+        rank: this rank.
+        strategy: the strategy's name, for messages.
+        why: why it needs map-style data, for messages.
+
+    Raises:
+        TypeError: not a DataLoader, an iterable dataset, or a custom sampler or batch sampler.
+        ValueError: the DistributedSampler is for another rank or world size.
+    """
+    if not isinstance(dataloader, DataLoader):
+        raise TypeError(f"strategy={strategy!r} needs a torch DataLoader for training, got {type(dataloader).__name__}")
+    if isinstance(dataloader.dataset, IterableDataset):
+        raise TypeError(
+            f"strategy={strategy!r} needs a map-style train dataset: {why}. Materialise the stream into a list "
+            "or index its source, or use strategy='ddp'"
+        )
+    sampler, batch_sampler = dataloader.sampler, dataloader.batch_sampler
+    if type(sampler) is not DistributedSampler or type(batch_sampler) is not BatchSampler:
+        raise TypeError(
+            f"strategy={strategy!r} builds DDP's global batches itself: it needs a train DataLoader with "
+            "batch_size and shuffle (no custom sampler or batch_sampler) and Trainer(use_distributed_sampler=True); "
+            f"got sampler={type(sampler).__name__}, batch_sampler={type(batch_sampler).__name__}"
+        )
+    if sampler.num_replicas != world_size or sampler.rank != rank:
+        raise ValueError(
+            f"sampler: the train DataLoader's DistributedSampler is for rank {sampler.rank} of "
+            f"{sampler.num_replicas}, but this is rank {rank} of {world_size}"
+        )
+    global_batches = GlobalBatchSampler(
+        len(dataloader.dataset),  # type: ignore[arg-type]
+        dataloader.batch_size,  # type: ignore[arg-type]
+        world_size,
+        shuffle=sampler.shuffle,
+        seed=sampler.seed,
+        drop_last=dataloader.drop_last,
+        sampler_drop_last=sampler.drop_last,
+    )
+    global_batches.set_epoch(sampler.epoch)
+    return global_batches
+
 
 Position = tuple[int, int]
 """(epoch, index of the global batch within the epoch): batches in the order they are yielded."""
