@@ -58,13 +58,17 @@ def test_unequal_task_weights_and_the_decoded_loss(results):
             assert run["identical"], code
 
 
-def test_state_dict_round_trip_resumes_the_plan_without_warm_up(results):
+def test_state_dict_round_trip_resumes_the_plan_and_its_redundancy_without_warm_up(results):
     for result in results:
         before, after = result["state"]["before"], result["state"]["after"]
         assert before["measured"] and before["version"] >= 1, before  # it had re-planned from measurements
         assert after["version"] == before["version"] and after["means"] == before["means"], (before, after)
         assert after["measured"] and after["step"] == before["step"], after
         assert after["error"] <= 1e-10
+        # redundancy="auto": the planner's Ω for the measured profiles, the same after the restore.
+        assert before["redundancy"] in (1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5), before
+        assert after["redundancy"] == before["redundancy"], (before, after)
+    assert len({r["state"]["before"]["redundancy"] for r in results}) == 1  # every rank chose the same
 
 
 def test_an_error_between_commit_and_accumulation_fails_the_step_everywhere(results):
@@ -107,7 +111,8 @@ def test_mismatched_settings_and_modules_name_the_difference(results):
             assert result[name]["type"] == "ConfigurationError", (name, result[name])
         frozen = result["no_parameters"]
         assert frozen["type"] == "ConfigurationError" and "no parameter that requires grad" in frozen["message"]
-        assert frozen["seconds"] < 5, frozen  # at once, not after the timeout
+        # At once, not after the 30 s timeout (a new Store connection here sometimes takes 5 s).
+        assert frozen["seconds"] < 15, frozen
         cyclic = result["cyclic_fraction"]
         assert cyclic["type"] == "ConfigurationError" and "must be an integer, got 1.5" in cyclic["message"]
 

@@ -204,7 +204,7 @@ def test_defaults_and_emulation_from_the_environment(monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("CODEDGRAD_EMULATE", raising=False)
     strategy = CodedStrategy()
     assert strategy.engine is None and strategy.last_report is None and strategy.split is None
-    assert strategy._config.redundancy == 1.25 and strategy._config.emulate is None
+    assert strategy._config.redundancy == "auto" and strategy._config.emulate is None  # Ω from measured profiles
     monkeypatch.setenv("CODEDGRAD_EMULATE", '{"speeds": [1, 2], "base": 0.001}')
     assert CodedStrategy()._config.emulate.speeds == (1.0, 2.0)
     monkeypatch.setenv("CODEDGRAD_EMULATE", '{"speeds": [1, 2]}')

@@ -194,9 +194,11 @@ class CodedStrategy(DDPStrategy):
     Args:
         num_tasks: tasks per global batch (K). None: ``4 × world size``, at most the global batch size.
             A batch smaller than K (a ragged last batch) gets trailing empty tasks.
-        redundancy: Ω ≥ 1, the share of extra task slots (``repetition``), or s + 1 (``frc``,
-            ``cyclic``). The default 1.25 is a fixed choice (useful range 1.05–1.3 on a noisy
-            cluster, see ``codedgrad plan``), not measured.
+        redundancy: ``"auto"`` (default, repetition code): the planner chooses Ω for each plan from
+            the measured profiles (the least Ω within 2 % of the best simulated step), starting at
+            1.25 until task times are measured. Or a number: Ω ≥ 1, the share of extra task slots
+            (``repetition``; useful range 1.05–1.3 on a noisy cluster, see ``codedgrad plan``), or
+            s + 1 (``frc``, ``cyclic``).
         code: ``"repetition"`` (default), ``"uncoded"``, ``"frc"`` or ``"cyclic"``.
         gamma: the planner's weight of the second moment of task times.
         profiles: a starting :class:`~codedgrad.profile.WorkerProfile` per rank (per-task times); None
@@ -222,7 +224,7 @@ class CodedStrategy(DDPStrategy):
     def __init__(
         self,
         num_tasks: int | None = None,
-        redundancy: float = 1.25,
+        redundancy: float | str = "auto",
         code: str = "repetition",
         gamma: float = 1.0,
         profiles: Sequence[WorkerProfile] | None = None,

@@ -23,7 +23,12 @@ from codedgrad.emulate import Heterogeneity
 from codedgrad.profile import WorkerProfile, profiles_to_dict
 from codedgrad.runtime.coordinator import StoreCoordinator
 
-__all__ = ["NONFINITE_POLICIES", "ConfigurationError", "EngineConfig", "agree"]
+__all__ = ["AUTO", "AUTO_START", "NONFINITE_POLICIES", "ConfigurationError", "EngineConfig", "agree"]
+
+#: ``redundancy=AUTO``: the planner chooses Ω from the measured profiles (:func:`codedgrad.plan.choose_redundancy`)
+#: at every plan, starting from :data:`AUTO_START` until the ranks' task times are measured.
+AUTO = "auto"
+AUTO_START = 1.25
 
 #: What a step does when the decoded gradient is not finite: ``"raise"`` (every rank raises
 #: :class:`~codedgrad.runtime.step.NonFiniteGradientError`, the parameters' gradients untouched) or
@@ -52,7 +57,8 @@ class EngineConfig:
     """Settings of the coded step (see :class:`~codedgrad.runtime.engine.CodedDataParallel` for each).
 
     Attributes:
-        redundancy: Ω ≥ 1 (repetition); an integer s + 1 for ``frc`` and ``cyclic``.
+        redundancy: Ω ≥ 1 (repetition; or ``"auto"``: chosen by the planner from measured profiles);
+            an integer s + 1 for ``frc`` and ``cyclic``.
         gamma: weight of the second moment in the planner's cost (≥ 0).
         code: one of :data:`codedgrad.codes.CODE_NAMES`.
         profiles: a starting :class:`WorkerProfile` per rank, or None (homogeneous, then measured).
@@ -70,7 +76,7 @@ class EngineConfig:
         nonfinite: one of :data:`NONFINITE_POLICIES`.
     """
 
-    redundancy: float = 1.25
+    redundancy: float | str = 1.25
     gamma: float = 1.0
     code: str = "repetition"
     profiles: tuple[WorkerProfile, ...] | None = None
@@ -90,6 +96,13 @@ class EngineConfig:
         set_ = object.__setattr__
         if self.code not in CODE_NAMES:
             raise ConfigurationError(f"code: must be one of {', '.join(CODE_NAMES)}, got {self.code!r}")
+        if isinstance(self.redundancy, str):
+            if self.redundancy != AUTO:
+                raise ConfigurationError(f"redundancy: must be a number >= 1 or {AUTO!r}, got {self.redundancy!r}")
+            if self.code != "repetition":
+                raise ConfigurationError(f"redundancy: {AUTO!r} is for the repetition code, not {self.code!r}")
+            self._check_rest()
+            return
         redundancy = _number("redundancy", self.redundancy)
         if redundancy < 1:
             raise ConfigurationError(f"redundancy: must be >= 1, got {redundancy:g}")
@@ -101,6 +114,10 @@ class EngineConfig:
         if self.code == "uncoded" and redundancy != 1:
             raise ConfigurationError(f"redundancy: 'uncoded' has none (Ω = 1), got {redundancy:g}; use 'repetition'")
         set_(self, "redundancy", redundancy)
+        self._check_rest()
+
+    def _check_rest(self) -> None:
+        set_ = object.__setattr__
         gamma = _number("gamma", self.gamma)
         if gamma < 0:
             raise ConfigurationError(f"gamma: must be >= 0, got {gamma:g}")
@@ -144,7 +161,7 @@ class EngineConfig:
             raise ConfigurationError(
                 f"emulate.speeds: {self.emulate.world_size} speeds for a world of {world_size} ranks"
             )
-        if self.code in ("frc", "cyclic") and self.redundancy > world_size:
+        if self.code in ("frc", "cyclic") and float(self.redundancy) > world_size:
             raise ConfigurationError(
                 f"redundancy: {self.code!r} needs s + 1 <= world size ({world_size}), got {self.redundancy:g}"
             )

@@ -32,9 +32,9 @@ import numpy as np
 
 from codedgrad.codes import CodeError, GradientCode, Work, make_code
 from codedgrad.codes.repetition import homogeneous_profiles
-from codedgrad.plan import PlanError, optimal_split, split_statistics
+from codedgrad.plan import PlanError, choose_redundancy, optimal_split, split_statistics
 from codedgrad.profile import WorkerProfile, fit_profile, profiles_from_dict, profiles_to_dict
-from codedgrad.runtime.config import ConfigurationError, EngineConfig, agree
+from codedgrad.runtime.config import AUTO, AUTO_START, ConfigurationError, EngineConfig, agree
 from codedgrad.runtime.coordinator import StoreCoordinator
 
 __all__ = ["MAX_WINDOWS", "MIN_SAMPLES", "MIN_SAMPLES_REPLAN", "Measurement", "Plan", "Planner", "ReplanPolicy"]
@@ -63,6 +63,7 @@ class Plan:
         code: the gradient code.
         queue: this rank's ordered work.
         fingerprint: a digest of every rank's queue.
+        redundancy: the plan's Ω (the configured one, or the planner's choice with ``"auto"``).
     """
 
     version: int
@@ -72,6 +73,7 @@ class Plan:
     code: GradientCode
     queue: tuple[Work, ...]
     fingerprint: str
+    redundancy: float = 1.0
 
     def planned_tasks(self) -> list[int]:
         """The tasks this rank's queue holds, in order (primaries, then backups)."""
@@ -320,11 +322,22 @@ class Planner:
 
     def _build(self, num_tasks: int, profiles: tuple[WorkerProfile, ...], measured: bool, version: int) -> Plan:
         config = self._config
-        code = make_code(config.code, self._world_size, num_tasks, config.redundancy, list(profiles), config.gamma)
+        redundancy = config.redundancy
+        if redundancy == AUTO:
+            # The least Ω whose simulated step is within 2 % of the best (seeded: the same on every
+            # rank, and the fingerprint check below catches a host whose floating point differs).
+            redundancy = AUTO_START
+            if measured:
+                candidates = tuple(o for o in (1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5) if o <= self._world_size)
+                redundancy = choose_redundancy(list(profiles), num_tasks, candidates, gamma=config.gamma, jobs=500)
+            redundancy = min(float(redundancy), float(self._world_size))
+        code = make_code(config.code, self._world_size, num_tasks, float(redundancy), list(profiles), config.gamma)
         queues = [code.queue(r) for r in range(self._world_size)]
         digest = repr([[(w.result, w.tasks, w.coefficients) for w in q] for q in queues])
         fingerprint = hashlib.sha256(digest.encode()).hexdigest()[:16]
-        return Plan(version, num_tasks, profiles, measured, code, tuple(queues[self._rank]), fingerprint)
+        return Plan(
+            version, num_tasks, profiles, measured, code, tuple(queues[self._rank]), fingerprint, float(redundancy)
+        )
 
     # ----------------------------------------------------------------- measurements
     def record_task(self, seconds_per_task: float) -> None:

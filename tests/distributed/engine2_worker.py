@@ -130,17 +130,18 @@ def scenario_state(rank: int, world: int, results: dict) -> None:
     het = Heterogeneity(speeds=[1.0, 1.0, 2.0, 4.0][:world], base=0.004, jitter=0.3, seed=2)
     model = make_model(torch.float64)
     with CodedDataParallel(
-        model, redundancy=1.0, emulate=het, replan_every=4, warmup_steps=4, max_steps_ahead=1, timeout=30
+        model, redundancy="auto", emulate=het, replan_every=4, warmup_steps=4, max_steps_ahead=1, timeout=30
     ) as cdp:
         for step in range(9):  # published at step 4 (tasks of steps 1-3), read and switched at step 6
             x, y = make_data(32, torch.float64, step)
             cdp.backward(task_loss_fn(cdp.module, x, y), 32)
         saved = cdp.state_dict()
         before = {"version": cdp.plan_version, "measured": cdp.plan.measured, "step": cdp.step_index}
+        before["redundancy"] = cdp.plan.redundancy
         before["means"] = [p.mean for p in cdp.profiles]
     fresh = make_model(torch.float64)
     with CodedDataParallel(
-        fresh, redundancy=1.0, emulate=het, replan_every=4, warmup_steps=4, max_steps_ahead=1, timeout=30
+        fresh, redundancy="auto", emulate=het, replan_every=4, warmup_steps=4, max_steps_ahead=1, timeout=30
     ) as cdp:
         cdp.load_state_dict(saved)
         reference = make_model(torch.float64)
@@ -149,6 +150,7 @@ def scenario_state(rank: int, world: int, results: dict) -> None:
         report = cdp.backward(task_loss_fn(cdp.module, x, y), 32)
         want = reference_grads(reference, 32, x, y)
         after = {"version": cdp.plan_version, "measured": cdp.plan.measured, "step": report.step}
+        after["redundancy"] = cdp.plan.redundancy
         after["means"] = [p.mean for p in cdp.profiles]
         after["error"] = relative_error([p.grad for p in cdp.module.parameters()], want)
     results["state"] = {"before": before, "after": after}
