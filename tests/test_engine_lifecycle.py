@@ -147,3 +147,14 @@ def test_close_leaves_no_thread_group_or_key(results):
         assert life["during"]["groups"] == life["before"]["groups"] + 1  # its process group
         assert life["after"] == life["before"], life
         assert "closed" in life["closed_error"]
+
+
+def test_a_failed_clean_up_after_the_collective_fails_no_rank(results):
+    for result in results:
+        assert result["cleanup_error"]["outcomes"] == [None] * 4, result["cleanup_error"]
+        assert result["cleanup_error"]["identical"]
+
+
+def test_a_buffer_loaded_between_steps_reaches_every_rank_while_rank_0_stalls(results):
+    for result in results:
+        assert result["loaded_buffer"] == [7.0, 7.0], result["loaded_buffer"]

@@ -55,6 +55,7 @@ from typing_extensions import override
 from codedgrad.data import balanced_counts
 from codedgrad.emulate import Heterogeneity
 from codedgrad.lightning._timed_hook import TimedHookState, timed_coded_hook
+from codedgrad.lightning.checks import check_accumulation
 from codedgrad.lightning.sampling import CountsSchedule, Position, ShardBatchSampler, global_batches_of
 from codedgrad.lightning.speed import StepTimer
 from codedgrad.profile import WorkerProfile
@@ -142,6 +143,7 @@ class BalancedStrategy(DDPStrategy):
         self._timer: StepTimer | None = None
         self._step_counts: list[int] | None = None  # the counts of the batch in training_step now
         self._last_batch: tuple[Position, list[int]] | None = None
+        self._taken: tuple[Position, list[int]] | None = None  # this batch's (position, counts), once taken
         self._steps = 0
         self._replans = 0
 
@@ -196,11 +198,7 @@ class BalancedStrategy(DDPStrategy):
                 "strategy='balanced' supports automatic optimization only (one backward per training step "
                 "weighted by the batch's counts); set automatic_optimization = True or use strategy='ddp'"
             )
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"accumulate_grad_batches: strategy='balanced' does not support gradient accumulation yet (got "
-                f"{trainer.accumulate_grad_batches}); raise the batch size instead, the ranks' shares follow it"
-            )
+        check_accumulation(trainer, "balanced")
         if self._emulate is not None:
             self._emulate.check_world_size(self.world_size)
         if self._profiles is not None and len(self._profiles) != self.world_size:
@@ -240,8 +238,10 @@ class BalancedStrategy(DDPStrategy):
             raise RuntimeError("strategy='balanced': no train DataLoader was prepared by the strategy")
         if self._steps == 0 and not isinstance(self.lightning_module.trainer.train_dataloader, DataLoader):
             raise TypeError("strategy='balanced' supports one train DataLoader (got several, combined)")
-        self._timer.finish()  # the previous step's backward is over
-        self._last_batch = self._batch_sampler.take()
+        if self._taken is None:  # once per batch: an optimizer like LBFGS calls the closure several times
+            self._timer.finish()  # the previous step's backward is over
+            self._taken = self._batch_sampler.take()
+        self._last_batch = self._taken
         counts = self._last_batch[1]
         self._check_local_batch(args, kwargs, counts)
         if self._replan_every and self._steps > 0 and self._steps % self._replan_every == 0:
@@ -258,6 +258,11 @@ class BalancedStrategy(DDPStrategy):
             self._emulate.sleep_batch(self.global_rank, step, counts[self.global_rank])
         self._steps += 1
         return output
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._taken = None  # the next training_step takes this batch's counts from the sampler
+        super().on_train_batch_start(batch, batch_idx)
 
     def _check_local_batch(self, args: tuple, kwargs: dict, counts: list[int]) -> None:
         batch = args[0] if args else kwargs.get("batch")

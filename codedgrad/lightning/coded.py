@@ -78,6 +78,7 @@ from typing_extensions import override
 from codedgrad.data import GlobalBatchSampler, TaskData, split_tasks
 from codedgrad.emulate import EmulationError, Heterogeneity
 from codedgrad.lightning.balanced import _destroy_at_exit
+from codedgrad.lightning.checks import check_accumulation, check_clock_triggers
 from codedgrad.lightning.sampling import global_batches_of
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime import CodedDataParallel, ConfigurationError, EngineConfig, StepReport
@@ -340,12 +341,8 @@ class CodedStrategy(DDPStrategy):
                 "automatic_optimization: strategy='coded' supports automatic optimization only (it runs the "
                 "backward passes of each task itself); set automatic_optimization = True or use strategy='ddp'"
             )
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"accumulate_grad_batches: strategy='coded' does not support gradient accumulation (got "
-                f"{trainer.accumulate_grad_batches}); raise the batch size instead: one coded step covers the "
-                "whole global batch"
-            )
+        check_accumulation(trainer, "coded")
+        check_clock_triggers(trainer, "coded")
         if self._layer_sync is not None:
             raise ValueError(
                 "sync_batchnorm: strategy='coded' cannot synchronise batch statistics (ranks compute different "

@@ -157,33 +157,34 @@ class StoreCoordinator:
                 self.store.delete_key(key)
 
     # ----------------------------------------------------------------- gathers
-    def publish(self, name: str, value: bytes) -> str:
+    def publish(self, name: str, value: bytes, collect_at: int) -> str:
         """Publish this rank's ``value`` for the next gather named ``name``; :meth:`collect` reads all.
 
-        Publishing does not wait: a rank can publish at one step and collect a few steps later, so
-        that an exchange never waits for a rank that is still inside an earlier step.
+        Publishing does not wait: a rank can publish at one step and collect at ``collect_at``, so
+        that an exchange never waits for a rank that is still inside an earlier step. The gather's
+        keys (every rank's, so that a rank that closes early cannot delete what a lagging rank still
+        reads) are deleted once every rank is past ``collect_at``, collected or not.
         """
         prefix = f"g/{self._gathers}/{name}"
         self._gathers += 1
+        with self._lock:
+            self._shared_deferred.extend((collect_at, f"{prefix}/{r}") for r in range(self.world_size))
+            self._shared_deferred.append((collect_at, f"{prefix}/gate"))
         self.store.set(f"{prefix}/{self.rank}", value)
         return prefix
 
-    def collect(self, prefix: str, step: int) -> list[bytes]:
+    def collect(self, prefix: str) -> list[bytes]:
         """Every rank's value of the gather :meth:`publish` started, in rank order (waits with the timeout).
 
-        ``step`` is the step at which every rank collects; the keys are deleted once every rank is
-        past it. A rank that comes late to a failed gather still finds its gate sealed.
+        A rank that comes late to a failed gather still finds its gate sealed.
         """
         keys = [f"{prefix}/{r}" for r in range(self.world_size)]
-        with self._lock:
-            self._own_deferred.append((step, keys[self.rank]))
-            self._shared_deferred.append((step, f"{prefix}/gate"))
         name = prefix.split("/", 2)[2]
         return _wait_all(self.store, keys, f"{prefix}/gate", self.timeout, self.rank, f"to publish {name!r}")
 
     def gather(self, name: str, value: bytes, step: int = 0) -> list[bytes]:
         """Every rank's ``value`` for ``name``, in rank order: :meth:`publish` and :meth:`collect` at once."""
-        return self.collect(self.publish(name, value), step)
+        return self.collect(self.publish(name, value, step))
 
 
 class StepChannel:
@@ -390,6 +391,12 @@ def _wait_all(
         absent = [r for r, key in enumerate(keys) if not client.check([key])]
         outcome = client.compare_set(gate, b"", f"abandoned by rank {rank}".encode())
         if outcome == b"go":  # everyone did arrive, just after this rank's wait ran out
+            try:  # bounded: the keys may be gone if the others finished long ago
+                client.wait(keys, timedelta(seconds=timeout))
+            except dist.DistStoreError:
+                raise CodedStepTimeout(
+                    f"codedgrad: rank {rank} came {timeout:g} s too late {what}: the other ranks went on without it"
+                ) from None
             return list(client.multi_get(keys))
         raise CodedStepTimeout(
             f"codedgrad: rank {rank} waited {timeout:g} s for ranks {absent or 'that came too late'} "

@@ -278,6 +278,7 @@ class CodedDataParallel(nn.Module):
         self._check_usable()
         start = time.perf_counter()
         weights = _task_weights(tasks)
+        self._snapshot_buffers()  # rank 0: buffers changed between steps (a load, a manual edit) are shared too
         plan = self._planner.plan_for(len(weights), self._step)
         digest = _digest(weights)
         step = self._step
@@ -290,8 +291,12 @@ class CodedDataParallel(nn.Module):
             if record.ahead:  # the release began this step while this thread was in an earlier one
                 self._join_ahead(record, channel, weights, digest, task_loss)
             else:
-                channel.begin()
-                self._tasks.run(record, channel, task_loss)
+                with record.lock:  # not frozen yet, so the step's keys still exist: begin cannot recreate them
+                    open_step = record.phase is StepPhase.RUNNING
+                    if open_step:
+                        channel.begin()
+                if open_step:
+                    self._tasks.run(record, channel, task_loss)
             self._wait_for_release(record, channel)
         except BaseException as error:
             completed = self._fail_or_complete(record, channel, error)
@@ -342,9 +347,15 @@ class CodedDataParallel(nn.Module):
         """Restore :meth:`get_extra_state`: the next step re-agrees the saved plan, without warm-up."""
         if not isinstance(state, dict) or state.get("format") != 1:
             raise ValueError(f"codedgrad: not a CodedDataParallel state (got {type(state).__name__})")
+        if self._releaser is not None and self._releaser.holds_steps():
+            raise RuntimeError(
+                "codedgrad: load_state_dict while the release holds steps completed ahead for this rank (it was "
+                "stalled); load a state before training or right after a step on every rank"
+            )
         self._stop_release(join_timeout=max(5.0, self.config.timeout))  # restarted at the restored step
         self._step = int(state["step"])
         self._planner.load_state_dict(state["planner"])
+        self._snapshot_buffers()
 
     # ----------------------------------------------------------------- the compute thread's step
     def _wait_for_release(self, record: StepRecord, channel: StepChannel) -> None:

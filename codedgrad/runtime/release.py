@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,11 +105,23 @@ def reduce_step(
             _reduce_buckets(record, coefficient, group, buffers)
         record.report.allreduce_time = time.perf_counter() - start
         record.report.release_lag = time.perf_counter() - decision_time
-        if cleanup is not None:
-            cleanup(record.step)
-        record.finish(StepPhase.REDUCED)
     except BaseException as error:  # handed to the compute thread, which raises it
+        # Wake the others at once (a timeout here is everyone's): the gate refuses once it is "go".
+        try:
+            channel.abandon(f"{type(error).__name__}: {error}")
+        except Exception:
+            pass
         record.finish(StepPhase.FAILED, error)
+        return
+    # The collective is done on every rank: from here on nothing may fail this step on one rank.
+    if cleanup is not None:
+        try:
+            cleanup(record.step)
+        except Exception as error:
+            warnings.warn(
+                f"codedgrad: step {record.step}: Store clean-up failed: {error}", RuntimeWarning, stacklevel=2
+            )
+    record.finish(StepPhase.REDUCED)
 
 
 def _reduce_buckets(
@@ -182,6 +195,11 @@ class Releaser:
             self._records.pop(step, None)
             self._compute_step = max(self._compute_step, step + 1)
             self._cond.notify_all()
+
+    def holds_steps(self) -> bool:
+        """Whether records of steps the compute thread has not left are held (e.g. served ahead)."""
+        with self._cond:
+            return any(step >= self._compute_step for step in self._records)
 
     @property
     def alive(self) -> bool:

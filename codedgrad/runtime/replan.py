@@ -270,7 +270,7 @@ class Planner:
 
     def _publish(self, step: int) -> None:
         """Publish this rank's measurements of the window that ends here; read them at ``step + lag``."""
-        prefix = self._coordinator.publish("profiles", self._measure().to_json().encode())
+        prefix = self._coordinator.publish("profiles", self._measure().to_json().encode(), step + self._lag)
         self._pending = (prefix, step + self._lag)
         self._steps_since_exchange = 0
         self._windows.append([])
@@ -280,7 +280,7 @@ class Planner:
         """Read every rank's measurements, let the policy decide, and switch together if it says so."""
         assert self.plan is not None and self._pending is not None
         prefix, self._pending = self._pending[0], None
-        shared = [Measurement.from_json(v) for v in self._coordinator.collect(prefix, step)]
+        shared = [Measurement.from_json(v) for v in self._coordinator.collect(prefix)]
         action, profiles = self._policy.decide(self.plan.profiles, self.plan.measured, self.plan.num_tasks, shared)
         if action == "keep" or profiles is None:
             return
@@ -311,8 +311,10 @@ class Planner:
         plan, error = None, None
         try:
             plan = self._build(num_tasks, profiles, measured, self._next_version)
-        except (CodeError, PlanError, ValueError) as exc:
-            error = str(exc)
+        except Exception as exc:
+            error = (
+                f"{type(exc).__name__}: {exc}" if not isinstance(exc, (CodeError, PlanError, ValueError)) else str(exc)
+            )
         values = {"num_tasks": num_tasks, "version": self._next_version, "plan": plan.fingerprint if plan else None}
         agree(self._coordinator, "plan", values, error, step)  # raises on every rank alike; nothing changed then
         assert plan is not None
@@ -371,5 +373,6 @@ class Planner:
             return
         self._restored = state
         self.plan = None
+        self._pending = None  # an exchange in flight belongs to the run that was replaced
         self._steps_since_exchange = int(state.get("steps_since_exchange", 0))
         self._policy.load_state_dict(state.get("policy", {}))

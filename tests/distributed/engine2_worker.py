@@ -26,6 +26,7 @@ from torch import nn
 from codedgrad import CodedDataParallel
 from codedgrad.emulate import Heterogeneity
 from codedgrad.runtime.buffers import FlatGradients
+from codedgrad.runtime.coordinator import StoreCoordinator
 from tests.distributed.engine_worker import (
     FEATURES,
     identical_across_ranks,
@@ -371,6 +372,42 @@ def scenario_lifecycle(rank: int, world: int, results: dict) -> None:
     }
 
 
+def scenario_review(rank: int, world: int, results: dict) -> None:
+    """Two review findings: a Store error in the clean-up after a step's collective must not fail
+    that step on one rank; a buffer loaded between steps reaches every rank even when rank 0 is
+    stalled and finishes no task before the decision."""
+    original = StoreCoordinator.step_done
+
+    def flaky(self, step: int) -> None:
+        original(self, step)
+        if self.rank == 0 and step == 2:
+            raise RuntimeError("injected Store error in delete_key")
+
+    StoreCoordinator.step_done = flaky
+    outcomes = []
+    try:
+        model = make_model(torch.float64)
+        with CodedDataParallel(model, redundancy=1.25, replan_every=0, timeout=10) as cdp:
+            for step in range(4):
+                x, y = make_data(8, torch.float64, step)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    outcomes.append(outcome(lambda x=x, y=y: cdp.backward(task_loss_fn(cdp.module, x, y), 8))["type"])
+            identical = identical_across_ranks([p.grad for p in model.parameters()])
+    finally:
+        StoreCoordinator.step_done = original
+    results["cleanup_error"] = {"outcomes": outcomes, "identical": identical}
+
+    model = make_model(torch.float64)
+    model.register_buffer("marker", torch.zeros(2, dtype=torch.float64))
+    het = Heterogeneity(speeds=[1.0] * world, base=0.001, jitter=0.0, forced_stalls=((0, 0, 1.5),))
+    with CodedDataParallel(model, redundancy=2.0, replan_every=0, emulate=het, timeout=10) as cdp:
+        model.load_state_dict({**model.state_dict(), "marker": torch.full((2,), 7.0, dtype=torch.float64)})
+        x, y = make_data(4, torch.float64, 0)
+        cdp.backward(task_loss_fn(cdp.module, x, y), 4)
+        results["loaded_buffer"] = model.marker.tolist()
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -378,6 +415,7 @@ def main() -> None:
     results: dict = {}
     for scenario in (
         scenario_lifecycle,
+        scenario_review,
         scenario_defects,
         scenario_weights,
         scenario_state,
