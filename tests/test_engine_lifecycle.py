@@ -55,6 +55,8 @@ def test_unequal_task_weights_and_the_decoded_loss(results):
         for code, run in result["weights"].items():
             assert run["error"] <= 1e-10, (code, run)
             assert run["loss_error"] <= 1e-12, (code, run)
+            assert run["mae_error"] <= 1e-12, (code, run)  # a named value returned by task_loss, decoded too
+            assert run["names"] == [["mae", {"prog_bar": True}]], run
             assert run["identical"], code
 
 

@@ -70,6 +70,11 @@ def test_logged_loss_and_hooks_see_the_global_batch(results: list[dict]) -> None
         assert [r["output_loss"] for r in fit["reports"]] == decoded  # training_step's returned loss
         assert fit["before_backward"] == decoded  # on_before_backward gets the decoded loss
         assert len(fit["grad_norms"]) == len(decoded) and min(fit["grad_norms"]) > 0  # on_after_backward
+        # A metric other than the loss, logged with sync_dist=True: decoded with the gradient, so every
+        # rank logs the global batch's value at every step (ranks with nothing computed included).
+        assert len(fit["logged_mae"]) == len(fit["reference_maes"])
+        for got, want in zip(fit["logged_mae"], fit["reference_maes"]):
+            assert abs(got - want) <= FP64_TOLERANCE, f"rank {rank}: logged train_mae {got} vs {want}"
         resumed = finite_pairs(result["resume"]["logged"], result["resume"]["reference_losses"])
         assert max(abs(a - b) for a, b in resumed) <= FP64_TOLERANCE, f"rank {rank}"
 

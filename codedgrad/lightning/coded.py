@@ -33,15 +33,14 @@ What the strategy does with Lightning (Lightning 2.6; the internals are named wh
   step far enough ahead that no rank has begun it, and every rank stops cleanly at the start of that
   step (at most ``max_steps_ahead + 2`` steps after the signal), after the same completed steps.
 * **Logging.** ``self.log`` calls made by the user's ``training_step`` are recorded per task and
-  logged once per step: a value that is the task's returned loss is logged as the **decoded loss of
-  the global batch** (``StepReport.loss``, identical on every rank, exact); any other value as the
-  mean over the tasks this rank computed, weighted by their sample counts (``reduce_fx`` sum, max and
-  min are honoured). ``sync_dist`` is then served without a collective inside the step; epoch-level
-  aggregation still reduces across ranks at the epoch's end. On a step the release completed for
-  this rank while it was stalled (``StepReport.ahead``, it computed nothing), the step's values
-  repeat the previous ones with weight 0, so they do not count in epoch means. A key becomes known to
-  a rank with its first computed task: before that (a rank whose first steps were decided without
-  it) the rank logs nothing for it.
+  logged once per step. A scalar logged with the default mean reduction is **decoded with the
+  gradient** (the engine's value slots, ``CodedDataParallel.value_slot``): every rank logs the global
+  batch's value, weighted by the tasks' sample counts, at every step, also a rank that computed none
+  of the step's tasks, which learns the key's name and options from the engine's registry. So
+  ``sync_dist=True`` values are exact and the same on every rank with no collective inside the step
+  (a scheduler or callback monitoring them decides alike everywhere). Other values (``reduce_fx``
+  sum, max, min or a callable, torchmetrics objects) are aggregated over the tasks this rank computed;
+  epoch-level aggregation still reduces across ranks at the epoch's end.
 * **Checkpoints.** The engine's state (step index, plan, profiles) is stored under
   :data:`CHECKPOINT_KEY` and restored on resume; the module's ``state_dict`` stays the user's.
 * **Evaluation.** Validation, test and predict loops are DDP's (``DistributedSampler`` shards, metrics
@@ -276,6 +275,7 @@ class CodedStrategy(DDPStrategy):
         self._stop_at: int | None = None
         self._sigterm = False  # this rank received SIGTERM during the current fit
         self._loss_keys: set[str] = set()  # logged keys whose values are the tasks' returned losses
+        self._slot_meta: dict[int, tuple[str, dict[str, Any] | None]] = {}  # decoded keys: slot -> (name, options)
         self._patched: list[tuple[object, str]] = []
 
     # -- what users, tests and the recipes' monitor read ----------------------------------------
@@ -366,6 +366,7 @@ class CodedStrategy(DDPStrategy):
             self._sigterm = False
             self._last_logged = {}
             self._loss_keys = set()
+            self._slot_meta = {}
             self._loaded = {}
             self._last_report = None
         super().setup(trainer)
@@ -525,9 +526,15 @@ class CodedStrategy(DDPStrategy):
             weight = float(batch.weights[task])
             calls: list[tuple[str, Any]] = []
 
+            decoded: dict[int, Any] = {}
+
             def record(name: str, value: Any, *log_args: Any, **log_kwargs: Any) -> None:
                 bound = signature.bind(name, value, *log_args, **log_kwargs)
                 options = {k: v for k, v in bound.arguments.items() if k not in ("name", "value")}
+                meta = _decodable_options(value, options)
+                if meta is not None:  # a scalar mean: decoded with the loss, the global batch's on every rank
+                    decoded[self._value_slot(name, meta)] = value
+                    return
                 logged.setdefault(name, _LoggedKey(options))
                 calls.append((name, value))
 
@@ -545,8 +552,8 @@ class CodedStrategy(DDPStrategy):
                 entry.all_loss = entry.all_loss and isinstance(loss, torch.Tensor) and _same_value(value, loss)
             outputs.append(output)
             if scale != 1.0 and isinstance(loss, torch.Tensor):
-                return loss * scale  # 16-mixed: the decoded gradient is scaled, as the GradScaler expects
-            return loss  # type: ignore[return-value]
+                loss = loss * scale  # 16-mixed: the decoded gradient is scaled, as the GradScaler expects
+            return (loss, decoded) if decoded else loss  # type: ignore[return-value]
 
         try:
             report = self._engine.backward(task_loss, batch.weights)
@@ -559,6 +566,7 @@ class CodedStrategy(DDPStrategy):
             p.grad = None  # kept aside: the closure zeroes gradients before backward
         loss_value = report.loss / scale if math.isfinite(report.loss) else float("nan")
         self._relog(original_log, logged, loss_value, len(batch.indices))
+        self._log_decoded(original_log, report.values, len(batch.indices))
         loss = torch.tensor(loss_value, dtype=self._loss_dtype(), device=self.root_device)
         last = outputs[-1] if outputs else None
         if isinstance(last, dict):
@@ -584,6 +592,30 @@ class CodedStrategy(DDPStrategy):
     def _loss_dtype(self) -> torch.dtype:
         dtype = self._params[0].dtype if self._params else torch.float32
         return dtype if dtype == torch.float64 else torch.float32
+
+    def _value_slot(self, name: str, meta: dict[str, Any]) -> int:
+        assert self._engine is not None
+        slot = self._engine.value_slot(name, meta)
+        self._slot_meta[slot] = (name, meta)
+        return slot
+
+    def _log_decoded(self, log: Any, values: dict[int, float], samples: int) -> None:
+        """Log the values the engine decoded this step: the same keys and values on every rank.
+
+        A rank that never logged a key itself (all its tasks were decided elsewhere) learns its name
+        and options from the engine's registry.
+        """
+        if any(slot not in self._slot_meta for slot in values):
+            assert self._engine is not None
+            self._slot_meta.update(enumerate(self._engine.value_names()))
+        self._local_sync = True  # already the global batch's values: no collective
+        try:
+            for slot, value in sorted(values.items()):
+                name, meta = self._slot_meta[slot]
+                tensor = torch.tensor(value, dtype=self._loss_dtype(), device=self.root_device)
+                log(name, tensor, **(meta or {}), batch_size=samples)
+        finally:
+            self._local_sync = False
 
     def _relog(self, log: Any, logged: dict[str, _LoggedKey], loss: float, samples: int) -> None:
         """Log each key the user logged once for the step, with the global batch's (or this rank's) value."""
@@ -690,6 +722,26 @@ class CodedStrategy(DDPStrategy):
             strategy_registry.register(
                 "coded", cls, description="Coded, heterogeneity-aware steps with exact gradients (codedgrad)"
             )
+
+
+#: ``self.log`` options that travel with a decoded key (JSON, so every rank logs it the same way).
+_DECODED_OPTIONS = ("prog_bar", "logger", "on_step", "on_epoch", "sync_dist", "add_dataloader_idx", "rank_zero_only")
+
+
+def _decodable_options(value: Any, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The options to register for a logged scalar whose global value is its weighted mean, or None.
+
+    The engine decodes weighted means; other reductions (sum, max, min, a callable) and torchmetrics
+    objects (which keep their own state) are aggregated on each rank instead.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if options.get("reduce_fx", "mean") not in ("mean", torch.mean):
+        return None
+    return {k: options[k] for k in _DECODED_OPTIONS if k in options and isinstance(options[k], (bool, type(None)))}
 
 
 def _same_value(value: Any, loss: torch.Tensor) -> bool:

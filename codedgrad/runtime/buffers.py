@@ -2,11 +2,11 @@
 
 The coded all-reduce must be one SUM collective per bucket, not one per parameter, so a rank
 accumulates its used results directly into flat buffers whose slices are shaped like the
-parameters. The first bucket carries one more element, the step's weighted loss: the loss of the
-global batch is linear in the tasks' losses just like the gradient, so it is decoded by the same
-collective at no extra cost. Low-precision parameters (bf16, fp16) accumulate in float32: a step sums up to K task
-gradients, and rounding each partial sum to 8 bits of mantissa would lose the exactness the
-decoder guarantees.
+parameters. The first bucket carries a few more elements, the step's weighted loss and other
+logged scalars: the global batch's value is linear in the tasks' values just like the gradient, so
+it is decoded by the same collective at no extra cost. Low-precision parameters (bf16, fp16)
+accumulate in float32: a step sums up to K task gradients, and rounding each partial sum to 8 bits
+of mantissa would lose the exactness the decoder guarantees.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ class FlatGradients:
             own; a parameter never straddles two).
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = 25 * 2**20) -> None:
+    def __init__(
+        self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = 25 * 2**20, value_slots: int = 0
+    ) -> None:
         self.params = list(params)
         if not self.params:
             raise ValueError("params: need at least one parameter that requires grad")
@@ -49,11 +51,13 @@ class FlatGradients:
                 specs.append([device, dtype, 0])
             layout.append((index, specs[index][2]))
             specs[index][2] += p.numel()
-        specs[0][2] += 1  # the loss slot
+        specs[0][2] += 1 + 2 * value_slots  # the loss slot, then (Σ weight·value, Σ weight) per value slot
         self.buckets = [torch.zeros(size, device=device, dtype=dtype) for device, dtype, size in specs]
         for p, (index, offset) in zip(self.params, layout):
             self.views.append(self.buckets[index][offset : offset + p.numel()].view_as(p))
-        self.loss = self.buckets[0][-1:]  # a view: the weighted sum of the tasks' losses
+        tail = self.buckets[0][self.buckets[0].numel() - 1 - 2 * value_slots :]
+        self.loss = tail[:1]  # a view: the weighted sum of the tasks' losses
+        self.values = tail[1:].view(value_slots, 2)  # logged scalars, decoded like the loss
         self.dtypes = [view.dtype for view in self.views]  # accumulation dtype of each parameter
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -63,12 +67,20 @@ class FlatGradients:
         for bucket in self.buckets:
             bucket.zero_()
 
-    def add_(self, grads: Sequence[torch.Tensor | None], loss: torch.Tensor | float = 0.0) -> None:
-        """Add one gradient per parameter (None adds nothing) and a loss to the loss slot."""
+    def add_(
+        self,
+        grads: Sequence[torch.Tensor | None],
+        loss: torch.Tensor | float = 0.0,
+        values: dict[int, tuple[float, float]] | None = None,
+    ) -> None:
+        """Add one gradient per parameter (None adds nothing), a loss, and (Σ weight·value, Σ weight) per slot."""
         for view, grad in zip(self.views, grads):
             if grad is not None:
                 view.add_(grad)
         self.loss.add_(loss)
+        for slot, (weighted, weight) in (values or {}).items():
+            self.values[slot, 0] += weighted
+            self.values[slot, 1] += weight
 
     def is_finite(self) -> bool:
         """Whether every element (gradients and loss) is finite."""

@@ -123,13 +123,14 @@ class TaskRunner:
         assert weights is not None
         grads: list[torch.Tensor | None] = [None] * len(self._params)
         loss_sum = 0.0
+        values: dict[int, tuple[float, float]] = {}  # slot -> (Σ scale·value, Σ scale)
         for i, (task, coefficient) in enumerate(zip(work.tasks, work.coefficients)):
             if i > 0 and self._decided_meanwhile(record, channel):
                 return  # a rank-level result the step no longer needs: decided while computing it
             scale = coefficient * weights[task] / total
             if weights[task] == 0:
                 continue  # an empty task: nothing to compute, but its commit still counts
-            loss = _checked_loss(task_loss(task), task, self._rank)
+            loss, task_values = _checked_output(task_loss(task), task, self._rank, self._config.value_slots)
             if record.phase is not StepPhase.RUNNING:
                 return  # released during the forward pass: the backward would be wasted
             try:
@@ -144,6 +145,9 @@ class TaskRunner:
             # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
             _add_scaled(grads, task_grads, scale, record.accumulator.dtypes)
             loss_sum += scale * float(loss.detach())
+            for slot, value in task_values.items():
+                weighted, weight = values.get(slot, (0.0, 0.0))
+                values[slot] = (weighted + scale * value, weight + scale)
             if self._config.emulate is not None:
                 record.report.emulated_seconds += self._config.emulate.sleep(self._rank, record.step, record.tasks_run)
             record.tasks_run += 1
@@ -160,7 +164,7 @@ class TaskRunner:
                 record.report.commit_seconds.append(time.perf_counter() - commit_start)
                 record.report.commit_round_trips += channel.commit_round_trips - trips
                 if used:
-                    record.accumulator.add_(grads, loss_sum)
+                    record.accumulator.add_(grads, loss_sum, values)
                     record.accumulated.append(work.result)  # after the addition completed
                     self._mark_accumulated(record)
         end = time.perf_counter()
@@ -178,14 +182,35 @@ class TaskRunner:
         return channel.refresh().decided
 
 
-def _checked_loss(loss: object, task: int, rank: int) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shown = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else repr(loss)[:80]
+def _checked_output(output: object, task: int, rank: int, slots: int) -> tuple[torch.Tensor, dict[int, float]]:
+    """``task_loss(task)``'s result as (scalar loss, {slot: value}), or a TypeError that says what is wrong.
+
+    ``task_loss`` returns the task's mean loss, or ``(loss, {slot: value})`` with other scalars to
+    decode like the loss (each slot from ``CodedDataParallel.value_slot``).
+    """
+    values: dict[int, float] = {}
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], dict):
+        output, raw = output
+        for slot, value in raw.items():
+            if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < slots:
+                raise TypeError(
+                    f"codedgrad: task_loss({task}) on rank {rank} returned a value for slot {slot!r}; slots are "
+                    f"0..{slots - 1} (CodedDataParallel.value_slot(name) gives one)"
+                )
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise TypeError(
+                        f"codedgrad: task_loss({task}) on rank {rank}: value of slot {slot} is not a scalar"
+                    )
+                value = value.detach().item()
+            values[slot] = float(value)  # type: ignore[arg-type]
+    if not isinstance(output, torch.Tensor) or output.numel() != 1:
+        shown = f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else repr(output)[:80]
         raise TypeError(
             f"codedgrad: task_loss({task}) on rank {rank} must return a scalar tensor (the mean loss of task "
             f"{task}'s samples), got {shown}"
         )
-    return loss.reshape(())
+    return output.reshape(()), values
 
 
 def _add_scaled(

@@ -74,6 +74,8 @@ class EngineConfig:
         max_steps_ahead: how many steps the release may complete for a rank whose compute thread is
             still inside an earlier step (no-wait release only); each costs one gradient buffer.
         nonfinite: one of :data:`NONFINITE_POLICIES`.
+        value_slots: how many named scalars besides the loss ``task_loss`` may return per task
+            (decoded with the gradient, e.g. a logged metric; see ``CodedDataParallel.value_slot``).
     """
 
     redundancy: float | str = 1.25
@@ -91,6 +93,7 @@ class EngineConfig:
     bucket_cap_mb: float = 25.0
     max_steps_ahead: int = 4
     nonfinite: str = "raise"
+    value_slots: int = 16
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -148,6 +151,7 @@ class EngineConfig:
             raise ConfigurationError(f"bucket_cap_mb: must be > 0, got {cap:g}")
         set_(self, "bucket_cap_mb", cap)
         _integer("max_steps_ahead", self.max_steps_ahead, 0)
+        _integer("value_slots", self.value_slots, 0)
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ConfigurationError(
                 f"nonfinite: must be one of {', '.join(NONFINITE_POLICIES)}, got {self.nonfinite!r}"

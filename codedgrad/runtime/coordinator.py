@@ -135,6 +135,11 @@ class StoreCoordinator:
         for key in keys:
             self.wait_store.delete_key(key)
 
+    def defer_until_close(self, key: str) -> None:
+        """A key of all ranks that lives as long as the engine (deleted by the last rank to close)."""
+        with self._lock:
+            self._shared_deferred.append((-_ANY_STEP, key))
+
     def step_failed(self, step: int) -> None:
         """This rank left step ``step`` without reducing it: its keys go at the next success.
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import itertools
+import json
 import math
 import threading
 import time
@@ -112,6 +113,9 @@ class CodedDataParallel(nn.Module):
         nonfinite: ``"raise"`` (every rank raises :class:`NonFiniteGradientError` when the decoded
             gradient or loss is not finite, leaving ``p.grad`` untouched) or ``"keep"`` (write it,
             e.g. for ``torch.amp.GradScaler``, which then skips the step on every rank alike).
+        value_slots: how many named scalars besides the loss a step can decode (``task_loss`` may
+            return ``(loss, {cdp.value_slot("acc"): acc})``; ``report.values`` holds the global
+            batch's weighted means); two elements of the first bucket each.
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class CodedDataParallel(nn.Module):
         bucket_cap_mb: float = 25.0,
         max_steps_ahead: int = 4,
         nonfinite: str = "raise",
+        value_slots: int = 16,
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
@@ -164,7 +169,7 @@ class CodedDataParallel(nn.Module):
                 timeout=timeout, replan_every=replan_every, replan_threshold=replan_threshold,
                 warmup_steps=warmup_steps, spare_work=spare_work, no_wait=no_wait,
                 broadcast_buffers=broadcast_buffers, bucket_cap_mb=bucket_cap_mb,
-                max_steps_ahead=max_steps_ahead, nonfinite=nonfinite,
+                max_steps_ahead=max_steps_ahead, nonfinite=nonfinite, value_slots=value_slots,
             )  # fmt: skip
             config.check_world(self._world_size)
             if not any(p.requires_grad for p in module.parameters()):
@@ -216,6 +221,7 @@ class CodedDataParallel(nn.Module):
             self._release_group = dist.new_group(timeout=timedelta(seconds=config.timeout), backend=dist.get_backend())
             if self._on_cuda:
                 self._release_stream = torch.cuda.Stream(device=self._params[0].device)
+        self._slots: dict[str, int] = {}  # names of decoded values this rank has seen -> their slots
         self._broken: BaseException | None = None  # the release could not be ended: never reuse its buffers
         self._closed = False
         self.last_report: StepReport | None = None
@@ -247,6 +253,50 @@ class CodedDataParallel(nn.Module):
     def plan(self) -> Plan | None:
         """The current plan (None before the first step)."""
         return self._planner.plan
+
+    def value_slot(self, name: str, meta: dict | None = None) -> int:
+        """The slot of a named scalar to decode with the loss, the same on every rank.
+
+        The first rank to ask registers ``name`` (with ``meta``, any JSON-able description such as
+        logging options) in the engine's Store namespace; every later caller, on any rank, gets the
+        same slot. Ranks that never saw the name read it with :meth:`value_names`.
+
+        Raises:
+            ValueError: more names than ``value_slots``.
+        """
+        slot = self._slots.get(name)
+        if slot is None:
+            names = self._register_value(name, meta)
+            slot = next(i for i, (known, _) in enumerate(names) if known == name)
+            if slot >= self.config.value_slots:
+                raise ValueError(
+                    f"codedgrad: {name!r} would be value number {slot + 1}, but value_slots={self.config.value_slots}; "
+                    "raise value_slots"
+                )
+            self._slots[name] = slot
+        return slot
+
+    def value_names(self) -> list[tuple[str, dict | None]]:
+        """Every registered (name, meta), in slot order (one Store read)."""
+        store = self._coordinator.store
+        if not store.check(["values"]):
+            return []
+        return [(name, meta) for name, meta in json.loads(store.get("values"))]
+
+    def _register_value(self, name: str, meta: dict | None) -> list[tuple[str, dict | None]]:
+        store = self._coordinator.store
+        current = store.compare_set("values", b"", b"[]")  # create-or-read
+        if current == b"[]":
+            self._coordinator.defer_until_close("values")
+        while True:
+            names = json.loads(current)
+            if any(known == name for known, _ in names):
+                return [tuple(entry) for entry in names]
+            desired = json.dumps([*names, [name, meta]]).encode()
+            answer = store.compare_set("values", current, desired)
+            if answer == desired:
+                return [tuple(entry) for entry in json.loads(desired)]
+            current = answer  # another rank registered one meanwhile: try again on its list
 
     def planned_tasks(self) -> list[int]:
         """The tasks this rank's current plan computes, in order (primaries, then backups).
@@ -523,7 +573,7 @@ class CodedDataParallel(nn.Module):
         with self._free_lock:
             accumulator = self._free.pop() if self._free else None
         if accumulator is None:
-            accumulator = FlatGradients(self._params, bucket_bytes=self._bucket_bytes)
+            accumulator = FlatGradients(self._params, self._bucket_bytes, self.config.value_slots)
         else:
             accumulator.zero_()
         return accumulator

@@ -132,6 +132,8 @@ def _reduce_buckets(
     # The same values on every rank after the all-reduce, so every rank reaches the same verdict.
     record.report.finite = record.accumulator.is_finite()
     record.report.loss = float(record.accumulator.loss)
+    decoded = record.accumulator.values.tolist()
+    record.report.values = {slot: total / weight for slot, (total, weight) in enumerate(decoded) if weight != 0}
     if buffers is not None:
         record.buffers = buffers.share(group)
 

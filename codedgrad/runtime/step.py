@@ -53,6 +53,8 @@ class StepReport:
         num_tasks: K of the step.
         loss: the decoded loss of the whole global batch (the weighted mean of the tasks' losses),
             reduced with the gradient; NaN when not available (a step completed by the release alone).
+        values: the decoded scalars ``task_loss`` returned besides the loss, by slot: each the
+            global batch's mean over the tasks that returned it, weighted by their weights.
         finite: whether the decoded gradient (and loss) is finite.
         computed: results this rank computed (including those whose commit was not used).
         used: results of this rank that the decoder used.
@@ -82,6 +84,7 @@ class StepReport:
     plan_version: int
     num_tasks: int
     loss: float = float("nan")
+    values: dict[int, float] = field(default_factory=dict)
     finite: bool = True
     computed: int = 0
     used: int = 0

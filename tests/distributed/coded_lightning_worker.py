@@ -128,6 +128,7 @@ class Recorder(Callback):
         self.reports: list[dict] = []
         self.starts: list[float] = []
         self.logged: list[float] = []
+        self.logged_mae: list[float] = []  # a metric other than the loss, logged with sync_dist=True
         self.engine_at_start: dict | None = None
         self.sigterm_at = sigterm_at
 
@@ -139,6 +140,7 @@ class Recorder(Callback):
         self.starts.append(time.time())
         if self.reports:  # the previous step's logged value is in callback_metrics by now
             self.logged.append(logged_loss(trainer))
+            self.logged_mae.append(logged_loss(trainer, "train_mae"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         report = trainer.strategy.last_report
@@ -162,11 +164,12 @@ class Recorder(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.logged.append(logged_loss(trainer))
+        self.logged_mae.append(logged_loss(trainer, "train_mae"))
 
 
-def logged_loss(trainer: pl.Trainer) -> float:
-    """The logged train_loss; NaN before this rank's first computed task (it does not know the key yet)."""
-    value = trainer.callback_metrics.get("train_loss")
+def logged_loss(trainer: pl.Trainer, key: str = "train_loss") -> float:
+    """A logged training value (NaN if absent)."""
+    value = trainer.callback_metrics.get(key)
     return float("nan") if value is None else float(value)
 
 
@@ -197,7 +200,7 @@ def eval_loader(seed: int) -> DataLoader:
 
 
 def reference(epochs: int, dtype: torch.dtype, world: int = 3) -> tuple[torch.Tensor, list[float]]:
-    """One process over the same global batches: final parameters and per-step losses."""
+    """One process over the same global batches: final parameters and per-step losses (and MAEs in MAES)."""
     data = Recording(N, 0)
     net = make_net().to(dtype)
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
@@ -208,7 +211,9 @@ def reference(epochs: int, dtype: torch.dtype, world: int = 3) -> tuple[torch.Te
         sampler.set_epoch(epoch)
         for batch in sampler:
             x, y = data.x[batch].to(dtype), data.y[batch].to(dtype)
-            loss = nn.functional.mse_loss(net(x), y)
+            out = net(x)
+            loss = nn.functional.mse_loss(out, y)
+            MAES.setdefault((epochs, str(dtype), world), []).append(float((out - y).abs().mean()))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP)
@@ -216,6 +221,9 @@ def reference(epochs: int, dtype: torch.dtype, world: int = 3) -> tuple[torch.Te
             scheduler.step()
             losses.append(float(loss))
     return flat(net), losses
+
+
+MAES: dict[tuple, list[float]] = {}  # reference per-step mean absolute errors, by reference() arguments
 
 
 def flat(module: nn.Module) -> torch.Tensor:
@@ -257,6 +265,8 @@ def main_torchrun(out_dir: Path) -> None:
     trainer.fit(model, DataLoader(train, batch_size=BATCH, shuffle=True), eval_loader(1))
     want, losses = reference(2, torch.float64)
     result["fit"] = fit_summary(model, recorder, want, losses)
+    result["fit"]["logged_mae"] = recorder.logged_mae
+    result["fit"]["reference_maes"] = MAES[(2, str(torch.float64), 3)]
     result["fit"]["reads"] = train.reads
     result["fit"]["loaded"] = {str(k): v for k, v in trainer.strategy.loaded.items()}
     result["fit"]["split"] = trainer.strategy.split  # None after teardown

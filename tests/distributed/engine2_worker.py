@@ -108,19 +108,25 @@ def scenario_weights(rank: int, world: int, results: dict) -> None:
         reference = make_model(torch.float64)
         with CodedDataParallel(model, code=code, redundancy=redundancy, replan_every=0, timeout=30) as cdp:
 
-            def task_loss(j: int) -> torch.Tensor:
+            slot = cdp.value_slot("mae", {"prog_bar": True})
+
+            def task_loss(j: int, slot=slot):
                 rows = slice(bounds[j], bounds[j + 1])
-                return ((cdp.module(x[rows], 0) - y[rows]) ** 2).mean()
+                error = cdp.module(x[rows], 0) - y[rows]
+                return (error**2).mean(), {slot: error.abs().mean()}  # a logged metric, decoded like the loss
 
             model.zero_grad()
             report = cdp.backward(task_loss, sizes)
             loss = ((reference(x, 0) - y) ** 2).mean()
             loss.backward()
+            mae = (reference(x, 0) - y).abs().mean().item()
             got = [p.grad for p in model.parameters()]
             want = [torch.zeros_like(p) if p.grad is None else p.grad for p in reference.parameters()]
             out[code] = {
                 "error": relative_error(got, want),
                 "loss_error": abs(report.loss - loss.item()) / loss.item(),
+                "mae_error": abs(report.values[slot] - mae) / mae,
+                "names": cdp.value_names(),
                 "identical": identical_across_ranks(got),
             }
     results["weights"] = out
@@ -179,10 +185,10 @@ def scenario_defects(rank: int, world: int, results: dict) -> None:
         for step in range(3):
             inject = rank == 1 and step == 1
 
-            def add_then_fail(self, grads, loss=0.0, _inject=inject):
+            def add_then_fail(self, grads, loss=0.0, values=None, _inject=inject):
                 if _inject:
                     raise RuntimeError("injected between commit and accumulation")
-                return original_add(self, grads, loss)
+                return original_add(self, grads, loss, values)
 
             FlatGradients.add_ = add_then_fail
             try:
