@@ -51,13 +51,17 @@ class FlatGradients:
                 specs.append([device, dtype, 0])
             layout.append((index, specs[index][2]))
             specs[index][2] += p.numel()
-        specs[0][2] += 1 + 2 * value_slots  # the loss slot, then (Σ weight·value, Σ weight) per value slot
+        extra = 1 + 2 * value_slots + len(self.params)
+        specs[0][2] += extra  # the loss, (Σ weight·value, Σ weight) per value slot, a use count per parameter
         self.buckets = [torch.zeros(size, device=device, dtype=dtype) for device, dtype, size in specs]
         for p, (index, offset) in zip(self.params, layout):
             self.views.append(self.buckets[index][offset : offset + p.numel()].view_as(p))
-        tail = self.buckets[0][self.buckets[0].numel() - 1 - 2 * value_slots :]
+        tail = self.buckets[0][self.buckets[0].numel() - extra :]
         self.loss = tail[:1]  # a view: the weighted sum of the tasks' losses
-        self.values = tail[1:].view(value_slots, 2)  # logged scalars, decoded like the loss
+        self.values = tail[1 : 1 + 2 * value_slots].view(value_slots, 2)  # logged scalars, decoded like the loss
+        # How many results gave each parameter a gradient; summed by the all-reduce, so every rank knows
+        # which parameters no task used anywhere (their p.grad is left alone, as DDP does).
+        self.uses = tail[1 + 2 * value_slots :]
         self.dtypes = [view.dtype for view in self.views]  # accumulation dtype of each parameter
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -74,9 +78,10 @@ class FlatGradients:
         values: dict[int, tuple[float, float]] | None = None,
     ) -> None:
         """Add one gradient per parameter (None adds nothing), a loss, and (Σ weight·value, Σ weight) per slot."""
-        for view, grad in zip(self.views, grads):
+        for i, (view, grad) in enumerate(zip(self.views, grads)):
             if grad is not None:
                 view.add_(grad)
+                self.uses[i] += 1
         self.loss.add_(loss)
         for slot, (weighted, weight) in (values or {}).items():
             self.values[slot, 0] += weighted
@@ -87,8 +92,15 @@ class FlatGradients:
         return all(bool(torch.isfinite(bucket).all()) for bucket in self.buckets)
 
     def write_to_params(self) -> None:
-        """Set every ``p.grad`` to its slice of the buffers, in the parameter's own dtype."""
-        for p, view in zip(self.params, self.views):
+        """Set every ``p.grad`` to its slice of the buffers, in the parameter's own dtype.
+
+        A parameter that no result used (after the all-reduce: on no rank) keeps its ``p.grad``: an
+        optimizer then skips it, as with DDP, instead of applying weight decay or momentum to a zero.
+        """
+        used = self.uses.tolist()
+        for p, view, count in zip(self.params, self.views, used):
+            if count == 0:
+                continue
             grad = view if view.dtype == p.dtype else view.to(p.dtype)
             if p.grad is None:
                 p.grad = grad.clone()

@@ -73,8 +73,8 @@ class CodedDataParallel(nn.Module):
     Exactness holds for a loss that is a mean over independent samples, as with gradient
     accumulation: a forward pass that mixes samples across the batch (BatchNorm in training mode,
     warned about at construction) or draws per-rank randomness (dropout without a per-task seed)
-    computes a different function on tasks than on the whole batch. Every parameter ends a step with
-    a gradient; one that no task used gets zeros.
+    computes a different function on tasks than on the whole batch. A parameter that no task used on
+    any rank keeps its ``p.grad`` (None after ``zero_grad()``), as with DDP.
 
     Args:
         module: the model (its parameters and buffers are broadcast from rank 0 at construction).

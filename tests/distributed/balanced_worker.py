@@ -128,9 +128,7 @@ class Recorder(Callback):
 
 
 def trainer_for(out_dir: Path, precision: str, epochs: int, callbacks: list, **kwargs) -> pl.Trainer:
-    strategy = BalancedStrategy(
-        replan_every=3, replan_threshold=0.05, emulate=EMULATE, timeout=timedelta(seconds=60)
-    )
+    strategy = BalancedStrategy(replan_every=3, replan_threshold=0.05, emulate=EMULATE, timeout=timedelta(seconds=60))
     return pl.Trainer(
         strategy=strategy,
         accelerator="cpu",

@@ -24,6 +24,7 @@ from codedgrad import CodedDataParallel
 from codedgrad.emulate import Heterogeneity
 from codedgrad.runtime import CodedHookState, coded_allreduce_hook
 from tests.distributed.engine_worker import (
+    grads,
     identical_across_ranks,
     make_data,
     make_model,
@@ -48,11 +49,15 @@ def run(no_wait: bool, dtype: torch.dtype, device: torch.device, code: str = "re
         used += report.used
         coefficients.append(report.rank_coefficient)
         want = reference_grads(reference, 12, x, y)
-        errors.append(relative_error([p.grad for p in cdp.module.parameters()], want))
+        errors.append(relative_error(grads(cdp.module), want))
     return {
         "max_error": max(errors),
-        "identical": identical_across_ranks([p.grad for p in cdp.module.parameters()]),
-        "on_device": all(p.grad.device == p.device and p.device.type == device.type for p in cdp.module.parameters()),
+        "identical": identical_across_ranks(grads(cdp.module)),
+        "on_device": all(
+            p.grad.device == p.device and p.device.type == device.type
+            for p in cdp.module.parameters()
+            if p.grad is not None
+        ),
         # The release really ran on its own stream (CUDA) or thread (CPU dry run), as asked.
         "release_as_asked": (cdp._release_group is not None) == no_wait
         and (cdp._release_stream is not None) == (no_wait and device.type == "cuda"),
@@ -82,12 +87,14 @@ def run_ddp_hook(device: torch.device) -> dict:
         reference.load_state_dict(model.state_dict())
         reference.zero_grad(set_to_none=True)
         ((reference(x) - y) ** 2).mean().backward()  # one process, the whole batch
-        want = [p.grad for p in reference.parameters()]
-        errors.append(relative_error([p.grad for p in model.parameters()], want))
+        want = grads(reference)
+        errors.append(relative_error(grads(model), want))
     return {
         "max_error": max(errors),
-        "identical": identical_across_ranks([p.grad for p in model.parameters()]),
-        "on_device": all(p.grad.device == p.device and p.device.type == device.type for p in model.parameters()),
+        "identical": identical_across_ranks(grads(model)),
+        "on_device": all(
+            p.grad.device == p.device and p.device.type == device.type for p in model.parameters() if p.grad is not None
+        ),
         "release_as_asked": True,  # no release in plain DDP
         "used": 1,
         "coefficients": [],

@@ -29,6 +29,7 @@ from codedgrad.runtime.buffers import FlatGradients
 from codedgrad.runtime.coordinator import StoreCoordinator
 from tests.distributed.engine_worker import (
     FEATURES,
+    grads,
     identical_across_ranks,
     make_data,
     make_model,
@@ -107,7 +108,6 @@ def scenario_weights(rank: int, world: int, results: dict) -> None:
         model = make_model(torch.float64)
         reference = make_model(torch.float64)
         with CodedDataParallel(model, code=code, redundancy=redundancy, replan_every=0, timeout=30) as cdp:
-
             slot = cdp.value_slot("mae", {"prog_bar": True})
 
             def task_loss(j: int, slot=slot):
@@ -120,7 +120,7 @@ def scenario_weights(rank: int, world: int, results: dict) -> None:
             loss = ((reference(x, 0) - y) ** 2).mean()
             loss.backward()
             mae = (reference(x, 0) - y).abs().mean().item()
-            got = [p.grad for p in model.parameters()]
+            got = grads(model)
             want = [torch.zeros_like(p) if p.grad is None else p.grad for p in reference.parameters()]
             out[code] = {
                 "error": relative_error(got, want),
@@ -159,7 +159,7 @@ def scenario_state(rank: int, world: int, results: dict) -> None:
         after = {"version": cdp.plan_version, "measured": cdp.plan.measured, "step": report.step}
         after["redundancy"] = cdp.plan.redundancy
         after["means"] = [p.mean for p in cdp.profiles]
-        after["error"] = relative_error([p.grad for p in cdp.module.parameters()], want)
+        after["error"] = relative_error(grads(cdp.module), want)
     results["state"] = {"before": before, "after": after}
 
 
@@ -199,7 +199,7 @@ def scenario_defects(rank: int, world: int, results: dict) -> None:
             outcomes.append(result["type"])
             if result["type"] is None:
                 want = reference_grads(reference, 8, x, y)
-                errors.append(relative_error([p.grad for p in model.parameters()], want))
+                errors.append(relative_error(grads(model), want))
     results["commit_then_fail"] = {"outcomes": outcomes, "errors": errors}
 
     # 2. A first step of 2 s of every rank's own work under timeout=1 (like torch.compile): fine.
@@ -219,9 +219,7 @@ def scenario_defects(rank: int, world: int, results: dict) -> None:
 
             result = outcome(lambda: cdp.backward(slow_first, 8))
             if result["type"] is None:
-                result["error"] = relative_error(
-                    [p.grad for p in model.parameters()], reference_grads(reference, 8, x, y)
-                )
+                result["error"] = relative_error(grads(model), reference_grads(reference, 8, x, y))
         long_first["no_wait" if no_wait else "sync"] = result
     results["long_first_step"] = long_first
 
@@ -310,15 +308,15 @@ def scenario_precision(rank: int, world: int, results: dict) -> None:
         cdp.backward(autocast_loss, 8)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             want = reference_grads(reference, 8, x, y)
-        results["autocast_error"] = relative_error([p.grad for p in model.parameters()], want)
+        results["autocast_error"] = relative_error(grads(model), want)
 
         def nan_loss(j):
             loss = good(j)
             return loss * float("nan") if j == 5 else loss  # whoever computes task 5 (its result is used)
 
-        before = [p.grad.clone() for p in model.parameters()]
+        before = [g.clone() for g in grads(model)]
         results["nan_raise"] = outcome(lambda: cdp.backward(nan_loss, 8))
-        results["nan_grads_untouched"] = all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+        results["nan_grads_untouched"] = all(torch.equal(a, g) for a, g in zip(before, grads(model)))
     model = make_model(torch.float32)
     with CodedDataParallel(model, redundancy=1.0, spare_work=False, nonfinite="keep", timeout=10) as cdp:
         good = task_loss_fn(cdp.module, x, y)
@@ -399,7 +397,7 @@ def scenario_review(rank: int, world: int, results: dict) -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     outcomes.append(outcome(lambda x=x, y=y: cdp.backward(task_loss_fn(cdp.module, x, y), 8))["type"])
-            identical = identical_across_ranks([p.grad for p in model.parameters()])
+            identical = identical_across_ranks(grads(model))
     finally:
         StoreCoordinator.step_done = original
     results["cleanup_error"] = {"outcomes": outcomes, "identical": identical}

@@ -43,7 +43,7 @@ class Net(nn.Module):
         super().__init__()
         self.body = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, 1))
         self.branch = nn.Linear(FEATURES, 1)
-        self.unused = nn.Linear(2, 2)  # never in any loss: must end with a zero gradient
+        self.unused = nn.Linear(2, 2)  # never in any loss: its gradient must stay None
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         out = self.body(x)
@@ -79,6 +79,11 @@ def reference_grads(model: nn.Module, num_tasks: int, x: torch.Tensor, y: torch.
     return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
 
 
+def grads(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter's gradient, zeros for one that has none (no task used it)."""
+    return [torch.zeros_like(p) if p.grad is None else p.grad for p in module.parameters()]
+
+
 def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     num = sum(float((g.double() - w.double()).norm() ** 2) for g, w in zip(got, want)) ** 0.5
     den = sum(float(w.double().norm() ** 2) for w in want) ** 0.5
@@ -102,13 +107,13 @@ def run_steps(cdp: CodedDataParallel, steps: int, num_tasks: int, dtype: torch.d
         cdp.module.zero_grad(set_to_none=True)
         report = cdp.backward(task_loss_fn(cdp.module, x, y), num_tasks)
         want = reference_grads(reference, num_tasks, x, y)
-        got = [p.grad for p in cdp.module.parameters()]
+        got = grads(cdp.module)
         errors.append(relative_error(got, want))
         reports.append(report)
     return {
         "max_error": max(errors),
-        "identical": identical_across_ranks([p.grad for p in cdp.module.parameters()]),
-        "unused_grad_zero": bool(torch.all(cdp.module.unused.weight.grad == 0)),
+        "identical": identical_across_ranks(grads(cdp.module)),
+        "unused_grad_none": cdp.module.unused.weight.grad is None,  # no task uses it: left alone, as DDP
         "computed": [r.computed for r in reports],
         "used": [r.used for r in reports],
         "purged": [r.purged for r in reports],
@@ -275,7 +280,7 @@ def run_with_task_error(cdp: CodedDataParallel, rank: int, delay: float) -> dict
         except (ValueError, CodedStepTimeout) as error:
             outcomes.append(type(error).__name__)
             late_errors.append(None)
-        identical.append(identical_across_ranks([p.grad for p in cdp.module.parameters()]))
+        identical.append(identical_across_ranks(grads(cdp.module)))
         if step in (0, 3):
             dist.barrier()  # quiescent: every rank is between steps while the keys are counted
             keys.append(store.num_keys())
