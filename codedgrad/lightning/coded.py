@@ -1,7 +1,7 @@
 """``strategy="coded"``: coded, heterogeneity-aware steps with exact gradients for an unchanged LightningModule.
 
 Each optimizer step is one :class:`~codedgrad.runtime.CodedDataParallel` step over DDP's global batch
-(DESIGN.md §3): the batch is cut into tasks, every rank computes the tasks of its plan (and others'
+(docs/design.md, "Data"): the batch is cut into tasks, every rank computes the tasks of its plan (and others'
 when that ends the step sooner), the first decodable set of results decides the step, and every rank
 ends with the exact gradient of the global batch's mean loss, whichever ranks were slow.
 
@@ -18,7 +18,7 @@ What the strategy does with Lightning (Lightning 2.6; the internals are named wh
   called once per task with that task's collated batch (after ``on_before_batch_transfer``,
   ``transfer_batch_to_device``, ``on_after_batch_transfer`` and the precision plugin's input
   conversion, inside its autocast context), and its loss is the task's loss. No DDP wrapper: its
-  reducer would all-reduce on every backward (DESIGN.md §4).
+  reducer would all-reduce on every backward (docs/design.md, "Facts about the stack").
 * **Gradients.** Lightning's automatic-optimization closure zeroes gradients between
   ``training_step`` and ``backward`` (``loops/optimization/automatic.py``, ``Closure.closure``): the
   decoded gradient is kept aside and put back in :meth:`CodedStrategy.backward`, which receives a

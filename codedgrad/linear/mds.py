@@ -1,4 +1,4 @@
-"""Real-valued MDS codes for the row blocks of a matrix (DESIGN.md §1, coded linear jobs).
+"""Real-valued MDS codes for the row blocks of a matrix (docs/design.md, "The model"; docs/linear.md).
 
 A matrix ``A`` (n × c) is cut into K row blocks ``A_0 … A_{K−1}`` (zero rows pad n up to a multiple
 of K). A generator ``G`` (N × K, N = K·Ω) makes N *coded blocks* ``C_i = Σ_k G[i, k]·A_k``. A coded

@@ -1,4 +1,4 @@
-"""A stream of coded linear jobs on real processes: torch.distributed and the c10d Store (DESIGN.md §1).
+"""A stream of coded linear jobs on real processes: torch.distributed and the c10d Store (docs/design.md, "The model").
 
 Rank 0 is the *master*, ranks 1…P the *workers*. A *session* (:meth:`StreamRunner.run`) fixes the
 coded matrices and each worker's coded tasks (its load from a split, in contiguous blocks of the N
