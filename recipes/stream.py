@@ -148,7 +148,8 @@ def main(cfg: DictConfig) -> None:
             raise ValueError(f"mode: must be solve or measure, got {cfg.mode!r}")
         ok = modes[cfg.mode](cfg, runner, out)
     finally:
-        # gloo under torchrun can abort at interpreter exit unless the group is destroyed (docs/design.md, "Facts about the stack").
+        # gloo under torchrun can abort at interpreter exit unless the group is destroyed
+        # (docs/design.md, "Facts about the stack").
         dist.destroy_process_group()
     if not ok:
         log.error("the coded solution is not within %g of the single-process one", EXACT)

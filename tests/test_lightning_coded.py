@@ -27,7 +27,7 @@ from tests.conftest import REPO_ROOT, load_rank_results
 
 WORKER = Path(__file__).parent / "distributed" / "coded_lightning_worker.py"
 NPROC = 3
-FP64_TOLERANCE = 1e-10  # DESIGN.md §3
+FP64_TOLERANCE = 1e-10  # docs/design.md, "Invariants"
 STEPS_PER_EPOCH = 5  # 100 samples, 8 per device, 3 ranks: 24, 24, 24, 24, 6
 SAMPLES_PER_EPOCH = 102  # DistributedSampler pads 100 to a multiple of 3
 
