@@ -86,7 +86,8 @@ def test_a_stalled_rank_does_not_hold_the_others_at_the_next_step_start(results:
     stalled_end = results[1]["fit"]["reports"][2]["end"]
     for rank in (0, 2):
         start = results[rank]["fit"]["reports"][3]["start"]
-        assert start < stalled_end - 1.0, f"rank {rank} started step 3 at {start}, rank 1 ended step 2 at {stalled_end}"
+        # With a barrier, start >= stalled_end; half a second of margin keeps a loaded machine from flaking.
+        assert start < stalled_end - 0.5, f"rank {rank} started step 3 at {start}, rank 1 ended step 2 at {stalled_end}"
     assert results[1]["fit"]["reports"][2]["used"] == 0  # its stalled work was not needed
 
 

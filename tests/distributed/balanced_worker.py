@@ -28,49 +28,18 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 import codedgrad.lightning  # noqa: F401  (registers strategy="balanced")
 from codedgrad.data import GlobalBatchSampler
 from codedgrad.emulate import Heterogeneity
 from codedgrad.lightning import BalancedStrategy
+from tests.distributed.lightning_data import Recording, Stream, make_data, make_net
 
-N, EVAL_N, FEATURES, BATCH, WORLD = 100, 24, 4, 8, 3
+N, EVAL_N, BATCH, WORLD = 100, 24, 8, 3
 LR, MOMENTUM = 0.1, 0.9
 SPEEDS = (1.0, 2.0, 4.0)
 EMULATE = Heterogeneity(speeds=SPEEDS, base=0.01, jitter=0.2, seed=0)  # 10 ms per sample at speed 1
-
-
-def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, FEATURES, generator=generator)
-    return x, torch.sin(x.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(n, 1, generator=generator)
-
-
-class Recording(Dataset):
-    """A map-style data set that records every index it is asked for."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.x, self.y = make_data(n, seed)
-        self.reads: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.reads.append(int(i))
-        return self.x[i], self.y[i]
-
-
-class Stream(IterableDataset):
-    def __iter__(self):
-        x, y = make_data(8, 0)
-        return iter(zip(x, y))
-
-
-def make_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
 class Module(pl.LightningModule):

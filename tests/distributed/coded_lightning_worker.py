@@ -34,50 +34,19 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 import codedgrad.lightning  # noqa: F401  (registers strategy="coded")
 from codedgrad.data import GlobalBatchSampler
 from codedgrad.emulate import Heterogeneity
 from codedgrad.lightning import CodedStrategy
+from tests.distributed.lightning_data import Recording, Stream, make_data, make_net
 
-N, EVAL_N, FEATURES, BATCH = 100, 24, 4, 8
+N, EVAL_N, BATCH = 100, 24, 8
 LR, MOMENTUM, CLIP, LR_STEP, LR_GAMMA = 0.1, 0.9, 0.5, 4, 0.5
 STALL = (1, 2, 1.5)  # rank 1 stalls 1.5 s in its first task of engine step 2
 EMULATE = Heterogeneity(speeds=(1.0, 2.0, 4.0), base=0.002, jitter=0.2, seed=0, forced_stalls=(STALL,))
 TIMEOUT = 60.0
-
-
-def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, FEATURES, generator=generator)
-    return x, torch.sin(x.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(n, 1, generator=generator)
-
-
-class Recording(Dataset):
-    """A map-style data set that records every index it is asked for."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.x, self.y = make_data(n, seed)
-        self.reads: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.reads.append(int(i))
-        return self.x[i], self.y[i]
-
-
-class Stream(IterableDataset):
-    def __iter__(self):
-        x, y = make_data(8, 0)
-        return iter(zip(x, y))
-
-
-def make_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
 class Module(pl.LightningModule):
