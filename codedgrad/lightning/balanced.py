@@ -36,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-import atexit
 import math
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -44,7 +43,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities.data import extract_batch_size
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
@@ -55,6 +53,7 @@ from typing_extensions import override
 from codedgrad.data import balanced_counts
 from codedgrad.emulate import Heterogeneity
 from codedgrad.lightning._timed_hook import TimedHookState, timed_coded_hook
+from codedgrad.lightning.base import CodedgradStrategy, destroy_at_exit
 from codedgrad.lightning.checks import check_accumulation
 from codedgrad.lightning.sampling import CountsSchedule, Position, ShardBatchSampler, global_batches_of
 from codedgrad.lightning.speed import StepTimer
@@ -69,7 +68,7 @@ CHECKPOINT_KEY = "codedgrad_balanced"
 _FOREIGN_HOOK_ARGUMENTS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
 
 
-class BalancedStrategy(DDPStrategy):
+class BalancedStrategy(CodedgradStrategy):
     """DDP with speed-proportional per-rank batch sizes and the exact weighted gradient.
 
     Unchanged LightningModule and DataLoader; ``batch_size`` is per device as with DDP. Accepts
@@ -104,6 +103,8 @@ class BalancedStrategy(DDPStrategy):
     """
 
     strategy_name = "balanced"
+    description = "DDP with per-rank batch sizes from measured speeds and exact weighted gradients"
+    checkpoint_key = CHECKPOINT_KEY
 
     def __init__(
         self,
@@ -181,7 +182,7 @@ class BalancedStrategy(DDPStrategy):
         created = not (dist.is_available() and dist.is_initialized())
         super().setup_environment()
         if created:
-            _destroy_at_exit()
+            destroy_at_exit()
 
     @override
     def setup(self, trainer: Any) -> None:
@@ -346,56 +347,9 @@ class BalancedStrategy(DDPStrategy):
         self._replans = int(state.get("replans", 0))
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        checkpoint[CHECKPOINT_KEY] = self.state_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        if CHECKPOINT_KEY in checkpoint:
-            self.load_state_dict(checkpoint[CHECKPOINT_KEY])
-        return checkpoint
-
-    @override
     def teardown(self) -> None:
         self._batch_sampler = None
         super().teardown()
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        # Not DDPStrategy's: that would register the "ddp" names for this class.
-        if "balanced" not in strategy_registry:
-            strategy_registry.register(
-                "balanced",
-                cls,
-                description="DDP with per-rank batch sizes from measured speeds and exact weighted gradients",
-            )
-
-
-_DESTROY_REGISTERED = False
-
-
-def _destroy_process_group() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _destroy_at_exit() -> None:
-    """Destroy the default process group when the interpreter exits, before its objects are torn down.
-
-    A gloo group still alive at exit can abort the process under torchrun ("terminate called without
-    an active exception", docs/design.md, "Facts about the stack"); Lightning registers the same clean-up for NCCL only
-    (``lightning_fabric/utilities/distributed.py``, ``_init_dist_connection``). Not at teardown: a
-    group destroyed and created again in the same torchrun job reads the first group's stale
-    addresses from the agent's store and fails to connect, so a later ``trainer.validate`` or
-    ``trainer.test`` in the same script could not start.
-    """
-    global _DESTROY_REGISTERED
-    if not _DESTROY_REGISTERED:
-        atexit.register(_destroy_process_group)
-        _DESTROY_REGISTERED = True
 
 
 def _is_mean(reduce_op: Any) -> bool:

@@ -67,7 +67,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from pytorch_lightning.plugins.precision import MixedPrecision
-from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
@@ -76,7 +75,7 @@ from typing_extensions import override
 
 from codedgrad.data import GlobalBatchSampler, TaskData, split_tasks
 from codedgrad.emulate import EmulationError, Heterogeneity
-from codedgrad.lightning.balanced import _destroy_at_exit
+from codedgrad.lightning.base import CodedgradStrategy, destroy_at_exit
 from codedgrad.lightning.checks import check_accumulation, check_clock_triggers
 from codedgrad.lightning.sampling import global_batches_of
 from codedgrad.profile import WorkerProfile
@@ -168,15 +167,14 @@ class _Indices:
 class _LoggedKey:
     """What the user's ``self.log(name, ...)`` calls of one step recorded, task by task."""
 
-    __slots__ = ("all_loss", "kwargs", "values")
+    __slots__ = ("kwargs", "values")
 
     def __init__(self, kwargs: dict[str, Any]) -> None:
         self.kwargs = kwargs
         self.values: list[tuple[Any, float]] = []  # (value, task weight)
-        self.all_loss = True  # every recorded value was its task's returned loss
 
 
-class CodedStrategy(DDPStrategy):
+class CodedStrategy(CodedgradStrategy):
     """Coded, heterogeneity-aware data parallelism with exact gradients, for an unchanged LightningModule.
 
     ``Trainer(strategy="coded")`` or ``Trainer(strategy=CodedStrategy(...))``. The user's
@@ -220,6 +218,8 @@ class CodedStrategy(DDPStrategy):
     """
 
     strategy_name = "coded"
+    description = "Coded, heterogeneity-aware steps with exact gradients (codedgrad)"
+    checkpoint_key = CHECKPOINT_KEY
 
     def __init__(
         self,
@@ -274,7 +274,6 @@ class CodedStrategy(DDPStrategy):
         self._stop_store: dist.Store | None = None
         self._stop_at: int | None = None
         self._sigterm = False  # this rank received SIGTERM during the current fit
-        self._loss_keys: set[str] = set()  # logged keys whose values are the tasks' returned losses
         self._slot_meta: dict[int, tuple[str, dict[str, Any] | None]] = {}  # decoded keys: slot -> (name, options)
         self._patched: list[tuple[object, str]] = []
 
@@ -332,7 +331,7 @@ class CodedStrategy(DDPStrategy):
         created = not (dist.is_available() and dist.is_initialized())
         super().setup_environment()
         if created:
-            _destroy_at_exit()
+            destroy_at_exit()
 
     def _check_fit_settings(self, trainer: Any) -> None:
         module = self.lightning_module
@@ -365,7 +364,6 @@ class CodedStrategy(DDPStrategy):
             self._stop_at = None
             self._sigterm = False
             self._last_logged = {}
-            self._loss_keys = set()
             self._slot_meta = {}
             self._loaded = {}
             self._last_report = None
@@ -547,9 +545,7 @@ class CodedStrategy(DDPStrategy):
                 del module.log
             loss = output.get("loss") if isinstance(output, dict) else output
             for name, value in calls:
-                entry = logged[name]
-                entry.values.append((value, weight))
-                entry.all_loss = entry.all_loss and isinstance(loss, torch.Tensor) and _same_value(value, loss)
+                logged[name].values.append((value, weight))
             outputs.append(output)
             if scale != 1.0 and isinstance(loss, torch.Tensor):
                 loss = loss * scale  # 16-mixed: the decoded gradient is scaled, as the GradScaler expects
@@ -565,7 +561,7 @@ class CodedStrategy(DDPStrategy):
         for p, _ in self._pending_grads:
             p.grad = None  # kept aside: the closure zeroes gradients before backward
         loss_value = report.loss / scale if math.isfinite(report.loss) else float("nan")
-        self._relog(original_log, logged, loss_value, len(batch.indices))
+        self._relog(original_log, logged)
         self._log_decoded(original_log, report.values, len(batch.indices))
         loss = torch.tensor(loss_value, dtype=self._loss_dtype(), device=self.root_device)
         last = outputs[-1] if outputs else None
@@ -617,22 +613,15 @@ class CodedStrategy(DDPStrategy):
         finally:
             self._local_sync = False
 
-    def _relog(self, log: Any, logged: dict[str, _LoggedKey], loss: float, samples: int) -> None:
-        """Log each key the user logged once for the step, with the global batch's (or this rank's) value."""
-        for name, entry in logged.items():
-            if entry.all_loss:
-                self._loss_keys.add(name)
-            else:
-                self._loss_keys.discard(name)
+    def _relog(self, log: Any, logged: dict[str, _LoggedKey]) -> None:
+        """Log once for the step each value that is not decoded (sum/max/min, torchmetrics), as this rank saw it."""
         names = list(logged) + [name for name in self._last_logged if name not in logged]
         self._local_sync = True  # the values are already what this rank should log: no collective
         try:
             for name in names:
                 entry = logged.get(name)
                 options = entry.kwargs if entry is not None else self._last_logged[name][1]
-                if name in self._loss_keys and math.isfinite(loss):
-                    value, weight = torch.tensor(loss, dtype=self._loss_dtype(), device=self.root_device), samples
-                elif entry is not None:
+                if entry is not None:
                     value, weight = _aggregate(entry.values, options.get("reduce_fx", "mean"))
                 else:
                     # This rank computed nothing for it in this step (a step the release completed ahead):
@@ -684,17 +673,8 @@ class CodedStrategy(DDPStrategy):
         self._restored = state
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if self._engine is not None:
-            checkpoint[CHECKPOINT_KEY] = self.state_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        if CHECKPOINT_KEY in checkpoint:
-            self.load_state_dict(checkpoint[CHECKPOINT_KEY])
-        return checkpoint
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        return self.state_dict() if self._engine is not None else None
 
     @override
     def teardown(self) -> None:
@@ -713,15 +693,6 @@ class CodedStrategy(DDPStrategy):
         if engine is not None:
             engine.close()
         super().teardown()
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        # Not DDPStrategy's: that would register the "ddp" names for this class.
-        if "coded" not in strategy_registry:
-            strategy_registry.register(
-                "coded", cls, description="Coded, heterogeneity-aware steps with exact gradients (codedgrad)"
-            )
 
 
 #: ``self.log`` options that travel with a decoded key (JSON, so every rank logs it the same way).
@@ -742,19 +713,6 @@ def _decodable_options(value: Any, options: dict[str, Any]) -> dict[str, Any] | 
     if options.get("reduce_fx", "mean") not in ("mean", torch.mean):
         return None
     return {k: options[k] for k in _DECODED_OPTIONS if k in options and isinstance(options[k], (bool, type(None)))}
-
-
-def _same_value(value: Any, loss: torch.Tensor) -> bool:
-    """Whether a logged ``value`` is the task's returned ``loss`` (the tensor, a view or copy of it, or its number)."""
-    if value is loss:
-        return True
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            return False
-        value = value.detach()
-    elif not isinstance(value, (int, float)):
-        return False
-    return float(value) == float(loss.detach())
 
 
 def _aggregate(values: list[tuple[Any, float]], reduce_fx: Any) -> tuple[Any, float]:
