@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codedgrad.recipes.processes import descendants
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN = REPO_ROOT / "recipes" / "train.py"
 
@@ -90,35 +92,18 @@ class RunResult:
 # -- launching ---------------------------------------------------------------------------------------
 
 
-def _descendants(pid: int) -> list[int]:
-    """Process ids below ``pid``, from /proc (empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def _stop(proc: subprocess.Popen) -> None:
     """Stop a launch that ran too long: SIGTERM to torchrun (it stops its workers), then SIGKILL to all.
 
     torchrun starts each worker in a session of its own, so the workers are found through /proc.
     """
-    descendants = _descendants(proc.pid)
+    below = descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=15)
     except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
         pass
-    for pid in [proc.pid, *descendants]:
+    for pid in [proc.pid, *below]:
         try:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from codedgrad.recipes.processes import descendants
+
 # Property tests draw the same examples on every run, so a CI result can be reproduced exactly.
 settings.register_profile("codedgrad", derandomize=True, database=None)
 settings.load_profile("codedgrad")
@@ -38,31 +40,14 @@ def _tail(text: str | bytes | None) -> str:
     return text if len(text) <= _TAIL_CHARS else "…" + text[-_TAIL_CHARS:]
 
 
-def _descendants(pid: int) -> list[int]:
-    """Process ids below ``pid``, from /proc (empty where /proc is not available)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended while we looked
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def _kill_tree(pid: int) -> None:
     """SIGKILL ``pid``, its process group and every descendant (each worker's own session too)."""
-    descendants = _descendants(pid)  # before the kill: orphans are re-parented and lost from view
+    below = descendants(pid)  # before the kill: orphans are re-parented and lost from view
     try:
         os.killpg(pid, signal.SIGKILL)  # torchrun first, so that it cannot restart a worker
     except (ProcessLookupError, PermissionError):
         pass
-    for child in descendants:
+    for child in below:
         try:
             os.kill(child, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

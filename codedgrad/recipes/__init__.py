@@ -2,5 +2,6 @@
 
 ``recipes/train.py`` (the ``@hydra.main`` entry point) only calls :func:`codedgrad.recipes.train.run`;
 everything it builds lives here so that it can be tested without Hydra or torchrun. Nothing else in
-the package imports this one (docs/design.md, "Layout": recipes only compose).
+the package imports this one; ``processes`` also serves ``recipes/demo.py`` and the tests'
+launches (docs/design.md, "Layout": recipes only compose).
 """
