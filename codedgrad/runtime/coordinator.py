@@ -50,7 +50,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from codedgrad.codes.accounting import check_accumulated, decode_results, encode_results
-from codedgrad.codes.base import CodeError, DecoderState, GradientCode
+from codedgrad.codes.base import CodeError, DecoderState, GradientCode, RankLevelCode
 
 __all__ = ["CodedStepTimeout", "StepChannel", "StepMismatchError", "StoreCoordinator", "weights_digest"]
 
@@ -325,7 +325,7 @@ class StepChannel:
         accumulators do not hold exactly what the decoder uses, :class:`StepMismatchError`; in
         both cases on every rank, and none enters the collective.
         """
-        num_results = self.code.num_tasks if not _rank_level(self.code) else self.world_size
+        num_results = self.world_size if isinstance(self.code, RankLevelCode) else self.code.num_tasks
         # "R" + the results' bitmask, or "E" + why this rank could not list them (e.g. a result
         # accumulated twice): every rank must hear it. An abandoning rank writes "abandoned".
         try:
@@ -366,12 +366,6 @@ class StepChannel:
         self.client.set(self._key("decided"), b"abandoned")
         self.client.set(self._key(f"arrived/{self.rank}"), b"abandoned")
         return True
-
-
-def _rank_level(code: GradientCode) -> bool:
-    from codedgrad.codes.base import RankLevelCode
-
-    return isinstance(code, RankLevelCode)
 
 
 def _wait_all(

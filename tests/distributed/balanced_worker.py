@@ -34,7 +34,7 @@ import codedgrad.lightning  # noqa: F401  (registers strategy="balanced")
 from codedgrad.data import GlobalBatchSampler
 from codedgrad.emulate import Heterogeneity
 from codedgrad.lightning import BalancedStrategy
-from tests.distributed.lightning_data import Recording, Stream, make_data, make_net
+from tests.distributed.lightning_data import Recording, Stream, make_data, make_net, quiet_trainer
 
 N, EVAL_N, BATCH, WORLD = 100, 24, 8, 3
 LR, MOMENTUM = 0.1, 0.9
@@ -98,20 +98,7 @@ class Recorder(Callback):
 
 def trainer_for(out_dir: Path, precision: str, epochs: int, callbacks: list, **kwargs) -> pl.Trainer:
     strategy = BalancedStrategy(replan_every=3, replan_threshold=0.05, emulate=EMULATE, timeout=timedelta(seconds=60))
-    return pl.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        devices=WORLD,
-        precision=precision,
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        default_root_dir=str(out_dir),
-        **kwargs,
-    )
+    return quiet_trainer(out_dir, strategy, WORLD, precision, epochs, callbacks, **kwargs)
 
 
 def loaders(train: Dataset) -> tuple[DataLoader, DataLoader]:

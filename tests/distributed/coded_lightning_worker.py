@@ -40,7 +40,7 @@ import codedgrad.lightning  # noqa: F401  (registers strategy="coded")
 from codedgrad.data import GlobalBatchSampler
 from codedgrad.emulate import Heterogeneity
 from codedgrad.lightning import CodedStrategy
-from tests.distributed.lightning_data import Recording, Stream, make_data, make_net
+from tests.distributed.lightning_data import Recording, Stream, make_data, make_net, quiet_trainer
 
 N, EVAL_N, BATCH = 100, 24, 8
 LR, MOMENTUM, CLIP, LR_STEP, LR_GAMMA = 0.1, 0.9, 0.5, 4, 0.5
@@ -147,21 +147,8 @@ def strategy(**kwargs) -> CodedStrategy:
 
 
 def trainer_for(out_dir: Path, precision: str, epochs: int, callbacks: list, devices: int = 3, **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        strategy=kwargs.pop("strategy", None) or strategy(),
-        accelerator="cpu",
-        devices=devices,
-        precision=precision,
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        default_root_dir=str(out_dir),
-        gradient_clip_val=CLIP,
-        **kwargs,
-    )
+    chosen = kwargs.pop("strategy", None) or strategy()
+    return quiet_trainer(out_dir, chosen, devices, precision, epochs, callbacks, gradient_clip_val=CLIP, **kwargs)
 
 
 def eval_loader(seed: int) -> DataLoader:

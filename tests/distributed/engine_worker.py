@@ -176,15 +176,8 @@ def scenario_exact(rank: int, world: int) -> dict:
     # reversed and the plan must follow.
     speeds = [1.0, 1.0, 2.0, 4.0][:world]
     drifting = Heterogeneity(speeds=speeds, base=0.01, jitter=0.3, seed=5, change_step=12, change_speeds=speeds[::-1])
-    cdp = CodedDataParallel(
-        make_model(torch.float64),
-        redundancy=1.0,
-        emulate=drifting,
-        replan_every=4,
-        warmup_steps=3,
-        max_steps_ahead=1,
-        timeout=30,
-    )
+    replanning = dict(redundancy=1.0, emulate=drifting, replan_every=4, warmup_steps=3, max_steps_ahead=1, timeout=30)
+    cdp = CodedDataParallel(make_model(torch.float64), **replanning)
     run = run_steps(cdp, steps=40, num_tasks=16, dtype=torch.float64)
     results["replan"] = {
         "max_error": run["max_error"],
@@ -196,15 +189,7 @@ def scenario_exact(rank: int, world: int) -> dict:
     # Another K: a new plan, whose per-task times are no longer measured (tasks of another size).
     results["replan"]["new_k_error"] = run_steps(cdp, steps=1, num_tasks=20, dtype=torch.float64)["max_error"]
     results["replan"]["measured_after_k_change"] = cdp.plan.measured
-    cdp = CodedDataParallel(
-        make_model(torch.float64),
-        redundancy=1.0,
-        emulate=drifting,
-        replan_every=4,
-        warmup_steps=3,
-        max_steps_ahead=1,
-        timeout=30,
-    )
+    cdp = CodedDataParallel(make_model(torch.float64), **replanning)
     run = run_steps(cdp, steps=11, num_tasks=16, dtype=torch.float64)
     results["replan"]["means_mid"] = [p.mean for p in cdp.profiles]
     results["replan"]["primaries_mid"] = len(cdp.plan.queue)

@@ -1,8 +1,13 @@
-"""Data and a small net shared by the Lightning strategy workers (balanced and coded)."""
+"""Data, a small net and a quiet Trainer shared by the Lightning strategy workers (balanced and coded)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
@@ -41,3 +46,21 @@ class Stream(IterableDataset):
 def make_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def quiet_trainer(out_dir: Path, strategy: Any, devices: int, precision: str, epochs: int, callbacks: list, **kwargs):
+    """A CPU Trainer without logger, progress bar or summary; checkpoints only with a ModelCheckpoint."""
+    return pl.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=devices,
+        precision=precision,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        default_root_dir=str(out_dir),
+        **kwargs,
+    )
