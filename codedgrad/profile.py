@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "CostModel",
     "ProfileError",
     "WorkerProfile",
+    "fit_cost_model",
     "fit_profile",
     "load_profiles",
     "profiles_from_dict",
@@ -170,3 +172,113 @@ def fit_profile(task_times: Sequence[float] | np.ndarray, shift: float = 0.0) ->
     if mean <= 0:  # all measurements zero (a timer too coarse): keep the profile valid
         mean = max(float(times.max()), 1e-9)
     return WorkerProfile(shift=shift, mean=mean, std=scale)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """One rank's compute time of a micro-batch: ``fixed + per_sample · samples``.
+
+    Real forward/backward passes cost less per sample in larger micro-batches: ``fixed`` is what
+    every call pays whatever its size (kernel launches, Python, the optimizer-free autograd
+    bookkeeping), ``per_sample`` what each sample adds. A task-sized call pays ``fixed`` once per
+    task; a chunk of several tasks pays it once per chunk.
+
+    Args:
+        fixed: seconds per call (≥ 0).
+        per_sample: seconds per sample, or per unit of task weight (≥ 0).
+        fixed_stderr: the standard error of ``fixed`` from the fit (0: exact). Chunk sizes use
+            ``fixed − 2·fixed_stderr``, so that noise alone (e.g. exponential jitter) does not
+            make chunks large.
+    """
+
+    fixed: float
+    per_sample: float
+    fixed_stderr: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("fixed", "per_sample", "fixed_stderr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise ProfileError(f"{name}: must be a number, got {value!r}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ProfileError(f"{name}: must be finite and >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    def seconds(self, samples: float) -> float:
+        """Predicted compute seconds of one call on ``samples`` samples."""
+        return self.fixed + self.per_sample * samples
+
+    def min_samples(self, overhead_share: float = 0.1) -> float:
+        """The fewest samples a call needs for ``fixed`` to be at most ``overhead_share`` of its time.
+
+        ``fixed / (fixed + per_sample · n) ≤ s``  ⇔  ``n ≥ fixed · (1 − s) / (s · per_sample)``;
+        0 without a fixed part, infinite when samples cost nothing (every call is all overhead). The
+        fixed part is taken at its lower confidence bound ``fixed − 2·fixed_stderr``: calls are
+        made larger only for a fixed cost the measurements really show.
+        """
+        if not 0 < overhead_share < 1:
+            raise ProfileError(f"overhead_share: must be in (0, 1), got {overhead_share!r}")
+        fixed = max(0.0, self.fixed - 2.0 * self.fixed_stderr)
+        if fixed == 0:
+            return 0.0
+        if self.per_sample == 0:
+            return math.inf
+        return fixed * (1 - overhead_share) / (overhead_share * self.per_sample)
+
+
+def fit_cost_model(samples: Sequence[float] | np.ndarray, seconds: Sequence[float] | np.ndarray) -> CostModel:
+    """Fit ``seconds ≈ fixed + per_sample · samples`` robustly (stalls must not move it much).
+
+    An iteratively reweighted least-squares fit with Tukey's biweight: a measurement whose residual
+    is more than 4.685 robust standard deviations (1.4826 · the median absolute residual) away gets
+    no weight, so a few per cent of stalled calls (ten times longer) are ignored, while on clean
+    data it is the ordinary least-squares line. With a single distinct size the two parts cannot be
+    told apart: the fit is then all per-sample (``fixed = 0``), the conservative reading for
+    chunking (no reason to make calls larger). Both parts are clipped at 0 (a negative intercept
+    from noise means "no measurable fixed part").
+
+    Args:
+        samples: the size of each call (samples, or the tasks' summed weight), > 0.
+        seconds: its measured compute time (finite, ≥ 0).
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    y = np.asarray(seconds, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape or x.size == 0:
+        raise ProfileError("samples, seconds: need two equally long non-empty lists")
+    if not (np.all(np.isfinite(x)) and np.all(x > 0)):
+        raise ProfileError("samples: must be finite and > 0")
+    if not (np.all(np.isfinite(y)) and np.all(y >= 0)):
+        raise ProfileError("seconds: must be finite and >= 0")
+    if np.ptp(x) == 0:
+        return CostModel(0.0, float(np.median(y / x)))
+    design = np.stack([np.ones_like(x), x], axis=1)
+    weights = np.ones_like(x)
+    coef = np.zeros(2)
+    for _ in range(20):
+        root = np.sqrt(weights)
+        coef, *_ = np.linalg.lstsq(design * root[:, None], y * root, rcond=None)
+        residual = y - design @ coef
+        scale = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+        if scale <= 1e-12 * max(float(np.abs(y).max()), 1e-300):
+            break  # an exact fit: nothing left to down-weight
+        u = residual / (4.685 * scale)
+        new = np.where(np.abs(u) < 1, (1 - u**2) ** 2, 0.0)
+        if np.count_nonzero(new) < 2 or np.allclose(new, weights):
+            break
+        weights = new
+    fixed, per_sample = float(coef[0]), float(coef[1])
+    if per_sample < 0:  # noise on sizes too close together: all of it per sample
+        return CostModel(0.0, float(np.median(y / x)))
+    if fixed < 0:  # refit through the origin with the same weights
+        per_sample = float(np.sum(weights * x * y) / max(np.sum(weights * x * x), 1e-300))
+        return CostModel(0.0, per_sample)
+    # The intercept's standard error of the weighted fit: σ² (XᵀWX)⁻¹ at [0, 0].
+    residual = y - design @ coef
+    dof = float(np.sum(weights)) - 2.0
+    stderr = math.inf
+    if dof > 0:
+        sigma2 = float(np.sum(weights * residual**2)) / dof
+        gram = design.T @ (design * weights[:, None])
+        if abs(np.linalg.det(gram)) > 0:
+            stderr = math.sqrt(max(0.0, sigma2 * float(np.linalg.inv(gram)[0, 0])))
+    return CostModel(fixed, per_sample, fixed_stderr=stderr if math.isfinite(stderr) else fixed)

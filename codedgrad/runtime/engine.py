@@ -38,7 +38,7 @@ from torch import nn
 from codedgrad.emulate import EmulationError, Heterogeneity
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime.buffers import FlatGradients
-from codedgrad.runtime.compute import TaskRunner
+from codedgrad.runtime.compute import MAX_OVERHEAD_SHARE, StepLoss, TaskRunner
 from codedgrad.runtime.config import ConfigurationError, EngineConfig, agree, describe_module
 from codedgrad.runtime.coordinator import StepChannel, StepMismatchError, StoreCoordinator
 from codedgrad.runtime.coordinator import weights_digest as _digest
@@ -209,6 +209,7 @@ class CodedDataParallel(nn.Module):
             record_task=self._planner.record_task,
             after_task=self._snapshot_buffers,
             mark_accumulated=self._mark_accumulated,
+            min_chunk_weight=lambda: self._planner.min_chunk_weight(MAX_OVERHEAD_SHARE),
         )
         self._step = 0
         self._buffers_lock = threading.Lock()
@@ -307,8 +308,19 @@ class CodedDataParallel(nn.Module):
         plan = self._planner.plan
         return plan.planned_tasks() if plan is not None else []
 
-    def backward(self, task_loss: Callable[[int], torch.Tensor], tasks: int | Sequence[float]) -> StepReport:
+    def backward(
+        self,
+        task_loss: Callable[[int], torch.Tensor] | None = None,
+        tasks: int | Sequence[float] | None = None,
+        *,
+        batch_loss: Callable[[list[int]], torch.Tensor] | None = None,
+    ) -> StepReport:
         """Run one coded step; afterwards ``p.grad`` is the gradient of the weighted mean loss.
+
+        Give exactly one of ``task_loss`` and ``batch_loss``. With ``batch_loss`` the engine runs
+        several of this rank's primary tasks in one call ("chunk"): large chunks first, shrinking
+        towards the end of the step, so the fixed cost of a forward/backward is paid a few times
+        per step rather than once per task, and the commits run while the next chunk computes.
 
         Args:
             task_loss: ``task_loss(j)`` returns the mean loss (a scalar tensor) of task j's samples.
@@ -316,6 +328,9 @@ class CodedDataParallel(nn.Module):
             tasks: K, the number of equal tasks, or one weight per task (e.g. its number of
                 samples or tokens; ≥ 0, not all 0). At least one task per rank. Every rank must
                 pass the same value.
+            batch_loss: ``batch_loss(ids)`` returns the mean loss over the union of the samples of
+                tasks ``ids`` (a list, ascending within a chunk), i.e. the tasks' losses weighted by
+                their weights (sample counts). Either loss may return ``(loss, {slot: value})``.
 
         Returns:
             This rank's :class:`StepReport`; ``report.loss`` is the decoded loss of the global batch.
@@ -327,6 +342,9 @@ class CodedDataParallel(nn.Module):
         """
         self._check_usable()
         start = time.perf_counter()
+        loss = StepLoss(task_loss, batch_loss)
+        if tasks is None:
+            raise TypeError("codedgrad: backward() needs tasks (K, or one weight per task)")
         weights = _task_weights(tasks)
         self._snapshot_buffers()  # rank 0: buffers changed between steps (a load, a manual edit) are shared too
         plan = self._planner.plan_for(len(weights), self._step)
@@ -339,14 +357,14 @@ class CodedDataParallel(nn.Module):
         channel = self._coordinator.channel(step, plan.code, plan.version, digest, wait=False)
         try:
             if record.ahead:  # the release began this step while this thread was in an earlier one
-                self._join_ahead(record, channel, weights, digest, task_loss)
+                self._join_ahead(record, channel, weights, digest, loss)
             else:
                 with record.lock:  # not frozen yet, so the step's keys still exist: begin cannot recreate them
                     open_step = record.phase is StepPhase.RUNNING
                     if open_step:
                         channel.begin()
                 if open_step:
-                    self._tasks.run(record, channel, task_loss)
+                    self._tasks.run(record, channel, loss)
             self._wait_for_release(record, channel)
         except BaseException as error:
             completed = self._fail_or_complete(record, channel, error)
@@ -433,7 +451,7 @@ class CodedDataParallel(nn.Module):
         channel: StepChannel,
         weights: tuple[float, ...],
         digest: bytes,
-        task_loss: Callable[[int], torch.Tensor],
+        loss: StepLoss,
     ) -> None:
         """The release began this step before this thread got here: compute in it if it is still open."""
         if record.digest != digest:
@@ -449,7 +467,7 @@ class CodedDataParallel(nn.Module):
             record.weights = weights
             record.weights_total = math.fsum(weights)
             record.ahead = record.report.ahead = False
-        self._tasks.run(record, channel, task_loss)
+        self._tasks.run(record, channel, loss)
 
     def _fail_or_complete(self, record: StepRecord, channel: StepChannel, error: BaseException) -> bool:
         """After an error on this thread: fail the step on every rank, or find that it completed.

@@ -33,11 +33,27 @@ import numpy as np
 from codedgrad.codes import CodeError, GradientCode, Work, make_code
 from codedgrad.codes.repetition import homogeneous_profiles
 from codedgrad.plan import PlanError, choose_redundancy, optimal_split, split_statistics
-from codedgrad.profile import WorkerProfile, fit_profile, profiles_from_dict, profiles_to_dict
+from codedgrad.profile import (
+    CostModel,
+    WorkerProfile,
+    fit_cost_model,
+    fit_profile,
+    profiles_from_dict,
+    profiles_to_dict,
+)
 from codedgrad.runtime.config import AUTO, AUTO_START, ConfigurationError, EngineConfig, agree
 from codedgrad.runtime.coordinator import StoreCoordinator
 
-__all__ = ["MAX_WINDOWS", "MIN_SAMPLES", "MIN_SAMPLES_REPLAN", "Measurement", "Plan", "Planner", "ReplanPolicy"]
+__all__ = [
+    "COST_SAMPLES",
+    "MAX_WINDOWS",
+    "MIN_SAMPLES",
+    "MIN_SAMPLES_REPLAN",
+    "Measurement",
+    "Plan",
+    "Planner",
+    "ReplanPolicy",
+]
 
 #: Task times every rank must have measured (since its last fit was used) before measured profiles
 #: replace a starting guess: any measurement beats a guess that may not even be in seconds.
@@ -48,6 +64,8 @@ MIN_SAMPLES_REPLAN = 16
 #: A fit uses the newest exchange windows that together hold enough samples, at most this many:
 #: a rank that computes few tasks per step still gets a fit, and none older than this.
 MAX_WINDOWS = 3
+#: The cost model (fixed + per-sample compute of a call) is fitted to this many of the newest calls.
+COST_SAMPLES = 256
 
 
 @dataclass(frozen=True)
@@ -88,21 +106,25 @@ class Measurement:
         profile: the rank's fitted task-time profile, or None with fewer than :data:`MIN_SAMPLES` tasks.
         step_time: the rank's median step time over the window (seconds), or None.
         samples: how many task times the fit used.
+        cost: the rank's fitted compute cost per call (fixed + per sample), or None.
     """
 
     profile: WorkerProfile | None
     step_time: float | None
     samples: int = 0
+    cost: CostModel | None = None
 
     def to_json(self) -> str:
         profile = profiles_to_dict([self.profile]) if self.profile is not None else None
-        return json.dumps({"profile": profile, "step_time": self.step_time, "samples": self.samples})
+        cost = [self.cost.fixed, self.cost.per_sample] if self.cost is not None else None
+        return json.dumps({"profile": profile, "step_time": self.step_time, "samples": self.samples, "cost": cost})
 
     @staticmethod
     def from_json(text: bytes | str) -> Measurement:
         data = json.loads(text)
         profile = profiles_from_dict(data["profile"])[0] if data["profile"] is not None else None
-        return Measurement(profile, data["step_time"], int(data.get("samples", 0)))
+        cost = CostModel(*data["cost"]) if data.get("cost") is not None else None
+        return Measurement(profile, data["step_time"], int(data.get("samples", 0)), cost)
 
 
 @dataclass
@@ -223,6 +245,13 @@ class Planner:
         self._lag = lag
         self._pending: tuple[str, int] | None = None  # an exchange published: (its gather, the step to read it)
         self._skip_step = True  # the first step under a new plan: warm-up (allocations, caches) is not speed
+        # (summed task weight, compute seconds) of the newest calls, for the cost model; kept across
+        # plans (a call's cost does not depend on the plan), refitted lazily.
+        self._calls: deque[tuple[float, float]] = deque(maxlen=COST_SAMPLES)
+        self._cost: CostModel | None = None
+        self._cost_stale = 0
+        #: Every rank's cost model from the last exchange (None where a rank had none).
+        self.shared_costs: tuple[CostModel | None, ...] = ()
 
     # ----------------------------------------------------------------- the plan of a step
     def plan_for(self, num_tasks: int, step: int = 0) -> Plan:
@@ -281,6 +310,7 @@ class Planner:
         assert self.plan is not None and self._pending is not None
         prefix, self._pending = self._pending[0], None
         shared = [Measurement.from_json(v) for v in self._coordinator.collect(prefix)]
+        self.shared_costs = tuple(m.cost for m in shared)
         action, profiles = self._policy.decide(self.plan.profiles, self.plan.measured, self.plan.num_tasks, shared)
         if action == "keep" or profiles is None:
             return
@@ -304,7 +334,7 @@ class Planner:
         profile = fit_profile(tasks) if len(tasks) >= MIN_SAMPLES else None
         steps = list(self._step_seconds)
         step_time = float(np.median(steps)) if steps else None
-        return Measurement(profile, step_time, len(tasks))
+        return Measurement(profile, step_time, len(tasks), self.cost_model())
 
     def _adopt(self, num_tasks: int, profiles: tuple[WorkerProfile, ...], measured: bool, step: int) -> None:
         """Build the plan, agree its fingerprint with every rank, and only then make it current."""
@@ -342,10 +372,34 @@ class Planner:
         )
 
     # ----------------------------------------------------------------- measurements
-    def record_task(self, seconds_per_task: float) -> None:
-        """One task's compute time (forward, backward, emulated delay; not the commit)."""
-        if not self._skip_step and math.isfinite(seconds_per_task) and seconds_per_task >= 0:
-            self._windows[-1].append(seconds_per_task)
+    def record_task(self, tasks: int, weight: float, seconds: float) -> None:
+        """One result's compute time (forward, backward, emulated delay; not the commit).
+
+        Args:
+            tasks: how many tasks the call computed (a chunk has several).
+            weight: their summed weight (samples).
+            seconds: the call's compute seconds.
+        """
+        if self._skip_step or not (math.isfinite(seconds) and seconds >= 0) or tasks < 1:
+            return
+        self._windows[-1].append(seconds / tasks)
+        if math.isfinite(weight) and weight > 0:
+            self._calls.append((weight, seconds))
+            self._cost_stale += 1
+
+    def cost_model(self) -> CostModel | None:
+        """This rank's fitted cost per call (fixed + per sample), or None before :data:`MIN_SAMPLES` calls."""
+        if len(self._calls) < MIN_SAMPLES:
+            return None
+        if self._cost is None or self._cost_stale >= 16:  # refit every 16 calls: a fit costs ~1 ms
+            weights, seconds = zip(*self._calls)
+            self._cost, self._cost_stale = fit_cost_model(weights, seconds), 0
+        return self._cost
+
+    def min_chunk_weight(self, overhead_share: float) -> float:
+        """The least summed task weight of a chunk whose fixed cost is at most ``overhead_share`` of it."""
+        cost = self.cost_model()
+        return 0.0 if cost is None else cost.min_samples(overhead_share)
 
     def step_ended(self, step_seconds: float | None) -> None:
         """Count a step of the current plan (and its time, when this rank computed it)."""

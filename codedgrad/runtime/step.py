@@ -72,6 +72,10 @@ class StepReport:
         task_seconds: wall time of each computed result, commit included (on CUDA after the work is done).
         commit_seconds: wall time of each commit (its Store round trips), not the accumulation.
         commit_round_trips: Store round trips of this step's commits.
+        commit_exposed: seconds the compute thread waited for commits that ran on the commit helper
+            thread (``batch_loss`` only; the rest of those commits' time was hidden behind compute).
+        chunk_sizes: tasks per result this rank computed from its queue with ``batch_loss``, in order
+            (primaries in shrinking chunks, then backups as 1).
         emulated_seconds: delay added by :mod:`codedgrad.emulate` (0 in production).
         timeline: ``(result, start, end, used)`` of each computed result, seconds since the step's start.
         late_error: an exception on this rank that came after the step was decided without this
@@ -101,9 +105,16 @@ class StepReport:
     task_seconds: list[float] = field(default_factory=list)
     commit_seconds: list[float] = field(default_factory=list)
     commit_round_trips: int = 0
+    commit_exposed: float = 0.0
+    chunk_sizes: list[int] = field(default_factory=list)
     emulated_seconds: float = 0.0
     timeline: list[tuple[int, float, float, bool]] = field(default_factory=list)
     late_error: str | None = None
+
+    @property
+    def commit_hidden(self) -> float:
+        """Seconds of this step's commits (Store round trips) that ran while the compute thread computed."""
+        return max(0.0, sum(self.commit_seconds) - self.commit_exposed)
 
 
 @dataclass

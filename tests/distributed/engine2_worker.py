@@ -412,6 +412,64 @@ def scenario_review(rank: int, world: int, results: dict) -> None:
         results["loaded_buffer"] = model.marker.tolist()
 
 
+def scenario_chunks(rank: int, world: int, results: dict) -> None:
+    """``batch_loss``: primaries in shrinking chunks, backups, spare work, a stall inside a chunk and
+    a ragged batch with an empty task; fp64 SGD against one process, with and without the release."""
+    sizes = [3] * 24
+    sizes[5], sizes[17] = 0, 5  # an empty task and a larger one: weights are sample counts
+    bounds = list(itertools.accumulate([0, *sizes]))
+    het = Heterogeneity(
+        speeds=[1.0, 1.0, 2.0, 4.0], base=0.01, jitter=0.5, stall_prob=0.05, seed=3, forced_stalls=((1, 3, 0.5),)
+    )
+    out = {}
+    for name, no_wait, steps in (("release", True, 12), ("sync", False, 4)):
+        model = make_model(torch.float64)
+        reference = make_model(torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+        calls: list[list[int]] = []
+        reports = []
+        with CodedDataParallel(
+            model, redundancy=1.25, emulate=het, replan_every=0, timeout=30, no_wait=no_wait
+        ) as cdp:
+            slot = cdp.value_slot("mae")
+            for step in range(steps):
+                generator = torch.Generator().manual_seed(700 + step)
+                x = torch.randn(bounds[-1], FEATURES, generator=generator, dtype=torch.float64)
+                y = torch.randn(bounds[-1], 1, generator=generator, dtype=torch.float64)
+
+                def batch_loss(ids: list[int], x=x, y=y):
+                    calls.append(list(ids))
+                    rows = torch.cat([torch.arange(bounds[j], bounds[j + 1]) for j in ids])
+                    error = cdp.module(x[rows], 0) - y[rows]
+                    return (error**2).mean(), {slot: error.abs().mean()}
+
+                opt.zero_grad()
+                reports.append(cdp.backward(tasks=sizes, batch_loss=batch_loss))
+                opt.step()
+                ref_opt.zero_grad()
+                ref_loss = ((reference(x, 0) - y) ** 2).mean()
+                ref_loss.backward()
+                ref_opt.step()
+                reports[-1].values["want_loss"] = ref_loss.item()
+        params = list(model.parameters())
+        out[name] = {
+            "error": relative_error(params, list(reference.parameters())),
+            "identical": identical_across_ranks(params),
+            "loss_error": max(abs(r.loss - r.values["want_loss"]) / r.values["want_loss"] for r in reports if not r.ahead),
+            "chunk_sizes": [r.chunk_sizes for r in reports],
+            "largest_call": max((len(c) for c in calls), default=0),
+            "used": [r.used for r in reports],
+            "computed": [r.computed for r in reports],
+            "spare": [r.spare for r in reports],
+            "commit_exposed": sum(r.commit_exposed for r in reports),
+            "commit_seconds": sum(sum(r.commit_seconds) for r in reports),
+            "ahead": [r.ahead for r in reports],
+            "step_time": [r.step_time for r in reports],
+        }
+    results["chunks"] = out
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -424,6 +482,7 @@ def main() -> None:
         scenario_weights,
         scenario_state,
         scenario_precision,
+        scenario_chunks,
         scenario_stall,
     ):
         try:
