@@ -173,9 +173,8 @@ def test_batch_loss_runs_primaries_in_shrinking_chunks_exactly(results):
             assert run["error"] <= 1e-10, (rank, name, run["error"])
             assert run["identical"], (rank, name)
             assert run["loss_error"] <= 1e-10, (rank, name, run["loss_error"])
-            for sizes in run["chunk_sizes"]:
-                primaries = [n for n in sizes if n > 1]
-                assert primaries == sorted(primaries, reverse=True) or len(primaries) <= 1 or True
+            for sizes in run["chunk_sizes"]:  # guided self-scheduling: the first chunk is the largest
+                assert not sizes or sizes[0] == max(sizes), (rank, name, run["chunk_sizes"])
             chunked |= run["largest_call"] >= 3
             assert run["commit_exposed"] <= run["commit_seconds"] + 0.5, run
     assert chunked, [r["chunks"]["release"]["chunk_sizes"] for r in results]

@@ -241,6 +241,7 @@ class TaskRunner:
                     state = channel.state
                     if not state.decided:
                         primaries.extendleft(reversed([j for j in results if state.is_needed(self._rank, j)]))
+
             return done
 
         def ended() -> bool:
@@ -428,9 +429,7 @@ def _checked_output(output: object, call: str, rank: int, slots: int) -> tuple[t
                 )
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
-                    raise TypeError(
-                        f"codedgrad: {call} on rank {rank}: value of slot {slot} is not a scalar"
-                    )
+                    raise TypeError(f"codedgrad: {call} on rank {rank}: value of slot {slot} is not a scalar")
                 value = value.detach().item()
             values[slot] = float(value)  # type: ignore[arg-type]
     if not isinstance(output, torch.Tensor) or output.numel() != 1:

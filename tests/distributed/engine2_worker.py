@@ -428,17 +428,15 @@ def scenario_chunks(rank: int, world: int, results: dict) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
         calls: list[list[int]] = []
-        reports = []
-        with CodedDataParallel(
-            model, redundancy=1.25, emulate=het, replan_every=0, timeout=30, no_wait=no_wait
-        ) as cdp:
+        reports, want = [], []
+        with CodedDataParallel(model, redundancy=1.25, emulate=het, replan_every=0, timeout=30, no_wait=no_wait) as cdp:
             slot = cdp.value_slot("mae")
             for step in range(steps):
                 generator = torch.Generator().manual_seed(700 + step)
                 x = torch.randn(bounds[-1], FEATURES, generator=generator, dtype=torch.float64)
                 y = torch.randn(bounds[-1], 1, generator=generator, dtype=torch.float64)
 
-                def batch_loss(ids: list[int], x=x, y=y):
+                def batch_loss(ids: list[int], x=x, y=y, calls=calls, slot=slot):
                     calls.append(list(ids))
                     rows = torch.cat([torch.arange(bounds[j], bounds[j + 1]) for j in ids])
                     error = cdp.module(x[rows], 0) - y[rows]
@@ -451,12 +449,12 @@ def scenario_chunks(rank: int, world: int, results: dict) -> None:
                 ref_loss = ((reference(x, 0) - y) ** 2).mean()
                 ref_loss.backward()
                 ref_opt.step()
-                reports[-1].values["want_loss"] = ref_loss.item()
+                want.append(ref_loss.item())
         params = list(model.parameters())
         out[name] = {
             "error": relative_error(params, list(reference.parameters())),
             "identical": identical_across_ranks(params),
-            "loss_error": max(abs(r.loss - r.values["want_loss"]) / r.values["want_loss"] for r in reports if not r.ahead),
+            "loss_error": max(abs(r.loss - w) / w for r, w in zip(reports, want) if not r.ahead),
             "chunk_sizes": [r.chunk_sizes for r in reports],
             "largest_call": max((len(c) for c in calls), default=0),
             "used": [r.used for r in reports],
