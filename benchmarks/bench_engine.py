@@ -9,6 +9,10 @@ block of steps of every strategy (A B C A B C …), so drift of the machine hits
 * ``uniform``: K/P tasks per rank, no redundancy (the split plain DDP uses), in the coded engine;
 * ``optimal``: the optimal split from the emulated profiles, no redundancy;
 * ``coded``: repetition with backups, Ω chosen by the planner, plus spare work once a queue is dry;
+  the loss is given as ``batch_loss``, so each rank runs its primaries in shrinking chunks with
+  commits overlapped (docs/design.md, "The step protocol");
+* ``coded_fine`` (with ``--strategies``): the same engine with ``task_loss``, one task per call and
+  synchronous commits (the behaviour before chunking), for a before/after in one run;
 * ``ddp`` (with ``--strategies``): torch's DistributedDataParallel itself, each rank running its
   K/P tasks as one batch with the same emulated delay (``Heterogeneity.sleep_batch``), exact
   through the coded hook's sample counts. ``--speeds 1,1,1,1 --jitter 0 --stall-prob 0 --strategies ddp,coded`` measures
@@ -41,7 +45,7 @@ from codedgrad.plan import capacity_time, choose_redundancy
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime import CodedHookState, coded_allreduce_hook
 
-STRATEGIES = ("ddp", "uniform", "optimal", "coded")
+STRATEGIES = ("ddp", "uniform", "optimal", "coded_fine", "coded")
 
 
 class PlainDDP:
@@ -90,6 +94,10 @@ def main() -> None:
     parser.add_argument(
         "--strategies", default="uniform,optimal,coded", help=f"comma-separated, from {', '.join(STRATEGIES)}"
     )
+    parser.add_argument(
+        "--width", type=int, default=32, help="hidden width of the MLP (larger: more real compute per sample)"
+    )
+    parser.add_argument("--samples", type=int, default=4, help="samples per task")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -109,14 +117,22 @@ def main() -> None:
     omega = args.redundancy or choose_redundancy(profiles, args.tasks, candidates=(1.0, 1.05, 1.1, 1.15, 1.2, 1.3))
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
-    x, y = torch.randn(args.tasks * 4, 16), torch.randn(args.tasks * 4, 1)
+    n = args.samples
+    model = nn.Sequential(nn.Linear(16, args.width), nn.ReLU(), nn.Linear(args.width, 1))
+    x, y = torch.randn(args.tasks * n, 16), torch.randn(args.tasks * n, 1)
 
     def task_loss_for(module: nn.Module):
-        return lambda j: ((module(x[4 * j : 4 * j + 4]) - y[4 * j : 4 * j + 4]) ** 2).mean()
+        return lambda j: ((module(x[n * j : n * j + n]) - y[n * j : n * j + n]) ** 2).mean()
+
+    def tasks_loss_for(module: nn.Module):  # batch_loss(ids): the mean over those tasks' samples
+        def loss(ids: list[int]) -> torch.Tensor:
+            rows = torch.cat([torch.arange(n * j, n * j + n) for j in ids])
+            return ((module(x[rows]) - y[rows]) ** 2).mean()
+
+        return loss
 
     def batch_loss(module: nn.Module, first: int, count: int) -> torch.Tensor:  # = mean of the task losses
-        rows = slice(4 * first, 4 * (first + count))
+        rows = slice(n * first, n * (first + count))
         return ((module(x[rows]) - y[rows]) ** 2).mean()
 
     homogeneous = [WorkerProfile(0.0, 1.0, 0.0)] * world
@@ -127,6 +143,7 @@ def main() -> None:
     strategies = {
         "uniform": dict(code="uncoded", redundancy=1.0, profiles=homogeneous, spare_work=False, replan_every=0),
         "optimal": dict(code="uncoded", redundancy=1.0, profiles=profiles, spare_work=False, **replan),
+        "coded_fine": dict(code="repetition", redundancy=omega, profiles=profiles, **replan),
         "coded": dict(code="repetition", redundancy=omega, profiles=profiles, **replan),
     }
     engines = {}
@@ -138,8 +155,11 @@ def main() -> None:
 
     def step(name: str) -> StepReport:
         engine = engines[name]
-        loss = batch_loss if name == "ddp" else task_loss_for(engine.module)
-        return engine.backward(loss, args.tasks)
+        if name == "ddp":
+            return engine.backward(batch_loss, args.tasks)
+        if name == "coded":
+            return engine.backward(tasks=args.tasks, batch_loss=tasks_loss_for(engine.module))
+        return engine.backward(task_loss_for(engine.module), args.tasks)
 
     for _ in range(args.warmup):  # first plan, first collective, and re-plans from measurements
         for name in engines:
@@ -151,6 +171,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in engines}
     decision: dict[str, list[float]] = {name: [] for name in engines}
     allreduce, commits, task_seconds, round_trips = [], [], [], 0
+    coded_commit, coded_exposed, chunks = 0.0, 0.0, []  # coded: commit time, the part the compute thread waited for
     release_lag: list[float] = []  # coded: from the decision to the end of the coded all-reduce
     for _ in range(args.rounds):
         for name in engines:
@@ -163,6 +184,9 @@ def main() -> None:
                     allreduce.append(report.allreduce_time)
                 if name == "coded":
                     release_lag.append(report.release_lag)
+                    coded_commit += sum(report.commit_seconds)
+                    coded_exposed += report.commit_exposed
+                    chunks.append(len(report.chunk_sizes))
                 commits.extend(report.commit_seconds)
                 round_trips += report.commit_round_trips
                 task_seconds.extend(report.task_seconds)
@@ -173,6 +197,8 @@ def main() -> None:
     dist.all_gather_object(everyone, (commits, float(np.mean(task_seconds)), round_trips))
     lags: list = [None] * world
     dist.all_gather_object(lags, release_lag)
+    overlap: list = [None] * world
+    dist.all_gather_object(overlap, (coded_commit, coded_exposed, float(np.mean(chunks)) if chunks else 0.0))
     if rank == 0:
         all_commits = np.array([c for per_rank, *_ in everyone for c in per_rank])
         ideal = capacity_time(profiles, args.tasks) + float(np.median(allreduce))
@@ -209,6 +235,9 @@ def main() -> None:
             "commit_round_trips": sum(trips for *_, trips in everyone) / all_commits.size,
             # From the decision to the end of the coded all-reduce, per rank and step, over the coded step.
             "release_lag_median_ms": float(np.median([lag for per_rank in lags for lag in per_rank]) * 1e3),
+            "coded_commit_hidden_share": 1.0
+            - sum(e for _, e, _ in overlap) / max(sum(c for c, _, _ in overlap), 1e-12),
+            "coded_results_per_step": [c for *_, c in overlap],
             "release_lag_share": float(
                 np.median([lag for per_rank in lags for lag in per_rank]) / np.median(times["coded"])
             ),
@@ -234,6 +263,11 @@ def main() -> None:
                 f"commit: median {summary['commit_median_ms']:.3f} ms, p99 {summary['commit_p99_ms']:.3f} ms, "
                 f"{summary['commit_round_trips']:.2f} Store round trips, over {all_commits.size} commits of "
                 f"{world} contending ranks"
+            )
+            print(
+                f"coded: commit time hidden behind compute {summary['coded_commit_hidden_share'] * 100:.0f} %, "
+                f"results (chunks + singles) per step per rank "
+                + ", ".join(f"{c:.1f}" for c in summary["coded_results_per_step"])
             )
             print(
                 f"release lag (decision to the end of the coded all-reduce): median "

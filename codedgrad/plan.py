@@ -273,6 +273,7 @@ def choose_redundancy(
     arrival_rate: float | None = None,
     jobs: int = 2000,
     seed: int = 0,
+    task_overhead: float | Sequence[float] = 0.0,
 ) -> float:
     """The smallest Ω whose simulated mean delay is within ``tolerance`` of the best candidate.
 
@@ -288,6 +289,11 @@ def choose_redundancy(
         arrival_rate: λ of the stream model; None simulates closed-loop training steps instead.
         jobs: jobs (or steps) simulated per candidate.
         seed: random seed.
+        task_overhead: the fixed cost of one call (seconds, one value or one per worker), as in
+            :class:`~codedgrad.profile.CostModel`. With a ``batch_loss`` a rank's primaries run in a
+            few chunks that pay it rarely, but every backup is a call of its own; so each worker's
+            mean slot time is raised by ``overhead · (Ω − 1) / Ω``, the share of its slots that
+            are backups. 0 (the default) simulates the profiles as they are.
     """
     from codedgrad import sim  # plan and sim are peers; import late to keep module loading acyclic
 
@@ -295,13 +301,20 @@ def choose_redundancy(
         raise PlanError("candidates: need at least one redundancy")
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise PlanError(f"tolerance: must be finite and >= 0, got {tolerance!r}")
+    overheads = np.broadcast_to(np.asarray(task_overhead, dtype=np.float64), (len(profiles),))
+    if not (np.all(np.isfinite(overheads)) and np.all(overheads >= 0)):
+        raise PlanError(f"task_overhead: must be finite and >= 0, got {task_overhead!r}")
     delays = []
     for omega in candidates:
         split = optimal_split(profiles, tasks, omega, gamma)
+        backup_share = (omega - 1.0) / omega if omega > 0 else 0.0
+        simulated = [
+            WorkerProfile(p.shift, p.mean + float(o) * backup_share, p.std) for p, o in zip(profiles, overheads)
+        ]
         if arrival_rate is None:
-            delay = sim.simulate_training(profiles, split, tasks, steps=jobs, seed=seed).mean_step_time
+            delay = sim.simulate_training(simulated, split, tasks, steps=jobs, seed=seed).mean_step_time
         else:
-            delay = sim.simulate_stream(profiles, split, tasks, arrival_rate, jobs=jobs, seed=seed).mean_delay
+            delay = sim.simulate_stream(simulated, split, tasks, arrival_rate, jobs=jobs, seed=seed).mean_delay
         delays.append(delay)
     best = min(delays)
     return min(omega for omega, d in zip(candidates, delays) if d <= best * (1 + tolerance))
@@ -313,6 +326,8 @@ def propose_num_tasks(
     task_overhead_seconds: float,
     commit_seconds: float = 0.0,
     max_tasks: int | None = None,
+    chunked: bool = False,
+    redundancy: float = 1.0,
 ) -> int:
     """A number of tasks K that balances per-task overhead against the tail of a step.
 
@@ -335,6 +350,12 @@ def propose_num_tasks(
         task_overhead_seconds: o, the fixed cost of one task, commit included.
         commit_seconds: the median commit time, for the 50× rule (0 to skip it).
         max_tasks: an upper bound on K.
+        chunked: the engine runs a rank's primaries in chunks that halve towards the end of the
+            step (``backward(batch_loss=...)``): a rank then pays ``o`` about ``log2(K/P) + 1``
+            times for its primaries instead of K/P times, plus once per backup, so
+            ``T(K) ≈ W/P + o·(log2(K/P) + 1) + o·K·(Ω − 1)/P + W/K``, minimised over integer K.
+            Tasks can then be much smaller: only the backups and the last chunks pay per task.
+        redundancy: Ω, for the backups' overhead when ``chunked``.
     """
     if world_size < 1:
         raise PlanError(f"world_size: must be >= 1, got {world_size}")
@@ -342,7 +363,19 @@ def propose_num_tasks(
         raise PlanError(f"step_compute_seconds: must be finite and > 0, got {step_compute_seconds!r}")
     if not (math.isfinite(task_overhead_seconds) and task_overhead_seconds > 0):
         raise PlanError(f"task_overhead_seconds: must be finite and > 0, got {task_overhead_seconds!r}")
-    tasks = math.sqrt(step_compute_seconds * world_size / task_overhead_seconds)
+    if not (math.isfinite(redundancy) and redundancy >= 1):
+        raise PlanError(f"redundancy: must be finite and >= 1, got {redundancy!r}")
+    if chunked:
+        w, p, o = step_compute_seconds, world_size, task_overhead_seconds
+        upper = max(p, int(max_tasks) if max_tasks is not None else int(min(1e6, 100 * w / o + p)))
+        candidates = np.unique(np.geomspace(p, upper, 400).round().astype(np.int64))
+
+        def predicted(k: np.ndarray) -> np.ndarray:
+            return w / p + o * (np.log2(k / p) + 1) + o * k * (redundancy - 1) / p + w / k
+
+        tasks = float(candidates[int(np.argmin(predicted(candidates.astype(np.float64))))])
+    else:
+        tasks = math.sqrt(step_compute_seconds * world_size / task_overhead_seconds)
     if commit_seconds > 0:  # a task lasts W/K on an average rank; keep it >= 50 commits
         tasks = min(tasks, step_compute_seconds / (50 * commit_seconds))
     if max_tasks is not None:

@@ -602,3 +602,46 @@ def test_an_arrival_whose_bitmask_looks_like_text_is_read_as_results(store):
     accumulated = [[2, 7], [t for t in everything if t not in (2, 7)]]
     outcomes = arrive_everywhere(chans, decided, accumulated)
     assert [kind for kind, _ in outcomes] == ["ok", "ok"], outcomes
+
+
+# ----------------------------------------------------------------- chunk commits (all or none)
+
+
+def _hash_channels(world: int, code) -> list[StepChannel]:
+    store = dist.HashStore()
+    coordinators = [StoreCoordinator(store, r, world, timeout=5.0) for r in range(world)]
+    chans = [c.channel(0, code, 0, DIGEST, wait=False) for c in coordinators]
+    for c in chans:
+        c.begin()
+    return chans
+
+
+def test_a_chunk_commits_all_its_results_in_one_compare_and_set():
+    code = make_code("repetition", 2, 8, redundancy=1.5)
+    a, b = _hash_channels(2, code)
+    assert a.commit_all((0, 1, 2)) is True
+    assert a.commit_round_trips == 1 and a.sequence == 1
+    assert b.refresh().open_tasks() == [3, 4, 5, 6, 7]
+    assert b.commit_all((4, 5, 6, 7)) is True
+    assert b.commit(3) is True and b.state.decided
+
+
+def test_a_chunk_overlapping_a_committed_backup_commits_nothing():
+    code = make_code("repetition", 2, 8, redundancy=1.5)
+    a, b = _hash_channels(2, code)
+    assert b.commit(2) is True  # a backup of one of a's primaries
+    trips = a.commit_round_trips
+    assert a.commit_all((0, 1, 2, 3)) is False  # the chunk's gradient cannot be split: none of it is used
+    assert a.commit_round_trips == trips + 1  # one lost race, then found covered: no write
+    assert a.refresh().open_tasks() == [0, 1, 3, 4, 5, 6, 7]  # the others stay open for a retry
+    assert a.commit_all((0, 1, 3)) is True
+    with pytest.raises(ValueError, match="at least one"):
+        a.commit_all(())
+
+
+def test_a_chunk_after_the_decision_is_not_used():
+    code = make_code("repetition", 2, 4, redundancy=1.0)
+    a, b = _hash_channels(2, code)
+    assert a.commit_all((0, 1)) and b.commit_all((2, 3))
+    assert a.refresh().decided
+    assert a.commit_all((0, 1)) is False

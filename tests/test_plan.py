@@ -228,3 +228,20 @@ def test_real_split_when_every_worker_must_be_full() -> None:
 def test_real_split_rejects_a_bad_total(total) -> None:
     with pytest.raises(PlanError, match=r"^total:"):
         plan.real_split([WorkerProfile(0, 1, 1)], total)
+
+
+def test_fixed_cost_per_call_favours_more_tasks_when_chunked_and_less_redundancy() -> None:
+    from codedgrad.plan import choose_redundancy, propose_num_tasks
+
+    fine = propose_num_tasks(4, 1.0, 0.001)
+    chunked = propose_num_tasks(4, 1.0, 0.001, chunked=True)
+    assert fine == 63 and chunked > 5 * fine  # primaries pay the overhead a few times, not K/P times
+    assert propose_num_tasks(4, 1.0, 0.001, chunked=True, redundancy=1.2) < chunked  # backups pay it each
+    assert propose_num_tasks(4, 1.0, 0.001, chunked=True, max_tasks=100) == 100
+    profiles = [WorkerProfile(0.0, 0.08 / s, 0.04 / s) for s in (1, 1, 2, 4)]
+    candidates = (1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
+    free = choose_redundancy(profiles, 64, candidates, jobs=300)
+    costly = choose_redundancy(profiles, 64, candidates, jobs=300, task_overhead=0.01)
+    assert costly < free  # each backup costs a call's fixed part more
+    with pytest.raises(PlanError, match="task_overhead"):
+        choose_redundancy(profiles, 64, candidates, jobs=10, task_overhead=-1.0)

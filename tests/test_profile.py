@@ -160,3 +160,52 @@ def test_fit_always_returns_a_valid_profile(times: list[float]) -> None:
     fitted = fit_profile(times)
     assert fitted.mean > 0 and fitted.std >= 0
     assert fitted.mean <= max(max(times), 1e-9) / math.log(2) + 1e-9 * max(times)  # never beyond the data's scale
+
+
+# --- the cost model of a call: fixed + per sample -------------------------------------------------
+
+
+def test_cost_model_fit_recovers_fixed_and_per_sample_despite_stalls() -> None:
+    from codedgrad.profile import fit_cost_model
+
+    rng = np.random.default_rng(0)
+    samples = rng.choice([4, 8, 16, 32, 128], 200).astype(float)
+    seconds = (0.0009 + 0.0001 * samples) * (1 + 0.03 * rng.standard_normal(200))
+    seconds[:8] *= 10  # stalled calls
+    cost = fit_cost_model(samples, seconds)
+    assert cost.fixed == pytest.approx(0.0009, rel=0.1)
+    assert cost.per_sample == pytest.approx(0.0001, rel=0.03)
+    # fixed ≤ 10 % of a call from 9·fixed/per_sample ≈ 81 samples on
+    assert cost.min_samples(0.1) == pytest.approx(81, rel=0.15)
+
+
+def test_cost_model_noise_alone_does_not_make_calls_large() -> None:
+    """Exponential jitter per task and no fixed cost: the lower confidence bound of the fixed part
+    stays at 0 in nearly every fit, so chunks may shrink to one task."""
+    from codedgrad.profile import fit_cost_model
+
+    rng = np.random.default_rng(1)
+    large = 0
+    for _ in range(100):
+        tasks = rng.choice([1, 2, 3, 6], 32)
+        seconds = np.array([sum(0.01 * (0.5 + 0.5 * rng.exponential()) for _ in range(k)) for k in tasks])
+        large += fit_cost_model(tasks * 3.0, seconds).min_samples(0.1) > 3.0
+    assert large <= 3
+
+
+def test_cost_model_edge_cases_and_errors() -> None:
+    from codedgrad.profile import CostModel, fit_cost_model
+
+    same = fit_cost_model([4.0, 4.0, 4.0], [0.01, 0.012, 0.011])  # one size: no fixed part can be told apart
+    assert same.fixed == 0 and same.per_sample == pytest.approx(0.011 / 4)
+    assert CostModel(0.0, 1.0).min_samples() == 0
+    assert CostModel(1.0, 0.0).min_samples() == math.inf
+    exact = fit_cost_model([1.0, 2.0, 4.0], [0.003, 0.005, 0.009])
+    assert exact.fixed == pytest.approx(0.001) and exact.per_sample == pytest.approx(0.002)
+    for samples, seconds, field in (([], [], "samples"), ([0.0], [1.0], "samples"), ([1.0], [-1.0], "seconds")):
+        with pytest.raises(ProfileError, match=field):
+            fit_cost_model(samples, seconds)
+    with pytest.raises(ProfileError, match="fixed"):
+        CostModel(-1.0, 1.0)
+    with pytest.raises(ProfileError, match="overhead_share"):
+        CostModel(1.0, 1.0).min_samples(1.5)

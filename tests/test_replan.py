@@ -7,6 +7,8 @@ switch whose measured step time turns out worse is reverted and the plan is held
 
 from __future__ import annotations
 
+import pytest
+
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime.replan import MIN_SAMPLES_REPLAN, Measurement, ReplanPolicy
 
@@ -87,3 +89,29 @@ def test_a_slower_window_after_the_speeds_changed_is_not_blamed_on_the_switch():
     assert action == "switch"
     slowed = tuple(WorkerProfile(0.0, p.mean * 2, p.std) for p in TRUE[::-1])  # every rank twice as slow
     assert policy.decide(new, True, 32, shared(slowed, step_time=0.200))[0] != "revert"
+
+
+def test_guided_self_scheduling_chunk_sizes() -> None:
+    from codedgrad.runtime.compute import chunk_size
+
+    sizes, left = [], 20
+    while left:
+        sizes.append(chunk_size(left))
+        left -= sizes[-1]
+    assert sizes == [10, 5, 3, 1, 1]  # half of what is open, shrinking towards the end
+    sizes, left = [], 20
+    while left:
+        sizes.append(chunk_size(left, min_tasks=4))
+        left -= sizes[-1]
+    assert sizes == [10, 5, 4, 1]  # never below the cost model's floor, except for what is left
+    with pytest.raises(ValueError, match="open_tasks"):
+        chunk_size(0)
+
+
+def test_measurement_carries_the_cost_model_and_old_bytes_still_parse() -> None:
+    from codedgrad.profile import CostModel
+
+    m = Measurement(WorkerProfile(0.0, 1.0, 0.5), 2.0, 20, CostModel(0.001, 0.0001, 0.0002))
+    assert Measurement.from_json(m.to_json()) == m
+    old = '{"profile": null, "step_time": null, "samples": 0}'
+    assert Measurement.from_json(old).cost is None

@@ -116,7 +116,7 @@ class Measurement:
 
     def to_json(self) -> str:
         profile = profiles_to_dict([self.profile]) if self.profile is not None else None
-        cost = [self.cost.fixed, self.cost.per_sample] if self.cost is not None else None
+        cost = [self.cost.fixed, self.cost.per_sample, self.cost.fixed_stderr] if self.cost is not None else None
         return json.dumps({"profile": profile, "step_time": self.step_time, "samples": self.samples, "cost": cost})
 
     @staticmethod
@@ -361,7 +361,14 @@ class Planner:
             redundancy = AUTO_START
             if measured:
                 candidates = tuple(o for o in (1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5) if o <= self._world_size)
-                redundancy = choose_redundancy(list(profiles), num_tasks, candidates, gamma=config.gamma, jobs=500)
+                # Backups are calls of their own: their fixed cost, from every rank's cost model
+                # (the same gathered bytes on every rank), counts against redundancy.
+                overhead = [c.fixed if c is not None else 0.0 for c in self.shared_costs]
+                if len(overhead) != len(profiles):
+                    overhead = [0.0] * len(profiles)
+                redundancy = choose_redundancy(
+                    list(profiles), num_tasks, candidates, gamma=config.gamma, jobs=500, task_overhead=overhead
+                )
             redundancy = min(float(redundancy), float(self._world_size))
         code = make_code(config.code, self._world_size, num_tasks, float(redundancy), list(profiles), config.gamma)
         queues = [code.queue(r) for r in range(self._world_size)]
