@@ -75,10 +75,11 @@ def test_state_dict_round_trip_resumes_the_plan_and_its_redundancy_without_warm_
 
 def test_an_error_between_commit_and_accumulation_fails_the_step_everywhere(results):
     for rank, result in enumerate(results):
-        run = result["commit_then_fail"]
-        assert run["outcomes"][1] == ("RuntimeError" if rank == 1 else "CodedStepTimeout"), run
-        assert run["outcomes"][0] is None and run["outcomes"][2] is None, run
-        assert max(run["errors"]) <= 1e-10, run  # the steps that completed are exact
+        for key in ("commit_then_fail", "commit_then_fail_chunks"):  # task_loss; batch_loss (helper thread)
+            run = result[key]
+            assert run["outcomes"][1] == ("RuntimeError" if rank == 1 else "CodedStepTimeout"), (key, run)
+            assert run["outcomes"][0] is None and run["outcomes"][2] is None, (key, run)
+            assert max(run["errors"]) <= 1e-10, (key, run)  # the steps that completed are exact
 
 
 def test_timeout_bounds_waiting_not_a_long_first_step(results):

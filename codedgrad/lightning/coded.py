@@ -15,10 +15,13 @@ What the strategy does with Lightning (Lightning 2.6; the internals are named wh
   (:class:`codedgrad.data.TaskData`), only for the tasks the rank computes: its plan's tasks are
   prefetched on a background thread while the previous step runs, spare work loads on demand.
 * **The step.** ``training_step`` runs the coded step: the user's ``LightningModule.training_step`` is
-  called once per task with that task's collated batch (after ``on_before_batch_transfer``,
-  ``transfer_batch_to_device``, ``on_after_batch_transfer`` and the precision plugin's input
-  conversion, inside its autocast context), and its loss is the task's loss. No DDP wrapper: its
-  reducer would all-reduce on every backward (docs/design.md, "Facts about the stack").
+  called once per *chunk* with the chunk's collated batch (the engine's ``batch_loss``: a rank runs
+  its primary tasks in a few chunks, large first, and backups and spare work one task at a time;
+  the batch is built from the chunk's tasks' samples, :meth:`codedgrad.data.TaskData.batch`),
+  after ``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``
+  and the precision plugin's input conversion, inside its autocast context; its loss is the
+  chunk's mean loss. No DDP wrapper: its reducer would all-reduce on every backward
+  (docs/design.md, "Facts about the stack").
 * **Gradients.** Lightning's automatic-optimization closure zeroes gradients between
   ``training_step`` and ``backward`` (``loops/optimization/automatic.py``, ``Closure.closure``): the
   decoded gradient is kept aside and put back in :meth:`CodedStrategy.backward`, which receives a
@@ -32,7 +35,7 @@ What the strategy does with Lightning (Lightning 2.6; the internals are named wh
   are replaced while fitting: a SIGTERM on any rank is published through the c10d Store with a stop
   step far enough ahead that no rank has begun it, and every rank stops cleanly at the start of that
   step (at most ``max_steps_ahead + 2`` steps after the signal), after the same completed steps.
-* **Logging.** ``self.log`` calls made by the user's ``training_step`` are recorded per task and
+* **Logging.** ``self.log`` calls made by the user's ``training_step`` are recorded per chunk and
   logged once per step. A scalar logged with the default mean reduction is **decoded with the
   gradient** (the engine's value slots, ``CodedDataParallel.value_slot``): every rank logs the global
   batch's value, weighted by the tasks' sample counts, at every step, also a rank that computed none
@@ -179,9 +182,10 @@ class CodedStrategy(CodedgradStrategy):
 
     ``Trainer(strategy="coded")`` or ``Trainer(strategy=CodedStrategy(...))``. The user's
     ``training_step(batch, batch_idx)`` returns the mean loss of the batch it is given (or a dict with
-    ``"loss"``); it is called once per task. Supported: automatic optimization, one map-style train
-    DataLoader whose sampler Lightning makes a ``DistributedSampler`` (the default
-    ``use_distributed_sampler=True``), no gradient accumulation, no SyncBatchNorm; checked precisions
+    ``"loss"``); it is called once per chunk of tasks (one or several tasks' samples). Supported:
+    automatic optimization, one map-style train DataLoader whose sampler Lightning makes a
+    ``DistributedSampler`` (the default ``use_distributed_sampler=True``), no gradient accumulation,
+    no SyncBatchNorm; checked precisions
     ``64-true``, ``32-true``, ``bf16-mixed`` (``16-mixed`` scales each task's loss with the GradScaler's
     scale and lets the scaler skip non-finite steps). Anything else raises at setup, on every rank,
     before any collective.
@@ -493,10 +497,11 @@ class CodedStrategy(CodedgradStrategy):
             return batch  # the task batches are moved one by one (with the user's transfer hooks)
         return super().batch_to_device(batch, device=device, dataloader_idx=dataloader_idx)
 
-    def _task_batch(self, data: TaskData, task: int) -> Any:
-        """Task ``task``'s batch, prepared as Lightning prepares a batch before ``training_step``."""
+    def _task_batch(self, data: TaskData, tasks: list[int]) -> Any:
+        """The batch of ``tasks``' samples (one task, or a chunk of several), prepared as Lightning
+        prepares a batch before ``training_step``."""
         module = self.lightning_module
-        batch = self.precision_plugin.convert_input(data.task(task))
+        batch = self.precision_plugin.convert_input(data.batch(tasks))
         batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
         return super().batch_to_device(batch, dataloader_idx=0)
 
@@ -520,8 +525,12 @@ class CodedStrategy(CodedgradStrategy):
         signature = inspect.signature(original_log)
         scale = self._loss_scale()
 
-        def task_loss(task: int) -> torch.Tensor:
-            weight = float(batch.weights[task])
+        def batch_loss(ids: list[int]) -> torch.Tensor:
+            # One training_step over a chunk of tasks (the engine runs a rank's primaries in chunks):
+            # its mean loss over the chunk's samples weighs each task by its size. Tasks without
+            # samples (a ragged last batch's padding) add nothing and are left out.
+            tasks = [j for j in ids if batch.weights[j] > 0]
+            weight = float(sum(batch.weights[j] for j in tasks))
             calls: list[tuple[str, Any]] = []
 
             decoded: dict[int, Any] = {}
@@ -536,7 +545,7 @@ class CodedStrategy(CodedgradStrategy):
                 logged.setdefault(name, _LoggedKey(options))
                 calls.append((name, value))
 
-            task_batch = self._task_batch(batch.data, task)
+            task_batch = self._task_batch(batch.data, tasks)
             module.log = record  # the user's self.log (and self.log_dict) of this task
             try:
                 with self.precision_plugin.train_step_context():
@@ -552,7 +561,7 @@ class CodedStrategy(CodedgradStrategy):
             return (loss, decoded) if decoded else loss  # type: ignore[return-value]
 
         try:
-            report = self._engine.backward(task_loss, batch.weights)
+            report = self._engine.backward(tasks=batch.weights, batch_loss=batch_loss)
         finally:
             self._finish_batch(batch)
         self._last_report = report

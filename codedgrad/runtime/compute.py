@@ -140,7 +140,14 @@ class _Committer:
         if thread is None:
             return 0.0
         begin = time.perf_counter()
-        thread.join()
+        interrupted: BaseException | None = None
+        while thread.is_alive():  # a Ctrl-C must not leave the helper on the Store client we share
+            try:
+                thread.join()
+            except KeyboardInterrupt as error:  # the commit is bounded by the Store's timeout
+                interrupted = error
+        if interrupted is not None:
+            raise interrupted
         waited = time.perf_counter() - begin
         error, self._error = self._error, None
         if error is not None:

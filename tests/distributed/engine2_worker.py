@@ -177,30 +177,40 @@ def scenario_defects(rank: int, world: int, results: dict) -> None:
 
     # 1. An exception between a used commit and its accumulation (rank 1, step 1): every rank fails
     #    that step; nobody applies a gradient missing the task; training goes on exactly.
-    model = make_model(torch.float64)
-    reference = make_model(torch.float64)
+    #    With batch_loss the failing commit runs on the commit helper thread, for a chunk.
     original_add = FlatGradients.add_
-    outcomes, errors = [], []
-    with CodedDataParallel(model, redundancy=1.0, spare_work=False, timeout=10) as cdp:
-        for step in range(3):
-            inject = rank == 1 and step == 1
+    for key, batched in (("commit_then_fail", False), ("commit_then_fail_chunks", True)):
+        model = make_model(torch.float64)
+        reference = make_model(torch.float64)
+        outcomes, errors = [], []
+        with CodedDataParallel(model, redundancy=1.0, spare_work=False, timeout=10) as cdp:
+            per_task = task_loss_fn(cdp.module, x, y)
 
-            def add_then_fail(self, grads, loss=0.0, values=None, _inject=inject):
-                if _inject:
-                    raise RuntimeError("injected between commit and accumulation")
-                return original_add(self, grads, loss, values)
+            def chunk_loss(ids: list[int], per_task=per_task) -> torch.Tensor:  # equal tasks: the plain mean
+                return sum(per_task(j) for j in ids) / len(ids)
 
-            FlatGradients.add_ = add_then_fail
-            try:
-                model.zero_grad()
-                result = outcome(lambda: cdp.backward(task_loss_fn(cdp.module, x, y), 8))
-            finally:
-                FlatGradients.add_ = original_add
-            outcomes.append(result["type"])
-            if result["type"] is None:
-                want = reference_grads(reference, 8, x, y)
-                errors.append(relative_error(grads(model), want))
-    results["commit_then_fail"] = {"outcomes": outcomes, "errors": errors}
+            for step in range(3):
+                inject = rank == 1 and step == 1
+
+                def add_then_fail(self, grads, loss=0.0, values=None, _inject=inject):
+                    if _inject:
+                        raise RuntimeError("injected between commit and accumulation")
+                    return original_add(self, grads, loss, values)
+
+                FlatGradients.add_ = add_then_fail
+                try:
+                    model.zero_grad()
+                    if batched:
+                        result = outcome(lambda: cdp.backward(tasks=8, batch_loss=chunk_loss))
+                    else:
+                        result = outcome(lambda per_task=per_task: cdp.backward(per_task, 8))
+                finally:
+                    FlatGradients.add_ = original_add
+                outcomes.append(result["type"])
+                if result["type"] is None:
+                    want = reference_grads(reference, 8, x, y)
+                    errors.append(relative_error(grads(model), want))
+        results[key] = {"outcomes": outcomes, "errors": errors}
 
     # 2. A first step of 2 s of every rank's own work under timeout=1 (like torch.compile): fine.
     long_first = {}
