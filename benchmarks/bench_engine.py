@@ -98,6 +98,12 @@ def main() -> None:
         "--width", type=int, default=32, help="hidden width of the MLP (larger: more real compute per sample)"
     )
     parser.add_argument("--samples", type=int, default=4, help="samples per task")
+    parser.add_argument(
+        "--model",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="mlp: 16-wide input MLP; cnn: a digits-sized CNN (8x8 images), for real compute per sample",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -118,8 +124,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     n = args.samples
-    model = nn.Sequential(nn.Linear(16, args.width), nn.ReLU(), nn.Linear(args.width, 1))
-    x, y = torch.randn(args.tasks * n, 16), torch.randn(args.tasks * n, 1)
+    if args.model == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(32 * 64, args.width), nn.ReLU(), nn.Linear(args.width, 1),
+        )  # fmt: skip
+        x = torch.randn(args.tasks * n, 1, 8, 8)
+    else:
+        model = nn.Sequential(nn.Linear(16, args.width), nn.ReLU(), nn.Linear(args.width, 1))
+        x = torch.randn(args.tasks * n, 16)
+    y = torch.randn(args.tasks * n, 1)
 
     def task_loss_for(module: nn.Module):
         return lambda j: ((module(x[n * j : n * j + n]) - y[n * j : n * j + n]) ** 2).mean()

@@ -97,14 +97,14 @@ def test_stalled_rank_is_not_waited_for(exact):
 
 
 def test_a_stall_is_covered_once_task_times_are_measured(exact):
-    """Rank 1 stalls 2 s at step 6, after the plan's task times were measured: the others no longer
+    """Rank 1 stalls 2 s at step 7, after the plan's task times were measured: the others no longer
     help at once, but do once it is late beyond its noise, so nobody waits for the stall."""
     for name in ("stall_timed", "stall_timed_sync"):
         assert all(r[name]["measured"] for r in exact), name
-        assert exact[1][name]["computed"][6] <= 1, exact[1][name]
+        assert exact[1][name]["computed"][7] <= 1, exact[1][name]
         for rank in (0, 2, 3):
-            assert exact[rank][name]["time_to_decision"][6] < 1.0, exact[rank][name]
-        assert sum(exact[rank][name]["spare"][6] for rank in (0, 2, 3)) > 0, name  # they did cover it
+            assert exact[rank][name]["time_to_decision"][7] < 1.0, exact[rank][name]
+        assert sum(exact[rank][name]["spare"][7] for rank in (0, 2, 3)) > 0, name  # they did cover it
 
 
 def test_slow_rank_does_less(exact):

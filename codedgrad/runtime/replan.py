@@ -239,7 +239,8 @@ class Planner:
         # Per-task seconds per exchange window (newest last) and step times of the current window: a
         # profile describes the recent past, so a rank that slowed down is not outvoted by the many
         # fast tasks it ran before.
-        self._windows: deque[list[float]] = deque([[]], maxlen=MAX_WINDOWS)
+        # (tasks, their weight, seconds) per call
+        self._windows: deque[list[tuple[int, float, float]]] = deque([[]], maxlen=MAX_WINDOWS)
         self._step_seconds: deque[float] = deque(maxlen=1024)
         self._restored: dict | None = None
         self._lag = lag
@@ -250,6 +251,8 @@ class Planner:
         self._calls: deque[tuple[float, float]] = deque(maxlen=COST_SAMPLES)
         self._cost: CostModel | None = None
         self._cost_stale = 0
+        self._calls_this_step = 0
+        self._calls_per_step: deque[int] = deque(maxlen=64)
         #: Every rank's cost model from the last exchange (None where a rank had none).
         self.shared_costs: tuple[CostModel | None, ...] = ()
 
@@ -326,15 +329,32 @@ class Planner:
         :data:`MAX_WINDOWS` bounds how old a sample can be.
         """
         needed = MIN_SAMPLES_REPLAN if self.plan is not None and self.plan.measured else MIN_SAMPLES
-        tasks: list[float] = []
+        calls: list[tuple[int, float, float]] = []
         for window in reversed(self._windows):
-            tasks = window + tasks
-            if len(tasks) >= needed:
+            calls = window + calls
+            if sum(n for n, _, _ in calls) >= needed:
                 break
+        # Chunks (several tasks per call) pay the fixed cost of a call once: a per-task time of
+        # seconds / tasks would make a rank with larger chunks look faster, win more tasks, get
+        # larger chunks, and so on. So with chunks the fixed part is taken out of every call and
+        # becomes the profile's shift (per step: fixed · calls per step), and the mean is the
+        # per-task part of the cost model (per sample times the tasks' mean weight), the same
+        # whatever the chunk sizes; the spread is fitted to the calls' per-task times net of the
+        # fixed part. One task per call (task_loss) leaves the times as they are.
+        cost = self.cost_model()
+        chunked = cost is not None and any(n > 1 for n, _, _ in calls)
+        fixed = cost.fixed if cost is not None and chunked else 0.0
+        tasks = [max(0.0, seconds - fixed) / n for n, _, seconds in calls for _ in range(n)]
         profile = fit_profile(tasks) if len(tasks) >= MIN_SAMPLES else None
+        if profile is not None and cost is not None and chunked:
+            shift = fixed * float(np.median(self._calls_per_step)) if self._calls_per_step else 0.0
+            task_weight = sum(w for _, w, _ in calls) / sum(n for n, _, _ in calls)
+            mean = cost.per_sample * task_weight
+            if mean > 0:
+                profile = WorkerProfile(shift=shift, mean=mean, std=min(profile.std, mean))
         steps = list(self._step_seconds)
         step_time = float(np.median(steps)) if steps else None
-        return Measurement(profile, step_time, len(tasks), self.cost_model())
+        return Measurement(profile, step_time, len(tasks), cost)
 
     def _adopt(self, num_tasks: int, profiles: tuple[WorkerProfile, ...], measured: bool, step: int) -> None:
         """Build the plan, agree its fingerprint with every rank, and only then make it current."""
@@ -389,7 +409,8 @@ class Planner:
         """
         if self._skip_step or not (math.isfinite(seconds) and seconds >= 0) or tasks < 1:
             return
-        self._windows[-1].append(seconds / tasks)
+        self._windows[-1].append((tasks, weight, seconds))
+        self._calls_this_step += 1
         if math.isfinite(weight) and weight > 0:
             self._calls.append((weight, seconds))
             self._cost_stale += 1
@@ -413,6 +434,8 @@ class Planner:
         self._steps_since_exchange += 1
         if step_seconds is not None and not self._skip_step:
             self._step_seconds.append(step_seconds)
+            self._calls_per_step.append(self._calls_this_step)
+        self._calls_this_step = 0
         self._skip_step = False
 
     # ----------------------------------------------------------------- checkpoints

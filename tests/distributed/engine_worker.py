@@ -149,10 +149,11 @@ def scenario_exact(rank: int, world: int) -> dict:
     for name, no_wait in (("stall", True), ("stall_sync", False)):
         cdp = CodedDataParallel(make_model(torch.float64), redundancy=1.25, emulate=stall, no_wait=no_wait, timeout=30)
         results[name] = run_steps(cdp, steps=3, num_tasks=16, dtype=torch.float64)
-    # The same stall at step 6, once task times are measured (profiles published at step 3 from the
-    # tasks of steps 1-2, read at step 5 with max_steps_ahead=1, or at once in the synchronous step):
-    # spare work now waits until the stalled rank is late beyond its noise, then covers it.
-    late_stall = Heterogeneity(speeds=[1.0] * world, base=0.004, jitter=0.0, forced_stalls=((1, 6, 2.0),), seed=3)
+    # The same stall at step 7, once task times are measured (profiles published at step 4 from the
+    # tasks of steps 1-3, at least 8 per rank even on a loaded machine, read at step 6 with
+    # max_steps_ahead=1, or at once in the synchronous step): spare work now waits until the
+    # stalled rank is late beyond its noise, then covers it.
+    late_stall = Heterogeneity(speeds=[1.0] * world, base=0.004, jitter=0.0, forced_stalls=((1, 7, 2.0),), seed=3)
     for name, no_wait in (("stall_timed", True), ("stall_timed_sync", False)):
         cdp = CodedDataParallel(
             make_model(torch.float64),
@@ -160,11 +161,11 @@ def scenario_exact(rank: int, world: int) -> dict:
             emulate=late_stall,
             no_wait=no_wait,
             replan_every=2,
-            warmup_steps=3,
+            warmup_steps=4,
             max_steps_ahead=1,
             timeout=30,
         )
-        results[name] = run_steps(cdp, steps=8, num_tasks=16, dtype=torch.float64)
+        results[name] = run_steps(cdp, steps=9, num_tasks=16, dtype=torch.float64)
         results[name]["measured"] = cdp.plan.measured
     slow = Heterogeneity(speeds=[1.0] * (world - 1) + [0.1], base=0.004, jitter=0.2, seed=4)
     for code, redundancy in (("repetition", 1.25), ("cyclic", 2)):
