@@ -127,6 +127,7 @@ class TaskRunner:
         for i, (task, coefficient) in enumerate(zip(work.tasks, work.coefficients)):
             if i > 0 and self._decided_meanwhile(record, channel):
                 return  # a rank-level result the step no longer needs: decided while computing it
+            task_start = time.perf_counter()
             scale = coefficient * weights[task] / total
             if weights[task] == 0:
                 continue  # an empty task: nothing to compute, but its commit still counts
@@ -148,8 +149,12 @@ class TaskRunner:
             for slot, value in task_values.items():
                 weighted, weight = values.get(slot, (0.0, 0.0))
                 values[slot] = (weighted + scale * value, weight + scale)
-            if self._config.emulate is not None:
-                record.report.emulated_seconds += self._config.emulate.sleep(self._rank, record.step, record.tasks_run)
+            if self._config.emulate is not None:  # compute mode scales the task's measured compute
+                if self._on_cuda and self._config.emulate.mode == "compute":
+                    torch.cuda.current_stream().synchronize()
+                record.report.emulated_seconds += self._config.emulate.sleep(
+                    self._rank, record.step, record.tasks_run, compute_seconds=time.perf_counter() - task_start
+                )
             record.tasks_run += 1
         if self._on_cuda:
             torch.cuda.current_stream().synchronize()  # commit means "done", and the timer must see it
