@@ -9,7 +9,7 @@ STAMP := $(VENV)/.codedgrad-installed
 DEMO_DIR ?= outputs/demo
 PAPER_DIR ?= outputs/paper
 
-.PHONY: setup test lint demo paper stream stream-measure bench clean
+.PHONY: setup test lint demo paper stream stream-measure bench soak clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ stream-measure: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_planner.py
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 4 benchmarks/bench_engine.py
+
+# The soak (docs/soak.md): $(RANKS) ranks (4) train under EMULATED stalls and drift with injected faults
+# for $(DURATION) (3m; e.g. `make soak DURATION=30m`), checking outcomes, gradients, Store keys, RSS, threads.
+soak: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $(or $(RANKS),4) recipes/soak.py duration=$(or $(DURATION),3m)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
