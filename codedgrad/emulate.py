@@ -385,19 +385,23 @@ class Heterogeneity:
             time.sleep(delay)
         return delay
 
-    def profiles(self) -> list[WorkerProfile]:
+    def profiles(self, step: int | None = None) -> list[WorkerProfile]:
         """The :class:`~codedgrad.profile.WorkerProfile` each rank's emulated task times follow.
 
-        Uses the initial ``speeds`` (before any ``change_step``), includes the stall contribution
+        Uses the initial ``speeds`` (before any ``change_step``), or those in force at ``step`` when
+        given; includes the stall contribution
         (mean and std of the mixture) and leaves out ``forced_stalls`` (one-off events, not a rate).
         The shift is 0: all emulated time is per task. In compute mode the times are those of a task
         whose real compute is ``base`` (the noise clipped at 1 where the rank would beat its compute).
         """
         p, factor, jitter = self.stall_prob, self.stall_factor, self.jitter
+        if step is not None:
+            self._check_call(0, step, 0)
+        speeds = self.speeds if step is None else self.speeds_at(step)
         if self.mode is EmulationMode.COMPUTE:
-            return [self._compute_profile(self.reference_speed / speed) for speed in self.speeds]
+            return [self._compute_profile(self.reference_speed / speed) for speed in speeds]
         profiles = []
-        for speed in self.speeds:
+        for speed in speeds:
             mean = self.base / speed
             # Normal task: (1 − j)μ + Exp(jμ), so E = μ and E[X²] = μ² + (jμ)². Stall: exactly Fμ.
             mixture_mean = (1.0 - p) * mean + p * factor * mean

@@ -417,6 +417,7 @@ def test_compute_mode_reference_speed_spans_a_speed_change() -> None:
     assert het.reference_speed == 2.0
     assert het.task_delay(1, 2, 0, compute_seconds=0.01) == 0.0
     assert het.task_delay(1, 3, 0, compute_seconds=0.01) == pytest.approx(0.01)  # rank 1 halved its speed
+    assert het.profiles(step=3)[1].mean == pytest.approx(2 * het.profiles()[1].mean) == pytest.approx(0.02)
 
 
 def test_compute_mode_sleeps_and_serialises() -> None:
