@@ -94,10 +94,22 @@ def uniform_shares(num_tasks: int, world_size: int) -> list[range]:
     return [range(s, s + c) for s, c in zip(starts, counts)]
 
 
+_MAX_TIMEOUT = 7 * 24 * 3600.0  # the Store and the process group take timeouts as a timedelta
+
+
 def check_timeout(timeout: object) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not (math.isfinite(timeout) and timeout > 0):
-        raise ConfigurationError(f"timeout: must be a finite number of seconds > 0, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not 0 < timeout <= _MAX_TIMEOUT:
+        raise ConfigurationError(f"timeout: must be a number of seconds in (0, {_MAX_TIMEOUT:g}], got {timeout!r}")
     return float(timeout)
+
+
+def usable_timeout(timeout: object) -> float:
+    """``timeout`` if valid, else 300 s: the agreement itself must wait with some timeout before it can
+    report the bad value on every rank."""
+    try:
+        return check_timeout(timeout)
+    except ConfigurationError:
+        return 300.0
 
 
 def open_namespace(kind: str, timeout: float) -> tuple[dist.PrefixStore, StoreCoordinator, int, int]:
@@ -167,7 +179,8 @@ def emulated_sleep(
     emulate: Heterogeneity | None, rank: int, step: int, count: int, first: int, compute_seconds: float
 ) -> float:
     """After a batch of ``count`` tasks (this rank's ``first``-th onwards), which took ``compute_seconds``
-    of real compute: sleep its emulated delay (see :meth:`Heterogeneity.sleep_batch`)."""
+    of real compute: sleep its emulated delay (see :meth:`Heterogeneity.sleep_batch`; sleep mode
+    ignores the measured compute, compute mode scales it)."""
     if emulate is None or count == 0:
         return 0.0
-    return emulate.sleep_batch(rank, step, count, first)
+    return emulate.sleep_batch(rank, step, count, first, compute_seconds=compute_seconds)

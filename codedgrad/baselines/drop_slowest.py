@@ -61,6 +61,7 @@ from codedgrad.baselines._common import (
     resolve_emulation,
     task_weights,
     uniform_shares,
+    usable_timeout,
 )
 from codedgrad.emulate import Heterogeneity
 from codedgrad.runtime.buffers import FlatGradients
@@ -179,8 +180,8 @@ class DropSlowest:
         timeout: float = 300.0,
         max_steps_ahead: int = 4,
     ) -> None:
-        safe_timeout = timeout if isinstance(timeout, (int, float)) and 0 < timeout < math.inf else 300.0
-        self._store, self._coordinator, self._rank, self._world = open_namespace("drop_slowest", safe_timeout)
+        namespace = open_namespace("drop_slowest", usable_timeout(timeout))
+        self._store, self._coordinator, self._rank, self._world = namespace
         self.module = module
         emulation: list[Heterogeneity | None] = [None]
 
@@ -393,9 +394,9 @@ class DropSlowest:
             coded_allreduce_(bucket, coefficient, None)
         return exact
 
-    def _delete_step(self, step: int) -> None:
+    def _delete_step(self, step: int, client: dist.Store | None = None) -> None:
         for what in ("order", "count", "gate"):
-            self._store.delete_key(f"{step}/{what}")
+            (client or self._store).delete_key(f"{step}/{what}")
 
     def _zero_buffer(self) -> FlatGradients:
         with self._spare_lock:
@@ -541,7 +542,7 @@ class _Release:
         # Every rank passed this step's gate (and those of earlier failed steps) to enter the collective.
         if owner._rank == 0:
             for old in [*self.stale, step]:
-                owner._delete_step(old)
+                owner._delete_step(old, self._client)
             self.stale.clear()
         record.finish(_Phase.REDUCED)
 

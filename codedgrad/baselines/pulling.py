@@ -39,6 +39,7 @@ from codedgrad.baselines._common import (
     open_namespace,
     resolve_emulation,
     task_weights,
+    usable_timeout,
 )
 from codedgrad.emulate import Heterogeneity
 from codedgrad.runtime.buffers import FlatGradients
@@ -118,8 +119,8 @@ class DynamicPulling:
         emulate: Heterogeneity | None = None,
         timeout: float = 300.0,
     ) -> None:
-        safe_timeout = timeout if isinstance(timeout, (int, float)) and 0 < timeout < math.inf else 300.0
-        self._store, self._coordinator, self._rank, self._world = open_namespace("pulling", safe_timeout)
+        namespace = open_namespace("pulling", usable_timeout(timeout))
+        self._store, self._coordinator, self._rank, self._world = namespace
         self.module = module
         emulation: list[Heterogeneity | None] = [None]
 
