@@ -43,7 +43,9 @@ import statistics
 import sys
 import threading
 import time
+import tracemalloc
 import warnings
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -186,6 +188,7 @@ class CheckSettings:
     warmup: float = 60.0  # seconds before the resource baselines
     hang_seconds: float = 120.0  # a step or check longer than this is a hang
     rss_growth_mb: float = 50.0  # allowed RSS growth after warm-up, per rank
+    trace_memory: bool = False  # tracemalloc: where Python memory grew after warm-up (slow; a diagnosis)
 
     def __post_init__(self) -> None:
         for name in ("check_every", "verify_every"):
@@ -606,6 +609,33 @@ class _Injector:
         return loss_of
 
 
+class _MemoryTrace:
+    """With ``trace_memory``: where Python allocations grew between the end of warm-up and the end."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._base: tracemalloc.Snapshot | None = None
+        if enabled:
+            tracemalloc.start(8)
+
+    def after_warmup(self, warm: bool) -> None:
+        if self.enabled and warm and self._base is None:
+            self._base = tracemalloc.take_snapshot()
+
+    def growth(self, top: int = 12) -> list[str] | None:
+        """The ``top`` allocation sites by growth since warm-up (None when not tracing)."""
+        if not self.enabled or self._base is None:
+            return None
+        stats = tracemalloc.take_snapshot().compare_to(self._base, "traceback")
+        tracemalloc.stop()
+        lines = []
+        for stat in stats[:top]:
+            where = " <- ".join(f"{frame.filename.rsplit('/', 2)[-1]}:{frame.lineno}" for frame in stat.traceback)
+            lines.append(f"{stat.size_diff / 1024:+.1f} KiB in {stat.count_diff:+d} blocks: {where}")
+            log.info("memory growth after warm-up: %s", lines[-1])
+        return lines
+
+
 def _relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
     num = math.sqrt(sum(float((g - w).pow(2).sum()) for g, w in zip(got, want)))
     den = math.sqrt(sum(float(w.pow(2).sum()) for w in want))
@@ -647,7 +677,8 @@ def run(cfg: SoakConfig, out: Path) -> bool:
     state: dict[str, Any] = {"step": 0}
     samples: list[Sample] = []
     verified: list[dict[str, float]] = []
-    step_seconds: list[float] = []
+    step_seconds: deque[float] = deque(maxlen=4096)  # the latest steps' times (bounded: the soak measures growth)
+    longest_step = 0.0
     ahead_steps = 0
     failure_run = longest_failure_run = 0
 
@@ -664,6 +695,7 @@ def run(cfg: SoakConfig, out: Path) -> bool:
     )  # fmt: skip
     keys_engine = store.num_keys()  # with the engine's configuration and its release group
     start = time.monotonic()  # the soak's clock starts at its first step
+    memory = _MemoryTrace(checks.trace_memory)
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     samples.append(take_sample(start, 0, 0, store))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
@@ -704,6 +736,7 @@ def run(cfg: SoakConfig, out: Path) -> bool:
                     entry.error = f"{type(error).__name__}: {error}"[:500]
             watchdog.leave()
             step_seconds.append(time.perf_counter() - began)
+            longest_step = max(longest_step, step_seconds[-1])
             entry.injected = sorted(injector.injected)
             if cdp.step_index != step + 1:
                 entry.outcome = Outcome.OTHER.value
@@ -742,6 +775,7 @@ def run(cfg: SoakConfig, out: Path) -> bool:
                 stop = any(g[2] for g in gathered) or bool(verdict.problems)
                 window, window_start = [], step
             now = time.monotonic()
+            memory.after_warmup(now - start >= checks.warmup)
             if now >= next_sample or stop:
                 samples.append(take_sample(start, step, failed_steps, store))
                 next_sample = now + checks.sample_every
@@ -765,10 +799,11 @@ def run(cfg: SoakConfig, out: Path) -> bool:
         "samples": [asdict(s) for s in samples],
         "verified": verified,
         "ahead_steps": ahead_steps,
-        "median_step_ms": 1e3 * statistics.median(step_seconds) if step_seconds else None,
-        "max_step_s": max(step_seconds, default=0.0),
+        "median_step_ms": 1e3 * statistics.median(step_seconds) if step_seconds else None,  # of the latest 4096
+        "max_step_s": longest_step,
         "plan_version": plan_version,
         "redundancy": redundancy,
+        "memory_growth": memory.growth(),
         "keys": {"before_engine": keys_before, "with_engine": keys_engine, "torch_group_keys": group_keys,
                  "after_close": keys_after_close, "longest_failure_run": longest_failure_run},
     }  # fmt: skip
