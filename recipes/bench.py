@@ -128,6 +128,8 @@ def run_profile(cfg: DictConfig, workload: Workload, curve: CostCurve, allreduce
                 errors[s].append(relative_error(strategy.module, reference))
     step_times: dict[str, list[float]] = {s: [] for s in strategies}
     reports: dict[str, list[StepInfo]] = {s: [] for s in strategies}
+    probes: list[tuple[float, ...]] = []
+    allreduces: list[float] = []
     for r in range(cfg.rounds):
         for s, strategy in strategies.items():
             dist.barrier()
@@ -142,16 +144,27 @@ def run_profile(cfg: DictConfig, workload: Workload, curve: CostCurve, allreduce
             # A step ends when its last rank is done: per-step times from the latest rank's end times.
             marks = global_max([start, *ends])
             step_times[s].extend(np.diff(marks).tolist())
+        # The ideal bound's inputs, measured in the same round: the machine's load then is the strategies'.
+        probes.append(measure_compute(workload.model, workload, curve.sizes, repeats=1).seconds)
+        allreduces.append(measure_allreduce(workload.model, repeats=3))
     for strategy in strategies.values():
         strategy.close()
     worst = {s: max(global_max([max(e) if e else math.nan])) if e else math.nan for s, e in errors.items()}
     per_rank = gather({s: engine_report(reports[s]) for s in strategies})
-    ideals = [ideal_bound(curve, unit_factors(het, cfg.warmup + i), K, allreduce) for i in range(measured)]
-    ideal = float(np.mean(ideals))
+    # Every rank's probes of every round: the median is the compute curve under the run's load.
+    seen = np.array([row for rows in gather(probes) for row in rows])
+    during = CostCurve(curve.sizes, tuple(float(v) for v in np.median(seen, axis=0)))
+    allreduce_during = float(np.median([a for rows in gather(allreduces) for a in rows]))
+    steps = range(cfg.warmup, cfg.warmup + measured)
+    ideal = float(np.mean([ideal_bound(during, unit_factors(het, i), K, allreduce_during) for i in steps]))
+    before = float(np.mean([ideal_bound(curve, unit_factors(het, i), K, allreduce) for i in steps]))
     result: dict[str, Any] = {
         "emulation": het.describe(),
         "ideal_seconds": ideal,
-        "best_batch_tasks": curve.best_throughput()[0],
+        "ideal_seconds_warmup_curve": before,
+        "compute_curve_during": {"sizes": during.sizes, "seconds": during.seconds},
+        "allreduce_seconds_during": allreduce_during,
+        "best_batch_tasks": during.best_throughput()[0],
         "balanced_counts": counts,
         "balanced_predicted_seconds": predicted_step(curve, factors, counts, allreduce),
         "strategies": {},
@@ -308,7 +321,6 @@ def main(cfg: DictConfig) -> None:
     log(f"{world} ranks, strategies {list(cfg.strategies)}, profiles {list(cfg.run_profiles)}; EMULATED clusters")
     started = time.perf_counter()
     results: dict[str, Any] = {"world_size": world, "config": OmegaConf.to_container(cfg), "workloads": {}}
-    curves = {}
     for wname in cfg.run_workloads:
         workload = build_workload(cfg.workloads[wname], seed=cfg.seed)
         sizes = sorted({min(n, workload.num_tasks) for n in cfg.sizes})
@@ -316,7 +328,6 @@ def main(cfg: DictConfig) -> None:
         everyone = gather(mine.seconds)
         # Identical processes on one machine: the ranks' median is the compute curve (its noise halved).
         curve = CostCurve(mine.sizes, tuple(float(v) for v in np.median(np.array(everyone), axis=0)))
-        curves[wname] = curve
         allreduce = measure_allreduce(workload.model)
         log(
             f"{wname}: K={workload.num_tasks} tasks of {workload.samples_per_task} samples; compute per batch "
@@ -338,12 +349,13 @@ def main(cfg: DictConfig) -> None:
             )
         results["workloads"][wname] = entry
     if cfg.accuracy.enabled:
-        workload = build_workload(cfg.workloads[cfg.accuracy.workload], seed=cfg.seed)
-        curve = curves.get(cfg.accuracy.workload)
-        if curve is None:
-            sizes = sorted({min(n, workload.num_tasks) for n in cfg.sizes})
-            mine = measure_compute(workload.model, workload, sizes, cfg.repeats)
-            curve = CostCurve(mine.sizes, tuple(float(v) for v in np.median(np.array(gather(mine.seconds)), axis=0)))
+        spec = OmegaConf.to_container(cfg.workloads[cfg.accuracy.workload])
+        spec.update(num_tasks=cfg.accuracy.num_tasks, samples_per_task=cfg.accuracy.samples_per_task)
+        workload = build_workload(spec, seed=cfg.seed)
+        # Its batches differ from the step benchmark's: balanced's counts come from their own measurement.
+        sizes = sorted({min(n, workload.num_tasks) for n in cfg.sizes})
+        mine = measure_compute(workload.model, workload, sizes, cfg.repeats)
+        curve = CostCurve(mine.sizes, tuple(float(v) for v in np.median(np.array(gather(mine.seconds)), axis=0)))
         results["accuracy"] = time_to_accuracy(cfg, workload, curve)
     results["total_seconds"] = time.perf_counter() - started
     if dist.get_rank() == 0:

@@ -24,6 +24,8 @@ TINY = [
     "rounds=2",
     "block=2",
     "accuracy.strategies=[ddp,coded]",
+    "accuracy.num_tasks=4",
+    "accuracy.samples_per_task=2",
     "accuracy.max_steps=4",
     "accuracy.block=2",
     "accuracy.target=1.01",  # never reached: the run stops at max_steps
@@ -41,7 +43,9 @@ def test_tiny_bench_reports_every_field_and_exact_gradients(torchrun, tmp_path: 
     cnn = report["workloads"]["cnn"]
     assert cnn["compute_curve"]["sizes"] == [1, 2, 4] and all(s > 0 for s in cnn["compute_curve"]["seconds"])
     profile = cnn["profiles"]["hetero4_stalls"]
-    assert "mode=compute" in profile["emulation"] and profile["ideal_seconds"] > cnn["allreduce_seconds"] > 0
+    assert "mode=compute" in profile["emulation"] and profile["ideal_seconds"] > profile["allreduce_seconds_during"] > 0
+    assert profile["ideal_seconds_warmup_curve"] > cnn["allreduce_seconds"] > 0
+    assert len(profile["compute_curve_during"]["seconds"]) == 3
     assert sum(profile["balanced_counts"]) == 4 and profile["balanced_counts"][0] <= profile["balanced_counts"][1]
     strategies = profile["strategies"]
     assert set(strategies) == {"ddp", "coded"}
