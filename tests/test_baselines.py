@@ -149,6 +149,7 @@ def test_a_failing_loss_fails_the_step_on_every_rank(results: list[dict]) -> Non
         for key in ("pulling_loss_raises", "drop_loss_raises"):
             assert failures[key].startswith("BaselineStepError"), f"rank {rank}: {failures[key]}"
             assert "rank 2: RuntimeError: no such sample" in failures[key]
+        assert "ranks passed different tasks" in failures["pulling_other_tasks"], failures["pulling_other_tasks"]
         # ... and the ranks stay in step: the next step succeeds.
         assert failures["pulling_after_failure"] <= FP64_TOLERANCE
         assert failures["drop_after_failure"] == NPROC - 1

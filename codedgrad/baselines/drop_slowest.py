@@ -257,8 +257,9 @@ class DropSlowest:
         own = list(shares[self._rank])
         digest = weights_digest(weights).hex()
         error, snapshot = None, None
+        needed = record.phase is _Phase.RUNNING  # else: the step was completed without this rank
         try:
-            if record.phase is _Phase.RUNNING or exact_check:  # else: completed without this rank
+            if needed or exact_check:
                 local = self._compute(record, step, batch_loss, own)
                 report.computed = tuple(own)
                 # The release scales and reduces ``local`` in place once this rank counts as finished.
@@ -292,7 +293,7 @@ class DropSlowest:
             if exact_check:
                 report.relative_error, report.exact_loss = _relative_error(record.reduced, exact)
                 # The check waits for every rank: time the step until its gradient was ready here.
-                ready = max(record.ready_at, start if report.ahead else computed_at)
+                ready = max(record.ready_at, computed_at if needed else start)
                 report.step_time = max(0.0, ready - start)
             else:
                 report.step_time = time.perf_counter() - start

@@ -44,7 +44,7 @@ from codedgrad.baselines._common import (
 from codedgrad.emulate import Heterogeneity
 from codedgrad.runtime.buffers import FlatGradients
 from codedgrad.runtime.config import ConfigurationError
-from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError, _wait_all
+from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError, _wait_all, weights_digest
 
 __all__ = ["DynamicPulling", "PullReport", "default_chunk"]
 
@@ -194,7 +194,7 @@ class DynamicPulling:
             error = f"rank {self._rank}: {type(exc).__name__}: {exc}"
             self._store.add(f"{step}/next", _STOP)  # the others stop pulling: this step fails anyway
         report.computed = tuple(computed)
-        owners = self._arrive(step, num_tasks, computed, error)
+        owners = self._arrive(step, weights, computed, error)
         for bucket in accumulator:
             dist.all_reduce(bucket)
         accumulator.write_to_params()
@@ -225,20 +225,23 @@ class DynamicPulling:
 
     # -- the end of a step -------------------------------------------------------------------------
 
-    def _arrive(self, step: int, num_tasks: int, computed: list[int], error: str | None) -> list[int]:
+    def _arrive(self, step: int, weights: tuple[float, ...], computed: list[int], error: str | None) -> list[int]:
         """Publish this rank's tasks (or error); every rank checks each task was computed once.
 
         Returns the rank that computed each task. Raises :class:`BaselineStepError` on every rank
         when a rank failed or timed out (none enters the all-reduce then).
         """
-        arrival = b"E" + error.encode() if error else b"R" + json.dumps(computed).encode()
+        num_tasks = len(weights)
+        # The weights' digest lets every rank reach the same verdict when ranks passed different tasks.
+        digest = weights_digest(weights).hex()
+        arrival = b"E" + error.encode() if error else b"R" + json.dumps([digest, computed]).encode()
         self._store.set(f"{step}/arrived/{self._rank}", arrival)
         keys = [f"{step}/arrived/{r}" for r in range(self._world)]
 
         def owners_of(values: list[bytes]) -> tuple[list[int], list[int]]:
             count, owners = [0] * num_tasks, [-1] * num_tasks
             for r, value in enumerate(values):
-                for j in json.loads(value[1:]):
+                for j in json.loads(value[1:])[1]:
                     count[j] += 1
                     owners[j] = r
             return count, owners
@@ -247,6 +250,9 @@ class DynamicPulling:
             for value in values:
                 if value[:1] == b"E":
                     return value[1:].decode(errors="replace")
+            digests = [json.loads(value[1:])[0] for value in values]
+            if len(set(digests)) > 1:
+                return f"ranks passed different tasks (weights digests by rank: {digests})"
             count, _ = owners_of(values)
             wrong = [j for j, c in enumerate(count) if c != 1]
             if wrong:  # the counter hands out each task once: a reset or shared Store key would show here

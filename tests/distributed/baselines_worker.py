@@ -11,7 +11,8 @@ mode, no jitter). Parts, in this order, every rank building the same baselines:
              steps 0, 1, 5, 6: p.grad against the gradient over the contributors' samples, the reported
              relative error against one computed here, wall times, parameter hashes.
 ``failures`` bad arguments (on every rank, or on one rank only), a bad ``tasks``, a loss that raises on
-             one rank (then a step that succeeds), and the Store keys left after close().
+             one rank, ranks passing different weights (then a step that succeeds), and the Store keys
+             left after close().
 
 Usage: ``torchrun --nproc-per-node 3 baselines_worker.py OUT_DIR``; writes ``OUT_DIR/rank{r}.json``.
 """
@@ -193,6 +194,8 @@ def run_failures(rank: int) -> dict:
             return loss(task_ids)
 
         out["pulling_loss_raises"] = expect_error((BaselineStepError,), lambda: pulling.backward(failing, 9))
+        other = [*TASK_SIZES[:-1], 3] if rank == 0 else list(TASK_SIZES)
+        out["pulling_other_tasks"] = expect_error((BaselineStepError,), lambda: pulling.backward(loss, other))
         pulling.backward(loss, list(TASK_SIZES))  # the ranks are still in step
         out["pulling_after_failure"] = relative(flat_grad(model), reference(state_of(model), 0, range(9)))
         model.zero_grad()
@@ -213,7 +216,7 @@ def run_failures(rank: int) -> dict:
     for kind, name, steps, keys in (
         ("pulling", 0, PULL_STEPS, ("next", "gate", "arrived/0", "arrived/1", "arrived/2")),
         ("drop_slowest", 0, DROP_STEPS, ("order", "count", "gate")),
-        ("pulling", 2, 2, ("next", "gate", "arrived/0", "arrived/1", "arrived/2")),  # a failed step, then one
+        ("pulling", 2, 3, ("next", "gate", "arrived/0", "arrived/1", "arrived/2")),  # 2 failed steps, then one
         ("drop_slowest", 3, 2, ("order", "count", "gate")),
     ):
         keys = [f"{t}/{what}" for t in range(steps) for what in keys]
