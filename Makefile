@@ -9,7 +9,7 @@ STAMP := $(VENV)/.codedgrad-installed
 DEMO_DIR ?= outputs/demo
 PAPER_DIR ?= outputs/paper
 
-.PHONY: setup test lint demo paper stream stream-measure bench clean
+.PHONY: setup test lint demo paper stream stream-measure bench bench-engine soak clean
 
 setup: $(STAMP)
 
@@ -46,9 +46,19 @@ stream: $(STAMP)
 stream-measure: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 5 recipes/stream.py mode=measure
 
+# The benchmark of the alternatives (docs/benchmarks.md): real models, EMULATED clusters in compute mode, one
+# torchrun run, strategies interleaved; outputs/bench/<time>/. `make bench-engine`: the engine on sleeps.
 bench: $(STAMP)
+	OMP_NUM_THREADS=1 flock /tmp/codedgrad-bench.lock $(BIN)/torchrun --standalone --nproc-per-node 4 recipes/bench.py
+
+bench-engine: $(STAMP)
 	$(BIN)/python benchmarks/bench_planner.py
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 4 benchmarks/bench_engine.py
+	OMP_NUM_THREADS=1 flock /tmp/codedgrad-bench.lock $(BIN)/torchrun --standalone --nproc-per-node 4 benchmarks/bench_engine.py
+
+# The soak (docs/soak.md): $(RANKS) ranks (4) train under EMULATED stalls and drift with injected faults
+# for $(DURATION) (3m; e.g. `make soak DURATION=30m`), checking outcomes, gradients, Store keys, RSS, threads.
+soak: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $(or $(RANKS),4) recipes/soak.py duration=$(or $(DURATION),3m)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

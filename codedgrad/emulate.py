@@ -29,6 +29,27 @@ the sum of the same delays, so both see the same emulated cluster and can be com
 A "task" is whatever unit ``base`` is the time of: set ``base`` to a sample's time and pass sample
 counts to emulate per-sample work.
 
+**Two modes** (:class:`EmulationMode`):
+
+* ``"sleep"`` (the default): the delays above, in seconds, whatever the task really computed. The
+  emulated work dwarfs or replaces the real one; ``base`` sets its scale.
+* ``"compute"``: the delay scales the task's *measured* compute. A rank of speed ``s`` takes
+  ``(s_ref / s)`` times what the task really took, times the same seeded noise (shifted exponential
+  of mean 1, or ``stall_factor`` on a stall), where ``s_ref`` is the fastest speed the emulation ever
+  names (``speeds`` and ``change_speeds``). The caller measures the compute and passes it as
+  ``compute_seconds``; the delay is what must be slept on top of it::
+
+      emulated = compute_seconds * (s_ref / s) * noise        # the task's emulated duration
+      delay = max(0, emulated - compute_seconds) + forced stall
+
+  Because the delay multiplies real compute, batching efficiency shows: a rank that runs 64 samples
+  as one batch measures less than 64 single samples and is slowed in proportion. A rank cannot run
+  faster than its real compute, so noise below 1 on the fastest rank is clipped to 1 (its mean
+  emulated time is then slightly above its compute; :meth:`Heterogeneity.profiles` includes that).
+  ``base`` then only says what one unit is expected to really cost (for :meth:`Heterogeneity.profiles`
+  and :meth:`Heterogeneity.mean_task_time`, the planner's prior before anything is measured).
+  :meth:`Heterogeneity.batch_delay` splits a batch's compute evenly over its units and sums their delays.
+
 This is emulation, never measurement of real hardware: anything that uses it must report it as
 such (:meth:`Heterogeneity.describe`), and production runs do not use it. torchrun scripts and
 recipes pick it up unchanged from the ``CODEDGRAD_EMULATE`` environment variable
@@ -43,13 +64,14 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
 
 from codedgrad.profile import WorkerProfile
 
-__all__ = ["ENV_VARIABLE", "EmulationError", "Heterogeneity"]
+__all__ = ["ENV_VARIABLE", "EmulationError", "EmulationMode", "Heterogeneity"]
 
 ENV_VARIABLE = "CODEDGRAD_EMULATE"
 """The environment variable :meth:`Heterogeneity.from_env` reads by default."""
@@ -64,7 +86,17 @@ _FIELDS = (
     "change_step",
     "change_speeds",
     "forced_stalls",
+    "mode",
 )
+
+
+class EmulationMode(str, Enum):
+    """What an emulated delay is made of (module docstring, "Two modes")."""
+
+    SLEEP = "sleep"
+    """Seeded seconds of ``base / speed`` scale, whatever the real compute took."""
+    COMPUTE = "compute"
+    """The task's measured compute, scaled by ``s_ref / speed`` and the seeded noise."""
 
 
 class EmulationError(ValueError):
@@ -86,6 +118,13 @@ def _finite(name: str, value: object) -> float:
     if not math.isfinite(value):
         raise EmulationError(f"{name}: must be finite, got {value!r}")
     return value
+
+
+def _compute_seconds(value: object) -> float:
+    seconds = _finite("compute_seconds", value)
+    if seconds < 0:
+        raise EmulationError(f"compute_seconds: must be >= 0, got {seconds!r}")
+    return seconds
 
 
 def _speed_tuple(name: str, values: object) -> tuple[float, ...]:
@@ -118,6 +157,9 @@ class Heterogeneity:
         change_speeds: the speeds from ``change_step`` on; same length as ``speeds``.
         forced_stalls: ``(rank, step, seconds)`` tuples: an extra delay of ``seconds`` on that rank's
             first task (index 0) of that step, on top of its random delay.
+        mode: ``"sleep"`` (delays of ``base / speed`` seconds) or ``"compute"`` (delays that scale the
+            measured ``compute_seconds`` passed to the delay methods; ``base`` is then the expected
+            real compute of one unit, used by :meth:`profiles` only). See the module docstring.
 
     Example::
 
@@ -135,6 +177,7 @@ class Heterogeneity:
     change_step: int | None = None
     change_speeds: tuple[float, ...] | None = None
     forced_stalls: tuple[tuple[int, int, float], ...] = field(default=())
+    mode: EmulationMode = EmulationMode.SLEEP
 
     def __post_init__(self) -> None:
         # Normalise to immutable, plain-Python values so instances hash, compare and serialise the
@@ -159,6 +202,11 @@ class Heterogeneity:
         set_(self, "seed", int(self.seed))
         self._check_change()
         self._check_forced_stalls()
+        try:
+            set_(self, "mode", EmulationMode(self.mode))
+        except ValueError:
+            known = ", ".join(repr(m.value) for m in EmulationMode)
+            raise EmulationError(f"mode: must be one of {known}, got {self.mode!r}") from None
 
     def _check_change(self) -> None:
         if (self.change_step is None) != (self.change_speeds is None):
@@ -222,12 +270,29 @@ class Heterogeneity:
             return self.change_speeds
         return self.speeds
 
-    def mean_task_time(self, rank: int, step: int = 0) -> float:
-        """``base / speed`` of ``rank`` at ``step``: the mean of a task that does not stall."""
+    @property
+    def reference_speed(self) -> float:
+        """``s_ref``: the fastest speed named (``speeds`` and ``change_speeds``); compute mode's unit."""
+        return max(self.speeds + (self.change_speeds or ()))
+
+    def slowdown(self, rank: int, step: int = 0) -> float:
+        """``s_ref / speed`` of ``rank`` at ``step`` (≥ 1): how many times its real compute a task takes
+        in compute mode, before noise."""
         self._check_call(rank, step, 0)
+        return self.reference_speed / self.speeds_at(step)[rank]
+
+    def mean_task_time(self, rank: int, step: int = 0) -> float:
+        """The mean of a task of ``rank`` at ``step`` that does not stall.
+
+        ``base / speed`` in sleep mode; in compute mode ``base · s_ref / speed``, ``base`` being the
+        expected real compute of a task (noise clipping on the fastest ranks left out).
+        """
+        self._check_call(rank, step, 0)
+        if self.mode is EmulationMode.COMPUTE:
+            return self.base * self.slowdown(rank, step)
         return self.base / self.speeds_at(step)[rank]
 
-    def task_delay(self, rank: int, step: int, index: int) -> float:
+    def task_delay(self, rank: int, step: int, index: int, compute_seconds: float = 0.0) -> float:
         """The emulated duration, in seconds, of task ``index`` of ``step`` on ``rank``.
 
         A pure function of the configuration and its arguments: every rank can compute any rank's
@@ -237,8 +302,16 @@ class Heterogeneity:
             rank: global rank (0 ≤ rank < world_size).
             step: optimizer step (≥ 0).
             index: position of the task within the rank's work of that step (≥ 0).
+            compute_seconds: the task's measured compute (≥ 0); compute mode scales it, sleep mode
+                ignores it.
+
+        Returns:
+            The seconds to sleep after the task's real compute (compute mode: on top of it).
         """
         self._check_call(rank, step, index)
+        compute_seconds = _compute_seconds(compute_seconds)
+        if self.mode is EmulationMode.COMPUTE:
+            return self._compute_delay(rank, step, index, compute_seconds)
         mean = self.base / self.speeds_at(step)[rank]
         # One independent stream per (seed, rank, step, index): no shared generator state, so the
         # value cannot depend on call order or on other ranks. Both draws are always made so the
@@ -253,14 +326,29 @@ class Heterogeneity:
             delay += self._forced_stall(rank, step)
         return delay
 
-    def sleep(self, rank: int, step: int, index: int) -> float:
+    def _compute_delay(self, rank: int, step: int, index: int, compute_seconds: float) -> float:
+        """Compute mode: ``compute · s_ref/s · noise − compute``, clipped at 0, plus any forced stall."""
+        # The same stream and draws as sleep mode, so both modes stall on the same tasks.
+        rng = np.random.default_rng([self.seed, rank, step, index])
+        stall_draw, exp_draw = rng.random(), rng.standard_exponential()
+        if stall_draw < self.stall_prob:
+            noise = self.stall_factor
+        else:
+            noise = (1.0 - self.jitter) + self.jitter * float(exp_draw)
+        emulated = compute_seconds * self.slowdown(rank, step) * noise
+        delay = max(0.0, emulated - compute_seconds)
+        if index == 0:
+            delay += self._forced_stall(rank, step)
+        return delay
+
+    def sleep(self, rank: int, step: int, index: int, compute_seconds: float = 0.0) -> float:
         """Sleep for :meth:`task_delay` (call it after the task's real compute) and return it."""
-        delay = self.task_delay(rank, step, index)
+        delay = self.task_delay(rank, step, index, compute_seconds)
         if delay > 0:
             time.sleep(delay)
         return delay
 
-    def batch_delay(self, rank: int, step: int, count: int, first: int = 0) -> float:
+    def batch_delay(self, rank: int, step: int, count: int, first: int = 0, compute_seconds: float = 0.0) -> float:
         """The emulated duration, in seconds, of ``count`` tasks done at once by ``rank`` at ``step``.
 
         The sum of :meth:`task_delay` over task indices ``first … first + count − 1``: a batch of
@@ -273,34 +361,47 @@ class Heterogeneity:
             step: optimizer step (≥ 0).
             count: number of tasks (or samples, if ``base`` is a sample's time) in the batch (≥ 0).
             first: index of the batch's first task within the rank's work of that step (≥ 0).
+            compute_seconds: the whole batch's measured compute (≥ 0); compute mode gives each task
+                an equal share of it, sleep mode ignores it.
         """
         for name, value in (("count", count), ("first", first)):
             if not _is_int(value) or value < 0:
                 raise EmulationError(f"{name}: must be an integer >= 0, got {value!r}")
         self._check_call(rank, step, first)
+        compute_seconds = _compute_seconds(compute_seconds)
+        if self.mode is EmulationMode.COMPUTE:
+            share = compute_seconds / count if count else 0.0
+            return float(sum(self._compute_delay(rank, step, i, share) for i in range(first, first + count)))
         return float(sum(self.task_delay(rank, step, index) for index in range(first, first + count)))
 
-    def sleep_batch(self, rank: int, step: int, count: int, first: int = 0) -> float:
+    def sleep_batch(self, rank: int, step: int, count: int, first: int = 0, compute_seconds: float = 0.0) -> float:
         """Sleep for :meth:`batch_delay` (call it after the batch's real compute) and return it.
 
         One sleep for the whole batch rather than one per task: sleeping has an overhead of its own,
         which per-task sleeps would add ``count`` times.
         """
-        delay = self.batch_delay(rank, step, count, first)
+        delay = self.batch_delay(rank, step, count, first, compute_seconds)
         if delay > 0:
             time.sleep(delay)
         return delay
 
-    def profiles(self) -> list[WorkerProfile]:
+    def profiles(self, step: int | None = None) -> list[WorkerProfile]:
         """The :class:`~codedgrad.profile.WorkerProfile` each rank's emulated task times follow.
 
-        Uses the initial ``speeds`` (before any ``change_step``), includes the stall contribution
+        Uses the initial ``speeds`` (before any ``change_step``), or those in force at ``step`` when
+        given; includes the stall contribution
         (mean and std of the mixture) and leaves out ``forced_stalls`` (one-off events, not a rate).
-        The shift is 0: all emulated time is per task.
+        The shift is 0: all emulated time is per task. In compute mode the times are those of a task
+        whose real compute is ``base`` (the noise clipped at 1 where the rank would beat its compute).
         """
         p, factor, jitter = self.stall_prob, self.stall_factor, self.jitter
+        if step is not None:
+            self._check_call(0, step, 0)
+        speeds = self.speeds if step is None else self.speeds_at(step)
+        if self.mode is EmulationMode.COMPUTE:
+            return [self._compute_profile(self.reference_speed / speed) for speed in speeds]
         profiles = []
-        for speed in self.speeds:
+        for speed in speeds:
             mean = self.base / speed
             # Normal task: (1 − j)μ + Exp(jμ), so E = μ and E[X²] = μ² + (jμ)². Stall: exactly Fμ.
             mixture_mean = (1.0 - p) * mean + p * factor * mean
@@ -308,6 +409,26 @@ class Heterogeneity:
             variance = max(second_moment - mixture_mean**2, 0.0)  # clamp rounding below zero
             profiles.append(WorkerProfile(shift=0.0, mean=mixture_mean, std=math.sqrt(variance)))
         return profiles
+
+    def _compute_profile(self, slowdown: float) -> WorkerProfile:
+        """Moments of ``base · max(1, slowdown · noise)``: the compute-mode time of a unit."""
+        a, p, factor, j = slowdown, self.stall_prob, self.stall_factor, self.jitter
+        # Normal unit: noise N = (1 − j) + j·E with E ~ Exp(1); a·N < 1 exactly when E < t.
+        t = (1.0 / a - (1.0 - j)) / j if j > 0 else -1.0
+        if t <= 0:  # never clipped
+            m1, m2 = a, a * a * (1.0 + j * j)
+        else:
+            # E[E; E ≥ t] = (t + 1)e^−t and E[E²; E ≥ t] = (t² + 2t + 2)e^−t.
+            tail = math.exp(-t)
+            m1 = (1.0 - tail) + a * tail * ((1.0 - j) + j * (t + 1.0))
+            m2 = (1.0 - tail) + a * a * tail * (
+                (1.0 - j) ** 2 + 2.0 * (1.0 - j) * j * (t + 1.0) + j * j * (t * t + 2.0 * t + 2.0)
+            )
+        stalled = a * factor  # ≥ 1: never clipped
+        mean = (1.0 - p) * m1 + p * stalled
+        second = (1.0 - p) * m2 + p * stalled**2
+        std = math.sqrt(max(second - mean**2, 0.0))
+        return WorkerProfile(shift=0.0, mean=self.base * mean, std=self.base * std)
 
     def describe(self) -> str:
         """A one-line, human-readable statement that timings are emulated, for logs and reports."""
@@ -320,6 +441,8 @@ class Heterogeneity:
             text += f", speeds -> {list(self.change_speeds or ())} from step {self.change_step}"
         if self.forced_stalls:
             text += f", forced_stalls={[list(s) for s in self.forced_stalls]}"
+        if self.mode is EmulationMode.COMPUTE:
+            text += f", mode=compute (a task takes its measured compute x {self.reference_speed:g}/speed x noise)"
         return text
 
     def _forced_stall(self, rank: int, step: int) -> float:
@@ -347,6 +470,7 @@ class Heterogeneity:
             "change_step": self.change_step,
             "change_speeds": None if self.change_speeds is None else list(self.change_speeds),
             "forced_stalls": [list(s) for s in self.forced_stalls],
+            "mode": self.mode.value,
         }
 
     @classmethod

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codedgrad.emulate import ENV_VARIABLE, EmulationError, Heterogeneity
+from codedgrad.emulate import ENV_VARIABLE, EmulationError, EmulationMode, Heterogeneity
 from codedgrad.profile import WorkerProfile
 
 
@@ -330,6 +330,8 @@ VALID = {"speeds": [1.0, 0.5], "base": 0.01}
         ({"forced_stalls": [(0, -1, 1.0)]}, "forced_stalls[0].step"),
         ({"forced_stalls": [(0, 1, -1.0)]}, "forced_stalls[0].seconds"),
         ({"forced_stalls": [(0, 1, math.nan)]}, "forced_stalls[0].seconds"),
+        ({"mode": "fast"}, "mode"),
+        ({"mode": None}, "mode"),
     ],
 )
 def test_every_validation_error_names_its_field(changes: dict, field: str) -> None:
@@ -347,3 +349,137 @@ def test_task_delay_checks_its_arguments(args: tuple, field: str) -> None:
     het = Heterogeneity(**VALID)
     with pytest.raises(EmulationError, match=f"^{field}:"):
         het.task_delay(*args)
+
+
+# -- compute mode ------------------------------------------------------------------------------
+
+COMPUTE = {"speeds": [1.0, 2.0, 4.0], "base": 0.001, "mode": "compute"}
+
+
+def test_sleep_mode_ignores_the_measured_compute() -> None:
+    het = Heterogeneity(speeds=[1.0, 0.5], base=0.01, stall_prob=0.1, seed=3)
+    assert het.mode is EmulationMode.SLEEP
+    for key in [(0, 0, 0), (1, 4, 2), (1, 9, 7)]:
+        assert het.task_delay(*key, compute_seconds=0.5) == het.task_delay(*key)
+    assert het.batch_delay(1, 2, 5, 1, compute_seconds=3.0) == het.batch_delay(1, 2, 5, 1)
+
+
+def test_compute_mode_scales_the_measured_compute_by_the_slowdown() -> None:
+    het = Heterogeneity(**{**COMPUTE, "jitter": 0.0})
+    assert het.reference_speed == 4.0 and [het.slowdown(r) for r in range(3)] == [4.0, 2.0, 1.0]
+    # Without noise a task of compute c takes c·s_ref/s: the delay is the rest.
+    assert [het.task_delay(r, 0, 0, compute_seconds=0.01) for r in range(3)] == pytest.approx([0.03, 0.01, 0.0])
+    assert het.task_delay(0, 0, 0) == 0.0  # nothing measured, nothing to scale
+    assert het.mean_task_time(0) == pytest.approx(0.004)  # base is a unit's expected real compute
+
+
+def test_compute_mode_draws_the_same_noise_and_stalls_as_sleep_mode() -> None:
+    sleep = Heterogeneity(speeds=[1.0, 4.0], base=0.01, stall_prob=0.2, seed=5)
+    compute = dataclasses.replace(sleep, mode="compute")
+    for step in range(6):
+        for index in range(4):
+            # Rank 0 (speed 1, slowdown 4): sleep mode's delay / its mean is the noise in both modes.
+            noise = sleep.task_delay(0, step, index) / sleep.mean_task_time(0)
+            emulated = 0.02 + compute.task_delay(0, step, index, compute_seconds=0.02)
+            assert emulated == pytest.approx(max(0.02, 0.02 * 4.0 * noise))
+
+
+def test_compute_mode_never_runs_faster_than_the_real_compute() -> None:
+    het = Heterogeneity(speeds=[1.0], base=0.01, jitter=1.0, mode="compute")
+    values = [het.task_delay(0, 0, i, compute_seconds=0.01) for i in range(200)]
+    assert min(values) == 0.0 and all(v >= 0.0 for v in values)  # clipped, never negative
+
+
+def test_compute_mode_profiles_match_the_delays() -> None:
+    het = Heterogeneity(speeds=[1.0, 1.5, 3.0], base=0.002, jitter=0.5, stall_prob=0.03, seed=1, mode="compute")
+    count = 8000
+    for rank, profile in enumerate(het.profiles()):
+        # A unit whose real compute is base takes base + its delay.
+        sample = het.base + np.array([het.task_delay(rank, i // 10, i % 10, het.base) for i in range(count)])
+        assert abs(sample.mean() - profile.mean) < 5 * profile.std / math.sqrt(count), rank
+        assert abs(sample.std() - profile.std) < 0.1 * profile.std, rank
+    assert het.profiles()[2].mean > het.base  # the fastest rank: clipped noise has a mean above 1
+
+
+def test_compute_mode_batch_delay_shares_the_compute_over_the_tasks() -> None:
+    het = Heterogeneity(**{**COMPUTE, "stall_prob": 0.2, "seed": 4, "forced_stalls": [(0, 2, 0.5)]})
+    for rank, step, count, first in [(0, 2, 5, 0), (1, 3, 4, 2), (2, 1, 3, 0)]:
+        expected = sum(het.task_delay(rank, step, first + i, compute_seconds=0.02 / count) for i in range(count))
+        assert het.batch_delay(rank, step, count, first, compute_seconds=0.02) == pytest.approx(expected)
+    assert het.batch_delay(0, 2, 3, compute_seconds=0.0) == pytest.approx(0.5)  # the forced stall stays
+    assert het.batch_delay(0, 2, 0, compute_seconds=1.0) == 0.0
+
+
+def test_compute_mode_reference_speed_spans_a_speed_change() -> None:
+    het = Heterogeneity(
+        speeds=[1.0, 2.0], base=0.01, jitter=0.0, change_step=3, change_speeds=[1.0, 1.0], mode="compute"
+    )
+    assert het.reference_speed == 2.0
+    assert het.task_delay(1, 2, 0, compute_seconds=0.01) == 0.0
+    assert het.task_delay(1, 3, 0, compute_seconds=0.01) == pytest.approx(0.01)  # rank 1 halved its speed
+    assert het.profiles(step=3)[1].mean == pytest.approx(2 * het.profiles()[1].mean) == pytest.approx(0.02)
+
+
+def test_compute_mode_sleeps_and_serialises() -> None:
+    het = Heterogeneity(speeds=[1.0, 2.0], base=0.01, jitter=0.0, mode=EmulationMode.COMPUTE)
+    start = time.perf_counter()
+    slept = het.sleep_batch(0, 0, 2, compute_seconds=0.02)
+    assert slept == pytest.approx(0.02) and time.perf_counter() - start >= 0.99 * slept
+    assert het.sleep(1, 0, 0, compute_seconds=0.02) == 0.0
+    assert json.loads(het.to_json())["mode"] == "compute"
+    assert Heterogeneity.from_json(het.to_json()) == het and Heterogeneity.from_dict(het.to_dict()).mode == "compute"
+    assert "mode=compute" in het.describe() and "mode=" not in dataclasses.replace(het, mode="sleep").describe()
+
+
+@pytest.mark.parametrize("value", [-0.1, math.nan, math.inf, "1", None])
+def test_compute_seconds_is_checked(value: object) -> None:
+    het = Heterogeneity(**COMPUTE)
+    with pytest.raises(EmulationError, match=r"^compute_seconds:"):
+        het.task_delay(0, 0, 0, compute_seconds=value)  # type: ignore[arg-type]
+    with pytest.raises(EmulationError, match=r"^compute_seconds:"):
+        het.batch_delay(0, 0, 2, compute_seconds=value)  # type: ignore[arg-type]
+
+
+def test_compute_mode_sleeps_in_the_last_buckets_hook_before_its_all_reduce(tmp_path) -> None:
+    """The recipes' DDP delay (EmulatedDelay) and balanced's timed hook sleep once, in the last bucket."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from codedgrad.lightning._timed_hook import TimedHookState, timed_coded_hook
+    from codedgrad.recipes.emulation import EmulatedDelay
+    from codedgrad.runtime import CodedHookState
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        het = Heterogeneity(speeds=[1.0, 4.0], base=0.01, jitter=0.0, mode="compute")  # rank 0: 4× its compute
+        torch.manual_seed(0)
+        ddp = DistributedDataParallel(torch.nn.Linear(64, 64), bucket_cap_mb=0.001)  # several buckets
+        single = Heterogeneity(speeds=[1.0], base=0.01, jitter=0.0, mode="compute")
+        delay = EmulatedDelay(dataclasses.replace(single, change_step=0, change_speeds=[0.25]))
+        trainer = SimpleNamespace(strategy=SimpleNamespace(model=ddp), global_rank=0, global_step=0)
+        delay.on_fit_start(trainer, None)  # type: ignore[arg-type]
+        batch = (torch.randn(8, 64), torch.randn(8, 64))
+        delay.on_train_batch_start(trainer, SimpleNamespace(device=torch.device("cpu")), batch, 0)  # type: ignore[arg-type]
+        start = time.perf_counter()
+        delay.on_before_backward(trainer, None, None)  # type: ignore[arg-type]  # compute mode: no sleep here
+        assert delay.last_sample_seconds == []
+        ((ddp(batch[0]) - batch[1]) ** 2).mean().backward()
+        elapsed = time.perf_counter() - start
+        assert len(delay.last_sample_seconds) == 8 and sum(delay.last_sample_seconds) > 0
+        assert elapsed >= sum(delay.last_sample_seconds)  # slept 3× the compute, inside backward()
+
+        calls = []
+        other = DistributedDataParallel(torch.nn.Linear(64, 64), bucket_cap_mb=0.001)
+        state = TimedHookState(CodedHookState(sample_counts=[1]))
+        other.register_comm_hook(state, timed_coded_hook)
+        state.before_last = lambda: calls.append(het.sleep(0, 0, 0, compute_seconds=0.001))
+        other(batch[0]).sum().backward()
+        assert calls == [pytest.approx(0.003)] and state.before_last is None and state.ready_time is not None
+        other(batch[0]).sum().backward()
+        assert len(calls) == 1  # once per step: the strategy sets it again for the next one
+    finally:
+        dist.destroy_process_group()

@@ -37,7 +37,8 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -51,7 +52,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from codedgrad.data import balanced_counts
-from codedgrad.emulate import Heterogeneity
+from codedgrad.emulate import EmulationMode, Heterogeneity
 from codedgrad.lightning._timed_hook import TimedHookState, timed_coded_hook
 from codedgrad.lightning.base import CodedgradStrategy, destroy_at_exit
 from codedgrad.lightning.checks import check_accumulation
@@ -94,8 +95,9 @@ class BalancedStrategy(CodedgradStrategy):
         emulate: emulated heterogeneity for tests and benchmarks: each training step sleeps, after
             the forward, for the emulated time of its ``counts[rank]`` samples
             (``Heterogeneity.sleep_batch``: one delay per sample, index = position in the rank's
-            batch, step = the global step; ``base`` is a speed-1 rank's time per sample). None reads
-            ``CODEDGRAD_EMULATE``.
+            batch, step = the global step; ``base`` is a speed-1 rank's time per sample). In compute
+            mode the delay scales the step's measured forward and backward instead, and is slept in
+            the last gradient bucket's hook, before its all-reduce. None reads ``CODEDGRAD_EMULATE``.
         **kwargs: passed to :class:`~pytorch_lightning.strategies.DDPStrategy`.
 
     Raises:
@@ -249,16 +251,38 @@ class BalancedStrategy(CodedgradStrategy):
             self._replan()
         self._hook_state.coded.set_sample_counts(counts)
         self._timer.start(counts[self.global_rank])
+        self._hook_state.before_last = self._compute_delay(counts[self.global_rank])
         self._step_counts = counts
         try:
             output = super().training_step(*args, **kwargs)
         finally:
             self._step_counts = None
-        if self._emulate is not None:  # after the forward, before the backward and its all-reduce
+        if self._emulate is not None and self._emulate.mode is EmulationMode.SLEEP:
+            # After the forward, before the backward and its all-reduce.
             step = self.lightning_module.trainer.global_step
             self._emulate.sleep_batch(self.global_rank, step, counts[self.global_rank])
         self._steps += 1
         return output
+
+    def _compute_delay(self, samples: int) -> Callable[[], float] | None:
+        """In compute mode, the sleep the last gradient bucket's hook makes before its all-reduce.
+
+        The rank's compute is its forward and backward up to the moment its last bucket is ready
+        (backward() itself also waits for the all-reduce, which is not compute); the emulated delay
+        scales it, and sleeping there delays this rank's all-reduce as a slower device would.
+        """
+        emulate = self._emulate
+        if emulate is None or emulate.mode is not EmulationMode.COMPUTE:
+            return None
+        rank, step, start = self.global_rank, self.lightning_module.trainer.global_step, time.perf_counter()
+        cuda = self.root_device.type == "cuda"
+
+        def delay() -> float:
+            if cuda:
+                torch.cuda.current_stream().synchronize()  # the host runs ahead of the GPU
+            return emulate.sleep_batch(rank, step, samples, compute_seconds=time.perf_counter() - start)
+
+        return delay
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

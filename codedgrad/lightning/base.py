@@ -1,16 +1,20 @@
-"""What both codedgrad strategies share: their state in Lightning checkpoints, their registry entry,
-and a clean exit for the process group they start."""
+"""What both codedgrad strategies share: their state in Lightning checkpoints, atomic checkpoint files,
+their registry entry, a process group that survives torchrun's restarts, and a clean exit for it."""
 
 from __future__ import annotations
 
 import atexit
+import os
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy
 from typing_extensions import override
 
-__all__ = ["CodedgradStrategy", "destroy_at_exit"]
+from codedgrad.lightning.checkpoint_io import AtomicCheckpointIO
+
+__all__ = ["CodedgradStrategy", "attempt_store", "destroy_at_exit"]
 
 
 class CodedgradStrategy(DDPStrategy):
@@ -25,6 +29,27 @@ class CodedgradStrategy(DDPStrategy):
     strategy_name = "codedgrad"
     description = ""
     checkpoint_key = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._checkpoint_io is None:  # the user's checkpoint_io (or Trainer plugin) wins
+            self._checkpoint_io = AtomicCheckpointIO()
+
+    @override
+    def setup_distributed(self) -> None:
+        # Under torchrun's agent store, create the process group on a namespace of this attempt (the
+        # base class then finds it initialised and only sets its ranks).
+        store = attempt_store(self._timeout) if not dist.is_initialized() else None
+        if store is not None:
+            self.set_world_ranks()
+            dist.init_process_group(
+                self._get_process_group_backend(),
+                store=store,
+                rank=self.global_rank,
+                world_size=self.world_size,
+                timeout=self._timeout,
+            )
+        super().setup_distributed()
 
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -56,6 +81,30 @@ class CodedgradStrategy(DDPStrategy):
         # Not DDPStrategy's: that would register the "ddp" names for this class.
         if cls.strategy_name not in strategy_registry:
             strategy_registry.register(cls.strategy_name, cls, description=cls.description)
+
+
+def attempt_store(timeout: Any) -> dist.Store | None:
+    """A client of torchrun's Store in a namespace of this restart attempt; None where that is not safe.
+
+    torchrun (``--max-restarts``) restarts the workers on the *same* Store, and ``init_process_group``
+    over ``env://`` uses it without an attempt prefix (``torch/distributed/rendezvous.py``, torch
+    2.13): a restarted gloo group then reads the dead attempt's addresses and fails to connect
+    ("Connection refused") in most restarts, and every later Store key (codedgrad's step protocol
+    included) could meet the previous attempt's. One ``PrefixStore`` per attempt keeps them apart.
+    """
+    # The restart count is the same on every worker only with one agent: a multi-node job's agents count
+    # differently (a healthy node restarts for a waiting node without counting), so there torch's
+    # behaviour is kept.
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE") != "1":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timeout if timeout is not None else timedelta(minutes=30),
+    )
+    return dist.PrefixStore(f"codedgrad/attempt/{attempt}", client)
 
 
 _DESTROY_REGISTERED = False

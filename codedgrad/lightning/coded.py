@@ -45,7 +45,10 @@ What the strategy does with Lightning (Lightning 2.6; the internals are named wh
   sum, max, min or a callable, torchmetrics objects) are aggregated over the tasks this rank computed;
   epoch-level aggregation still reduces across ranks at the epoch's end.
 * **Checkpoints.** The engine's state (step index, plan, profiles) is stored under
-  :data:`CHECKPOINT_KEY` and restored on resume; the module's ``state_dict`` stays the user's.
+  :data:`CHECKPOINT_KEY` and restored on resume; the module's ``state_dict`` stays the user's. The
+  train loader is resumable (Lightning's ``state_dict``/``load_state_dict`` of a loader): a checkpoint
+  saved mid-epoch records the global batches trained so far, and a resumed fit skips them, so it
+  continues with the next global batch exactly (docs/reliability.md).
 * **Evaluation.** Validation, test and predict loops are DDP's (``DistributedSampler`` shards, metrics
   weighted by sample counts by Lightning); they are not coded.
 
@@ -63,7 +66,8 @@ import inspect
 import itertools
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -116,14 +120,18 @@ class GlobalBatch:
         data: the batch cut into its non-empty tasks, loaded on demand.
         weights: the sample count of each of the step's tasks (trailing zeros: empty tasks of a batch
             smaller than the number of tasks).
+        position: (epoch, index of the global batch in the epoch).
     """
 
-    __slots__ = ("data", "indices", "weights")
+    __slots__ = ("data", "indices", "position", "weights")
 
-    def __init__(self, indices: list[int], data: TaskData, weights: list[int]) -> None:
+    def __init__(
+        self, indices: list[int], data: TaskData, weights: list[int], position: tuple[int, int] = (0, 0)
+    ) -> None:
         self.indices = indices
         self.data = data
         self.weights = weights
+        self.position = position
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -139,19 +147,52 @@ class _GlobalBatches:
     """The ``batch_sampler`` of the index-only train DataLoader: DDP's global batches.
 
     Lightning calls ``set_epoch`` on ``batch_sampler.sampler`` (the :class:`GlobalBatchSampler`).
+    ``positions`` holds the (epoch, index) of each batch yielded and not yet collated, oldest first.
     """
 
     def __init__(self, sampler: GlobalBatchSampler) -> None:
         self.sampler = sampler
+        self.positions: deque[tuple[int, int]] = deque()
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+
+    def resume_at(self, epoch: int, done: int) -> None:
+        """Let the next pass over ``epoch`` start after its first ``done`` batches (a mid-epoch resume)."""
+        self._resume = (epoch, done)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.sampler)
+        epoch = self.sampler.epoch
+        resume, self._resume = self._resume, None
+        skip = resume[1] if resume is not None and resume[0] == epoch else 0
+        self.positions.clear()  # batches read ahead by an abandoned pass are never collated
+        for t, batch in enumerate(self.sampler):
+            if t >= skip:
+                self.positions.append((epoch, t))
+                yield batch
+
+
+class _TrainLoader(DataLoader):
+    """The index-only train DataLoader, resumable mid-epoch (Lightning's stateful loader interface).
+
+    ``state_dict`` says how many global batches of which epoch the strategy has trained on (not how
+    many were read ahead); ``load_state_dict`` makes the next pass over that epoch skip them.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], dict[str, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        return self._progress()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if "epoch" in state and "done" in state:
+            self.batch_sampler.resume_at(int(state["epoch"]), int(state["done"]))  # type: ignore[union-attr]
 
 
 class _Indices:
@@ -275,6 +316,8 @@ class CodedStrategy(CodedgradStrategy):
         self._last_report: StepReport | None = None
         self._loaded: dict[int, int] = {}
         self._steps = 0
+        self._train_batches: _GlobalBatches | None = None
+        self._trained: tuple[int, int] | None = None  # (epoch, global batches of it trained on)
         self._stop_store: dist.Store | None = None
         self._stop_at: int | None = None
         self._sigterm = False  # this rank received SIGTERM during the current fit
@@ -466,12 +509,18 @@ class CodedStrategy(CodedgradStrategy):
         self._dataset = dataloader.dataset
         self._collate_fn = dataloader.collate_fn
         self._pin_memory = bool(dataloader.pin_memory) and self.root_device.type == "cuda"
-        return DataLoader(
+        self._train_batches = _GlobalBatches(global_batches)
+        return _TrainLoader(
             _Indices(len(dataloader.dataset)),  # type: ignore[arg-type]
-            batch_sampler=_GlobalBatches(global_batches),
+            batch_sampler=self._train_batches,
             collate_fn=self._open_batch,
             num_workers=0,
+            progress=self._train_progress,
         )
+
+    def _train_progress(self) -> dict[str, int]:
+        """The train loader's state in a checkpoint: the global batches trained on in the current epoch."""
+        return {} if self._trained is None else {"epoch": self._trained[0], "done": self._trained[1]}
 
     def _open_batch(self, indices: list[int]) -> GlobalBatch:
         """The collate function of the index-only loader: a handle whose planned tasks start loading now."""
@@ -489,7 +538,9 @@ class CodedStrategy(CodedgradStrategy):
         self._open_data.append(data)
         if self._engine is not None:  # Lightning fetches one batch ahead: this loads during the current step
             data.prefetch([j for j in self._engine.planned_tasks() if j < k])
-        return GlobalBatch(list(indices), data, sizes + [0] * (self._num_tasks - k))
+        assert self._train_batches is not None
+        position = self._train_batches.positions.popleft()  # the loader collates in the order it yields
+        return GlobalBatch(list(indices), data, sizes + [0] * (self._num_tasks - k), position)
 
     @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
@@ -566,6 +617,7 @@ class CodedStrategy(CodedgradStrategy):
             self._finish_batch(batch)
         self._last_report = report
         self._steps += 1
+        self._trained = (batch.position[0], batch.position[1] + 1)
         self._pending_grads = [(p, p.grad) for p in self._params]
         for p, _ in self._pending_grads:
             p.grad = None  # kept aside: the closure zeroes gradients before backward
@@ -669,10 +721,13 @@ class CodedStrategy(CodedgradStrategy):
     def state_dict(self) -> dict[str, Any]:
         """The engine's state (step index, plan and profiles) and the world it was measured in."""
         engine = self._engine.get_extra_state() if self._engine is not None else None
-        return {"world_size": self.world_size, "num_tasks": self._num_tasks, "engine": engine}
+        return {"world_size": self.world_size, "num_tasks": self._num_tasks, "engine": engine, "trained": self._trained}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Give :meth:`state_dict`'s engine state to the next engine (ignored, with a warning, for another world)."""
+        progress = state.get("trained")
+        if progress is not None:  # a checkpoint saved before any new step still says where training is
+            self._trained = (int(progress[0]), int(progress[1]))
         if state.get("world_size") != self.world_size or state.get("engine") is None:
             rank_zero_warn(
                 f"strategy='coded': the checkpoint's engine state is for {state.get('world_size')} ranks, this run "
@@ -698,6 +753,7 @@ class CodedStrategy(CodedgradStrategy):
             except TimeoutError as error:
                 warnings.warn(f"strategy='coded': {error}", RuntimeWarning, stacklevel=2)
         self._open_data = []
+        self._trained = None  # not in setup: a checkpoint is restored before it
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.close()

@@ -15,22 +15,35 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
-from codedgrad.emulate import Heterogeneity
+from codedgrad.emulate import EmulationMode, Heterogeneity
 from codedgrad.plan import capacity_time
 
 __all__ = ["EmulatedDelay", "batch_len", "build_emulation", "fit_speeds", "per_task", "pooled_bound", "stalled_tasks"]
 
 log = logging.getLogger(__name__)
 
-_HETEROGENEITY_KEYS = ("speeds", "base", "jitter", "stall_prob", "stall_factor", "seed", "change_step", "change_speeds")
+_HETEROGENEITY_KEYS = (
+    "speeds",
+    "base",
+    "jitter",
+    "stall_prob",
+    "stall_factor",
+    "seed",
+    "change_step",
+    "change_speeds",
+    "mode",
+)
 
 
 def fit_speeds(speeds: Sequence[float], world_size: int) -> tuple[float, ...]:
@@ -105,9 +118,14 @@ class EmulatedDelay(pl.Callback):
 
     For strategies that do not take ``emulate=`` (plain DDP): the delay is the sum of
     :meth:`Heterogeneity.task_delay` over the batch's samples (index = position in the rank's batch,
-    step = the global step), as ``balanced`` draws them. The sleep is in ``on_before_backward``:
-    inside the step, before the gradient all-reduce, so the other ranks wait for it in their
-    backward, as they would for a slow device.
+    step = the global step), as ``balanced`` draws them.
+
+    * Sleep mode: the sleep is in ``on_before_backward``: inside the step, before the gradient
+      all-reduce, so the other ranks wait for it in their backward, as they would for a slow device.
+    * Compute mode: the delay scales the rank's forward and backward, measured from the batch's start
+      to the moment its last gradient bucket is ready (``backward()`` also waits for the all-reduce,
+      which is not compute). A DDP comm hook sleeps there, before that bucket's all-reduce starts;
+      it is registered on the DDP module at fit start (``allreduce_hook``: DDP's own averaging).
 
     Attributes:
         last_sample_seconds: the emulated delay of each sample of the last batch on this rank.
@@ -118,14 +136,62 @@ class EmulatedDelay(pl.Callback):
         self.het = het
         self.last_sample_seconds: list[float] = []
         self._batch_len = 0
+        self._hook = _DelayHookState()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.het.mode is not EmulationMode.COMPUTE:
+            return
+        model = trainer.strategy.model
+        if not isinstance(model, DistributedDataParallel):
+            raise TypeError(
+                f"EmulatedDelay: compute-mode emulation hooks DDP's gradient all-reduce, but the strategy's model "
+                f"is a {type(model).__name__}; use strategy='ddp'"
+            )
+        self._hook.process_group = model.process_group
+        model.register_comm_hook(self._hook, _delay_then_allreduce)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         self._batch_len = batch_len(batch)
+        if self.het.mode is EmulationMode.COMPUTE:
+            rank, step, start = trainer.global_rank, trainer.global_step, time.perf_counter()
+            cuda = pl_module.device.type == "cuda"
+
+            def delay() -> None:
+                if cuda:
+                    torch.cuda.current_stream().synchronize()  # the host runs ahead of the GPU
+                share = (time.perf_counter() - start) / max(self._batch_len, 1)
+                self._sleep([self.het.task_delay(rank, step, i, share) for i in range(self._batch_len)])
+
+            self._hook.before_last = delay
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self.het.mode is EmulationMode.COMPUTE:
+            return  # the comm hook sleeps, once the backward's compute is known
         rank, step = trainer.global_rank, trainer.global_step
-        self.last_sample_seconds = [self.het.task_delay(rank, step, i) for i in range(self._batch_len)]
-        time.sleep(sum(self.last_sample_seconds))  # one sleep: fewer wake-ups than one per sample
+        self._sleep([self.het.task_delay(rank, step, i) for i in range(self._batch_len)])
+
+    def _sleep(self, sample_seconds: list[float]) -> None:
+        self.last_sample_seconds = sample_seconds
+        time.sleep(sum(sample_seconds))  # one sleep: fewer wake-ups than one per sample
+
+
+class _DelayHookState:
+    """State of :func:`_delay_then_allreduce`: the process group and this step's delay."""
+
+    __slots__ = ("before_last", "process_group")
+
+    def __init__(self) -> None:
+        self.process_group: dist.ProcessGroup | None = None
+        self.before_last: Callable[[], None] | None = None
+
+
+# No annotations: register_comm_hook compares them with the real types, and this module's are strings.
+def _delay_then_allreduce(state, bucket):
+    """DDP's averaging all-reduce, after the emulated delay when the last bucket is ready."""
+    if state.before_last is not None and bucket.is_last():
+        before_last, state.before_last = state.before_last, None  # once per step
+        before_last()
+    return default_hooks.allreduce_hook(state.process_group, bucket)
 
 
 def batch_len(batch: Any) -> int:

@@ -351,6 +351,7 @@ class TaskRunner:
         for i, (tasks, coefficient) in enumerate(calls):
             if i > 0 and self._decided_meanwhile(record, channel):
                 return None  # a rank-level result the step no longer needs: decided while computing it
+            call_start = time.perf_counter()
             weight = math.fsum(weights[t] for t in tasks)
             if weight == 0:
                 continue  # empty tasks: nothing to compute, but their commit still counts
@@ -374,9 +375,15 @@ class TaskRunner:
             for slot, value in task_values.items():
                 weighted, share = values.get(slot, (0.0, 0.0))
                 values[slot] = (weighted + scale * value, share + scale)
-            if self._config.emulate is not None:
+            if self._config.emulate is not None:  # compute mode scales the call's measured compute
+                if self._on_cuda and self._config.emulate.mode == "compute":
+                    torch.cuda.current_stream().synchronize()
                 record.report.emulated_seconds += self._config.emulate.sleep_batch(
-                    self._rank, record.step, len(tasks), first=record.tasks_run
+                    self._rank,
+                    record.step,
+                    len(tasks),
+                    first=record.tasks_run,
+                    compute_seconds=time.perf_counter() - call_start,
                 )
             record.tasks_run += len(tasks)
         if self._on_cuda:

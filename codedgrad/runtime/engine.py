@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import threading
 import time
 import warnings
@@ -156,7 +157,10 @@ class CodedDataParallel(nn.Module):
         group_id = hashlib.sha256(repr(group_ranks).encode()).hexdigest()[:12]
         safe_timeout = timeout if isinstance(timeout, Real) and math.isfinite(timeout) and timeout > 0 else 300.0
         self._coordinator = StoreCoordinator(
-            dist.PrefixStore(f"codedgrad/{group_id}/{name}", store), self._rank, self._world_size, safe_timeout
+            dist.PrefixStore(f"codedgrad/{_job_namespace()}/{group_id}/{name}", store),
+            self._rank,
+            self._world_size,
+            safe_timeout,
         )
         # Validate locally, then agree: a bad setting on one rank fails every rank with its message,
         # before any collective.
@@ -641,6 +645,15 @@ class CodedDataParallel(nn.Module):
         with torch.no_grad():
             for tensor in tensors:
                 dist.broadcast(tensor.data, src=source, group=self._group)
+
+
+def _job_namespace() -> str:
+    """torchrun's run id, and its restart attempt where every worker counts it alike (one agent).
+
+    Two jobs on one Store then never meet, nor does a restarted attempt meet the dead one's step keys.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "") if os.environ.get("GROUP_WORLD_SIZE") == "1" else ""
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{attempt}"
 
 
 def _task_weights(tasks: int | Sequence[float]) -> tuple[float, ...]:

@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,13 @@ from codedgrad.runtime.coordinator import StepChannel, StoreCoordinator
 from codedgrad.runtime.hooks import coded_allreduce_
 from codedgrad.runtime.step import StepPhase, StepRecord
 
-__all__ = ["BufferShare", "Releaser", "reduce_step"]
+__all__ = ["BufferShare", "CollectiveFailed", "Releaser", "reduce_step"]
+
+
+class CollectiveFailed(RuntimeError):
+    """The coded all-reduce of a step failed (a rank died or hung inside it); the message names the
+    step and the ranks that did not report the failure themselves. The process group is unusable
+    afterwards: end the job (torchrun restarts it from the last checkpoint)."""
 
 
 @dataclass
@@ -92,17 +99,20 @@ def reduce_step(
         record.report.rank_coefficient = coefficient
         record.report.condition_number = float(decoding.condition_number)
         start = time.perf_counter()
-        if stream is not None:
-            # Work on the release's own stream, after the compute stream's accumulation, so that the
-            # reduction does not queue behind the kernels of a task still in flight.
-            if record.accumulated_event is not None:
-                stream.wait_event(record.accumulated_event)
-            with torch.cuda.stream(stream):
+        try:
+            if stream is not None:
+                # Work on the release's own stream, after the compute stream's accumulation, so that the
+                # reduction does not queue behind the kernels of a task still in flight.
+                if record.accumulated_event is not None:
+                    stream.wait_event(record.accumulated_event)
+                with torch.cuda.stream(stream):
+                    _reduce_buckets(record, coefficient, group, buffers)
+                    record.reduced_event = torch.cuda.Event()
+                    record.reduced_event.record()
+            else:
                 _reduce_buckets(record, coefficient, group, buffers)
-                record.reduced_event = torch.cuda.Event()
-                record.reduced_event.record()
-        else:
-            _reduce_buckets(record, coefficient, group, buffers)
+        except Exception as error:  # a rank died or hung inside the collective (the group's timeout)
+            raise CollectiveFailed(_name_lost_ranks(channel, error)) from error
         record.report.allreduce_time = time.perf_counter() - start
         record.report.release_lag = time.perf_counter() - decision_time
     except BaseException as error:  # handed to the compute thread, which raises it
@@ -122,6 +132,34 @@ def reduce_step(
                 f"codedgrad: step {record.step}: Store clean-up failed: {error}", RuntimeWarning, stacklevel=2
             )
     record.finish(StepPhase.REDUCED)
+
+
+def _name_lost_ranks(channel: StepChannel, error: Exception) -> str:
+    """What to say when the coded all-reduce of ``channel``'s step failed on this rank.
+
+    The collective's own error names an address, not a rank. Every rank whose collective failed says
+    so in the Store and waits up to the timeout for the others: those that never say so are the
+    ranks that died (or hang) inside it.
+    """
+    step, rank, world = channel.step, channel.rank, channel.world_size
+    keys = [f"s{step}/collective_failed/{r}" for r in range(world)]
+    try:
+        channel.client.set(keys[rank], b"1")
+        try:
+            channel.client.wait(keys, timedelta(seconds=channel.timeout))
+            lost = []
+        except dist.DistStoreError:
+            lost = [r for r, key in enumerate(keys) if not channel.client.check([key])]
+    except Exception as store_error:  # the Store is gone too (e.g. its host died)
+        return (
+            f"codedgrad: rank {rank}: the coded all-reduce of step {step} failed and the Store is unreachable "
+            f"({store_error}); the collective said: {error}"
+        )
+    if lost:
+        who = f"ranks {lost} did not report back within {channel.timeout:g} s (crashed, killed or hung in it)"
+    else:
+        who = "every rank saw it fail"
+    return f"codedgrad: rank {rank}: the coded all-reduce of step {step} failed: {who}; the collective said: {error}"
 
 
 def _reduce_buckets(
