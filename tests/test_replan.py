@@ -115,3 +115,33 @@ def test_measurement_carries_the_cost_model_and_old_bytes_still_parse() -> None:
     assert Measurement.from_json(m.to_json()) == m
     old = '{"profile": null, "step_time": null, "samples": 0}'
     assert Measurement.from_json(old).cost is None
+
+
+def test_chunked_calls_give_profiles_independent_of_chunk_sizes() -> None:
+    """With chunks, a rank's profile is the cost model's per-task part (mean) and its fixed part
+    per step (shift): two ranks of one speed, one running large chunks and one small, get the same
+    mean, where seconds / tasks would make the large-chunk rank look faster."""
+    from codedgrad.runtime.config import EngineConfig
+    from codedgrad.runtime.replan import Planner
+
+    fixed, per_task = 0.004, 0.001
+    means = []
+    for sizes in ((8, 4, 2, 1, 1), (2, 2, 1, 1, 1, 1)):
+        planner = Planner(None, EngineConfig(), rank=0, world_size=2)  # type: ignore[arg-type]
+        planner.step_ended(None)  # past the warm-up step
+        for _ in range(8):
+            for n in sizes:
+                planner.record_task(n, 3.0 * n, fixed + per_task * n)
+            planner.step_ended(0.1)
+        profile = planner._measure().profile
+        assert profile is not None
+        assert profile.shift == pytest.approx(fixed * len(sizes), rel=1e-6)
+        means.append(profile.mean)
+    assert means == pytest.approx([per_task, per_task], rel=1e-6)
+    # One task per call (task_loss): the times as they are, no shift.
+    planner = Planner(None, EngineConfig(), rank=0, world_size=2)  # type: ignore[arg-type]
+    planner.step_ended(None)
+    for _ in range(10):
+        planner.record_task(1, 3.0, fixed + per_task)
+    profile = planner._measure().profile
+    assert profile is not None and profile.shift == 0 and profile.mean == pytest.approx(fixed + per_task)
