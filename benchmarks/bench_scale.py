@@ -558,6 +558,7 @@ def plot(rows: list[dict], phases: list[str], path: Path) -> None:
                         label=f"{phase}, 2 nodes")  # fmt: skip
     axes[3].axhline(2.0, color="red", linewidth=0.8, label="target 2 %")
     titles = ("commit latency (ms)", "CAS retries per commit", "Store ops per second", "commit share of step (%)")
+    axes[0].set_yscale("log")
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("ranks P")
@@ -588,6 +589,7 @@ def main() -> None:
     parser.add_argument("--no-lock", action="store_true", help="do not take the bench lock (tests)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--launch-timeout", type=float, default=900)
+    parser.add_argument("--replot", type=Path, help="only redraw table.md and scale.png from this scale.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # set by the driver: run as a rank, write here
     args = parser.parse_args()
     phases = args.phases.split(",")
@@ -597,6 +599,12 @@ def main() -> None:
         parser.error("--base, --tasks-per-rank, --steps and --block must be positive, --warmup >= 0")
     if args.worker:
         worker(args)
+        return
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        (args.replot.parent / "table.md").write_text(f"`{saved['command']}`\n{table(saved['rows'], phases)}")
+        plot(saved["rows"], phases, args.replot.parent / "scale.png")
+        print(table(saved["rows"], phases))
         return
     ranks = [int(p) for p in args.ranks.split(",") if p]
     two = [int(p) for p in args.two_nodes.split(",") if p]
