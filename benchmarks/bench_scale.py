@@ -521,7 +521,7 @@ def table(rows: list[dict], phases: list[str]) -> str:
                 f"{s['commits_per_second']:.0f} | {s['commit_share'] * 100:.2f} % | {s['step_median_s'] * 1e3:.0f} | "
                 f"{s['ratio_to_ideal']:.2f} | {s['cpu']['idle_mean'] * 100:.0f} % | {s['cpu']['ranks_cores']:.2f} |"
             )
-    if "capacity" in phases:
+    if "capacity" in phases and all("capacity" in row for row in rows):
         lines.append("\nStore capacity (ranks sending `get` back to back; ops/s with 1, 2, 4 of them)\n")
         for row in rows:
             levels = ", ".join(f"{lv['ops_per_second']:.0f}" for lv in row["capacity"]["levels"])
