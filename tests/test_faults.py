@@ -9,11 +9,12 @@ Two launches (docs/reliability.md has the fault model):
   accumulation (rank 2), inside the release's coded all-reduce (rank 1). Every survivor must exit
   non-zero within the engine's timeout plus a margin, with an error naming the dead rank and the step;
   every step before it exact; two engines per job and three jobs on one Store never mixed up.
-* **Exact resume** (tests/distributed/resume_worker.py): ``torchrun --max-restarts 2`` of a
-  Lightning fit with ``strategy="coded"`` and mid-epoch checkpoints; attempt 0 loses rank 1 inside a
-  task, attempt 1 loses rank 0 half-way through writing a checkpoint; attempt 2 ends with the
-  parameters of a single process over the same batches, after exactly the planned optimizer steps.
-  The same launch checks that codedgrad opens no listening socket of its own.
+* **Exact resume** (tests/distributed/resume_worker.py): ``torchrun --max-restarts 1`` of a
+  Lightning fit with ``strategy="coded"`` and mid-epoch checkpoints; on attempt 0 rank 0 dies half-way
+  through writing the checkpoint of step 6, and attempt 1 resumes from step 4's (mid-epoch) and ends
+  with the parameters of a single process over the same batches, after exactly the planned optimizer
+  steps. ``CODEDGRAD_RESUME_KILLS=task@3,save@6`` adds an attempt that first loses rank 1 inside a
+  task (3 attempts). The same launch checks that codedgrad opens no listening socket of its own.
 """
 
 from __future__ import annotations
@@ -143,10 +144,8 @@ PLANNED_STEPS = 10  # 2 epochs of 5 global batches (resume_worker.py)
 CHECKPOINT_EVERY = 2
 
 
-@pytest.fixture(scope="module")
-def resumed(tmp_path_factory) -> dict:
-    out_dir = tmp_path_factory.mktemp("resume")
-    kills = RESUME_KILLS.split(",")
+def launch_resume(out_dir: Path, kills: list[str]) -> dict:
+    """torchrun with a restart per kill; the outcome of every attempt (see resume_worker.py)."""
     command = [
         sys.executable,
         "-m",
@@ -156,7 +155,7 @@ def resumed(tmp_path_factory) -> dict:
         f"--nproc-per-node={WORLD}",
         str(DISTRIBUTED_DIR / "resume_worker.py"),
         str(out_dir),
-        RESUME_KILLS,
+        ",".join(kills),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -183,6 +182,11 @@ def resumed(tmp_path_factory) -> dict:
         "steps": steps,
         "leftovers": sorted(p.name for p in (out_dir / "ckpt").iterdir() if not p.name.endswith(".ckpt")),
     }
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> dict:
+    return launch_resume(tmp_path_factory.mktemp("resume"), RESUME_KILLS.split(","))
 
 
 def test_a_restarted_run_ends_with_the_uninterrupted_parameters(resumed: dict) -> None:
