@@ -13,12 +13,14 @@ not have; the printout shows how the retry model does there at the round trip ac
 
 Then, for a homogeneous cluster committing once per task, it prints the share of a rank's time
 spent committing for P = 128 … 1024 and task sizes 10 ms … 1 s, and per task size the smallest world
-size at which that share passes 1 %, and writes ``projection.json`` and ``projection.png``.
+size at which that share passes 1 %, for today's protocol (``cas``) and for the race-free one of
+docs/scale.md (``counters``), and writes ``projection.json`` and ``projection.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 from codedgrad.codes.commit_cost import (
     FITTED,
     CommitCostModel,
+    CommitProtocol,
     commit_latency,
     crossing_world_size,
     expected_round_trips,
@@ -105,56 +108,66 @@ def main() -> None:
             )
     out = args.out or (args.fit.parent if args.fit else Path("outputs/scale"))
     out.mkdir(parents=True, exist_ok=True)
-    grid = {t: {p: commit_latency(model, p, t) for p in WORLD_SIZES} for t in TASK_SECONDS}
-    crossings = {t: crossing_world_size(model, t, args.share) for t in TASK_SECONDS}
-    print(f"\nmodel: {model}")
-    print(f"share of a rank's time spent committing (homogeneous cluster, one commit per task); "
-          f"first P above {args.share:.0%}")  # fmt: skip
-    print(f"{'task':>8}" + "".join(f"{f'P={p}':>10}" for p in WORLD_SIZES) + f"{'> ' + format(args.share, '.0%'):>10}")
-    for t in TASK_SECONDS:
-        cells = "".join(f"{grid[t][p].share:>10.2%}" for p in WORLD_SIZES)
-        crossing = crossings[t]
-        print(f"{t * 1e3:>6g}ms{cells}{'never' if crossing is None else crossing:>10}")
-    result = {
-        "model": vars(model),
-        "fit": report,
-        "share": args.share,
-        "crossings": {str(t): c for t, c in crossings.items()},
-        "grid": {
-            str(t): {str(p): {k: (v if math.isfinite(v) else None) for k, v in vars(e).items()} for p, e in row.items()}
-            for t, row in grid.items()
-        },
-    }
+    models = {protocol: dataclasses.replace(model, protocol=protocol) for protocol in CommitProtocol}
+    result: dict = {"model": {**vars(model), "protocol": model.protocol.value}, "fit": report, "share": args.share}
+    crossings_by_protocol = {}
+    for protocol, variant in models.items():
+        grid = {t: {p: commit_latency(variant, p, t) for p in WORLD_SIZES} for t in TASK_SECONDS}
+        crossings = {t: crossing_world_size(variant, t, args.share) for t in TASK_SECONDS}
+        crossings_by_protocol[protocol] = crossings
+        print(f"\nprotocol {protocol.value}: share of a rank's time spent committing (homogeneous cluster, "
+              f"one commit per task); first P above {args.share:.0%}")  # fmt: skip
+        header = "".join(f"{f'P={p}':>10}" for p in WORLD_SIZES)
+        print(f"{'task':>8}{header}{'> ' + format(args.share, '.0%'):>10}")
+        for t in TASK_SECONDS:
+            cells = "".join(f"{grid[t][p].share:>10.2%}" for p in WORLD_SIZES)
+            crossing = crossings[t]
+            print(f"{t * 1e3:>6g}ms{cells}{'never' if crossing is None else crossing:>10}")
+        result[protocol.value] = {
+            "crossings": {str(t): c for t, c in crossings.items()},
+            "grid": {
+                str(t): {
+                    str(p): {k: (v if math.isfinite(v) else None) for k, v in vars(e).items()} for p, e in row.items()
+                }
+                for t, row in grid.items()
+            },
+        }
     (out / "projection.json").write_text(json.dumps(result, indent=2))
-    plot(model, report, crossings, args.share, out / "projection.png")
+    plot(models, report, crossings_by_protocol, args.share, out / "projection.png")
     print(f"wrote {out}/projection.json, projection.png")
 
 
-def plot(model: CommitCostModel, report: list[dict], crossings: dict, share: float, path: Path) -> None:
+def plot(models: dict, report: list[dict], crossings: dict, share: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sizes = sorted({round(2 ** (e / 4)) for e in range(4, 41)})  # 2 … 1024
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for t in TASK_SECONDS:
-        left.plot(sizes, [100 * commit_latency(model, p, t).share for p in sizes], label=f"task {t * 1e3:g} ms")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (protocol, model), style in zip(models.items(), ("-", "--")):
+        for t, colour in zip(TASK_SECONDS, colours):
+            label = f"task {t * 1e3:g} ms" if protocol is CommitProtocol.CAS else None
+            shares = [100 * commit_latency(model, p, t).share for p in sizes]
+            left.plot(sizes, shares, style, color=colour, label=label)
+        ts = list(TASK_SECONDS)
+        ys = [crossings[protocol][t] if crossings[protocol][t] is not None else float("nan") for t in ts]
+        right.plot([t * 1e3 for t in ts], ys, "o" + style, label=f"{protocol.value}")
     measured = [r for r in report if r["share_of_busy"] is not None and r["nodes"] == 1]
     if measured:
         left.plot([r["world_size"] for r in measured], [100 * r["share_of_busy"] for r in measured], "k*",
                   markersize=10, label="measured (tasks 25–100 ms, 2-core VM)")  # fmt: skip
     left.axhline(100 * share, color="red", linewidth=0.8, label=f"{share:.0%}")
-    left.set(xscale="log", yscale="log", xlabel="ranks P", ylabel="commit share of a rank's time (%)")
+    left.set(xscale="log", yscale="log", xlabel="ranks P", ylabel="commit share of the ranks' time (%)")
     left.set_xscale("log", base=2)
-    left.set_title("projected commit cost (one state key per step)")
+    left.set_title("projected commit cost: solid CAS on one key (today), dashed race-free counters")
+    left.title.set_fontsize(9)
     left.legend(fontsize=7)
     left.grid(alpha=0.3)
-    ts = list(TASK_SECONDS)
-    ys = [crossings[t] if crossings[t] is not None else float("nan") for t in ts]
-    right.plot([t * 1e3 for t in ts], ys, "o-")
     right.set(xscale="log", yscale="log", xlabel="task time (ms)", ylabel=f"first P with share > {share:.0%}")
     right.set_title(f"where coordination passes {share:.0%} of a step")
+    right.legend()
     right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -9,6 +9,7 @@ import pytest
 from codedgrad.codes.commit_cost import (
     FITTED,
     CommitCostModel,
+    CommitProtocol,
     commit_latency,
     crossing_world_size,
     expected_round_trips,
@@ -101,3 +102,13 @@ def test_projection_and_fitted_constants():
 def test_bad_input_fails_early(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_race_free_counters_cost_two_round_trips_until_the_server_saturates():
+    counters = CommitCostModel(MODEL.round_trip, MODEL.service, MODEL.other_ops_per_commit, CommitProtocol.COUNTERS)
+    quiet = commit_latency(counters, 256, 0.2)
+    assert quiet.round_trips == 2.0 and quiet.latency == pytest.approx(2 * quiet.round_trip)
+    # Where the one CAS'd key has passed its cliff, the counters are still at two round trips.
+    assert commit_latency(MODEL, 512, 0.1).share > 10 * commit_latency(counters, 512, 0.1).share
+    with pytest.raises(ValueError, match="protocol"):
+        CommitCostModel(1e-4, 1e-5, 0.0, "cas")

@@ -26,6 +26,7 @@ Pure Python and numpy; nothing here touches torch.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -35,12 +36,20 @@ __all__ = [
     "FITTED",
     "CommitCostModel",
     "CommitEstimate",
+    "CommitProtocol",
     "commit_latency",
     "crossing_world_size",
     "expected_round_trips",
     "fit_commit_model",
     "project",
 ]
+
+
+class CommitProtocol(enum.Enum):
+    """How a commit reaches the Store."""
+
+    CAS = "cas"  # today's: compare-and-set of the step's one state key, retried on a race
+    COUNTERS = "counters"  # race-free (docs/scale.md): add on the task's key, add on the covered count
 
 
 @dataclass(frozen=True)
@@ -53,13 +62,18 @@ class CommitCostModel:
             most operations per second it can take.
         other_ops_per_commit: Store operations per commit besides the compare-and-set attempts
             (the decision flag, waits, begins, refreshes, clean-up, spread over the step's commits).
+        protocol: :attr:`CommitProtocol.CAS` (retries as above) or :attr:`CommitProtocol.COUNTERS`
+            (two round trips per commit, never a retry).
     """
 
     round_trip: float
     service: float
     other_ops_per_commit: float = 0.0
+    protocol: CommitProtocol = CommitProtocol.CAS
 
     def __post_init__(self) -> None:
+        if not isinstance(self.protocol, CommitProtocol):
+            raise ValueError(f"protocol: must be a CommitProtocol, got {self.protocol!r}")
         for name in ("round_trip", "service", "other_ops_per_commit"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -78,7 +92,8 @@ class CommitEstimate:
         round_trip: seconds of one round trip at this load.
         commits_per_second: of all ranks together (``λ``).
         server_load: ``ρ``, the server's busy share (< 1; near 1 when the Store is the bottleneck).
-        share: the share of a rank's working time spent committing, ``latency / (gap + latency)``.
+        share: the share of the ranks' working time spent committing (``latency / (gap + latency)``
+            for equal ranks; with unequal ones, all commit seconds over all rank seconds).
     """
 
     latency: float
@@ -89,12 +104,13 @@ class CommitEstimate:
     share: float
 
 
-# Fitted to the coordination-only runs of `bench_scale.py` at P = 4, 8, 16, 32 on the 2-core VM
-# (sleep emulation, base 0.1 s, 8 tasks per rank, Ω = 1.2):
+# Fitted to the coordination-only runs of `bench_scale.py` at P = 4 and 8 (the world sizes at which
+# the 2-core VM still had idle CPU; sleep emulation, tasks of 25-100 ms, 8 tasks per rank, Ω = 1.2),
+# with the Store's time per operation from its capacity phase (23 600 gets/s at best):
 #     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_scale.py --ranks 4,8,16,32 --two-nodes 8
-#     .venv/bin/python benchmarks/project_scale.py --fit outputs/scale/<timestamp>/scale.json
+#     .venv/bin/python benchmarks/project_scale.py --fit outputs/scale/<timestamp>/scale.json --service 4.24e-5
 # See docs/scale.md for the measurements and how well the model follows them.
-FITTED = CommitCostModel(round_trip=2.0e-4, service=2.0e-5, other_ops_per_commit=0.3)
+FITTED = CommitCostModel(round_trip=4.09e-4, service=4.24e-5, other_ops_per_commit=0.33)
 
 
 def _groups(world_size: int, task_seconds: float | Sequence[float]) -> list[tuple[float, int]]:
@@ -114,7 +130,9 @@ def _groups(world_size: int, task_seconds: float | Sequence[float]) -> list[tupl
     return sorted(counts.items())
 
 
-def _at_round_trip(rtt: float, groups: list[tuple[float, int]]) -> tuple[list[float], list[float]]:
+def _at_round_trip(
+    rtt: float, groups: list[tuple[float, int]], protocol: CommitProtocol = CommitProtocol.CAS
+) -> tuple[list[float], list[float]]:
     """Per group of equal ranks, one rank's commit rate and round trips per commit at round trip ``rtt``.
 
     The retries depend on the others' commit rate ``λ − r`` (``r``: the rank's own), and the rates
@@ -124,6 +142,8 @@ def _at_round_trip(rtt: float, groups: list[tuple[float, int]]) -> tuple[list[fl
     """
 
     def trips_at(total: float) -> list[float]:
+        if protocol is CommitProtocol.COUNTERS:
+            return [2.0] * len(groups)
         trips = []
         for gap, n in groups:
             others = total - min(1.0 / (gap + rtt), total / n)
@@ -158,13 +178,13 @@ def commit_latency(model: CommitCostModel, world_size: int, task_seconds: float 
         task_seconds: each rank's mean task time (the gap between its commits), or one for all.
 
     Returns:
-        The latency, round trips, load and cost share, averaged over the ranks weighted by their
-        commit rates (a fast rank commits more often and so weighs more).
+        The latency and round trips averaged over the commits (a fast rank commits more often and
+        so weighs more), the round trip, load and cost share.
     """
     groups = _groups(world_size, task_seconds)
 
     def load(rtt: float) -> tuple[float, list[float], list[float]]:
-        rates, trips = _at_round_trip(rtt, groups)
+        rates, trips = _at_round_trip(rtt, groups, model.protocol)
         ops = sum(n * r * (t + model.other_ops_per_commit) for (_, n), r, t in zip(groups, rates, trips))
         return ops * model.service, rates, trips
 
@@ -189,8 +209,10 @@ def commit_latency(model: CommitCostModel, world_size: int, task_seconds: float 
         return sum(n * r * v for (_, n), r, v in zip(groups, rates, values)) / weight
 
     latencies = [rtt * t for t in trips]
-    shares = [lat / (g + lat) for (g, _), lat in zip(groups, latencies)]
-    return CommitEstimate(mean(latencies), mean(trips), rtt, weight, rho, mean(shares))
+    # Of all ranks' time, the share spent committing: Σ rate · latency / P (a rank's rate is
+    # 1 / (gap + latency), so this is also latency / (gap + latency) for a homogeneous world).
+    share = sum(n * r * lat for (_, n), r, lat in zip(groups, rates, latencies)) / world_size
+    return CommitEstimate(mean(latencies), mean(trips), rtt, weight, rho, share)
 
 
 def expected_round_trips(world_size: int, task_seconds: float | Sequence[float], round_trip: float) -> float:
