@@ -31,7 +31,9 @@ idle share is reported with every row. Sleep emulation: the absolute task times 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import signal
@@ -476,20 +478,23 @@ def launch(args, world: int, nodes: int, out: Path) -> dict:
                 "--rdzv-endpoint", endpoint, "--rdzv-id", f"scale{os.getpid()}"]  # fmt: skip
         commands = [[torchrun, *rdzv, script, *passed] for _ in range(nodes)]
     shell = " & ".join(" ".join(c) for c in commands) + " & wait"
-    if not args.no_lock:
-        shell = f"flock {LOCK} sh -c '{shell}'"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    started = time.perf_counter()
-    # A session of its own, so that a launch that runs past the timeout is ended with all its ranks.
-    process = subprocess.Popen(
-        shell, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        _, stderr = process.communicate(timeout=args.launch_timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise RuntimeError(f"launch P={world} nodes={nodes}: no result within {args.launch_timeout:g} s") from None
+    with contextlib.ExitStack() as stack:
+        if not args.no_lock:  # the same lock as `flock /tmp/codedgrad-bench.lock …`; the wait is not timed
+            lock = stack.enter_context(open(LOCK, "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        started = time.perf_counter()
+        # A session of its own, so that a launch that runs past the timeout is ended with all its ranks.
+        process = subprocess.Popen(
+            shell, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            _, stderr = process.communicate(timeout=args.launch_timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise RuntimeError(f"launch P={world} nodes={nodes}: no result within {args.launch_timeout:g} s") from None
     if process.returncode != 0 or not out.exists():
         raise RuntimeError(f"launch P={world} nodes={nodes} failed (rc {process.returncode}):\n{stderr[-4000:]}")
     result = json.loads(out.read_text())
