@@ -23,6 +23,7 @@ from scipy.optimize import brentq
 from codedgrad.profile import WorkerProfile
 
 __all__ = [
+    "MAX_SLOTS",
     "PlanError",
     "SplitStatistics",
     "capacity_time",
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 
+#: The most task slots (K·Ω) of one job: counts of slots stay exact in float64 up to here.
+MAX_SLOTS = 2**53
+
+
 class PlanError(ValueError):
     """The planner's inputs are invalid; the message names the offending argument."""
 
@@ -50,18 +55,41 @@ def _check_profiles(profiles: Sequence[WorkerProfile]) -> None:
             raise PlanError(f"profiles[{i}]: expected a WorkerProfile, got {type(p).__name__}")
 
 
+def _real(name: str, value: object, minimum: float = 0.0, strict: bool = False) -> float:
+    """``value`` as a finite float >= ``minimum`` (> if ``strict``), or PlanError naming ``name``."""
+    relation = ">" if strict else ">="
+    problem = PlanError(f"{name}: must be finite and {relation} {minimum:g}, got {value!r}"[:200])
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise problem
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise problem from None
+    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
+        raise problem
+    return number
+
+
+def _count(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (numpy integers too, never a bool), or PlanError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise PlanError(f"{name}: must be an integer >= {minimum}, got {value!r}"[:200])
+    return int(value)
+
+
 def _check_gamma(gamma: float) -> None:
-    if not (math.isfinite(gamma) and gamma >= 0):
-        raise PlanError(f"gamma: must be finite and >= 0, got {gamma!r}")
+    _real("gamma", gamma)
 
 
 def total_slots(tasks: int, redundancy: float = 1.0) -> int:
     """K·Ω rounded to the nearest integer (halves to even): the task slots handed out per job."""
-    if isinstance(tasks, bool) or not isinstance(tasks, (int, np.integer)) or tasks < 1:
-        raise PlanError(f"tasks: must be an integer >= 1, got {tasks!r}")
-    if not (math.isfinite(redundancy) and redundancy >= 1.0):
-        raise PlanError(f"redundancy: must be finite and >= 1, got {redundancy!r}")
-    return round(int(tasks) * float(redundancy))
+    tasks = _count("tasks", tasks, 1)
+    redundancy = _real("redundancy", redundancy, 1.0)
+    if tasks > MAX_SLOTS or tasks * redundancy > MAX_SLOTS:
+        raise PlanError(
+            f"redundancy: K·Ω = {tasks} × {redundancy:g} slots is more than the planner counts ({MAX_SLOTS})"
+        )
+    return round(tasks * redundancy)
 
 
 def _cost_coefficients(profiles: Sequence[WorkerProfile], gamma: float) -> tuple[np.ndarray, ...]:
@@ -154,6 +182,8 @@ def optimal_split(
         int64 array of loads, one per worker.
     """
     total = total_slots(tasks, redundancy)
+    if capacity is not None:  # no worker can hold more than every slot: a larger cap changes nothing
+        capacity = min(_count("capacity", capacity, 0), total)
     load, _ = real_split(profiles, total, gamma, capacity)
     a, b, c0 = _cost_coefficients(profiles, gamma)
     split = np.floor(load).astype(np.int64)
@@ -334,17 +364,22 @@ def propose_num_tasks(
         step_compute_seconds: W, the time one average rank needs for the whole global batch.
         task_overhead_seconds: o, the fixed cost of one task, commit included.
         commit_seconds: the median commit time, for the 50× rule (0 to skip it).
-        max_tasks: an upper bound on K.
+        max_tasks: an upper bound on K, at least ``world_size``.
     """
-    if world_size < 1:
-        raise PlanError(f"world_size: must be >= 1, got {world_size}")
-    if not (math.isfinite(step_compute_seconds) and step_compute_seconds > 0):
-        raise PlanError(f"step_compute_seconds: must be finite and > 0, got {step_compute_seconds!r}")
-    if not (math.isfinite(task_overhead_seconds) and task_overhead_seconds > 0):
-        raise PlanError(f"task_overhead_seconds: must be finite and > 0, got {task_overhead_seconds!r}")
-    tasks = math.sqrt(step_compute_seconds * world_size / task_overhead_seconds)
-    if commit_seconds > 0:  # a task lasts W/K on an average rank; keep it >= 50 commits
-        tasks = min(tasks, step_compute_seconds / (50 * commit_seconds))
+    world_size = _count("world_size", world_size, 1)
+    work = _real("step_compute_seconds", step_compute_seconds, strict=True)
+    overhead = _real("task_overhead_seconds", task_overhead_seconds, strict=True)
+    commit = _real("commit_seconds", commit_seconds)
+    if max_tasks is not None:
+        max_tasks = _count("max_tasks", max_tasks, world_size)  # K >= P: one task per rank at least
+    tasks = math.sqrt(work * world_size) / math.sqrt(overhead)  # two roots: the ratio may overflow
+    if commit > 0:  # a task lasts W/K on an average rank; keep it >= 50 commits
+        tasks = min(tasks, work / (50 * commit))
     if max_tasks is not None:
         tasks = min(tasks, max_tasks)
+    if not math.isfinite(tasks):
+        raise PlanError(
+            f"task_overhead_seconds: {overhead:g} s is too small against {work:g} s of compute for a finite "
+            "number of tasks; give max_tasks"
+        )
     return max(world_size, round(tasks))
