@@ -131,7 +131,8 @@ def real_split(
         raise PlanError(f"total: must be finite and >= 0, got {total!r}")
     if capacity is not None and capacity * len(profiles) < total:
         raise PlanError(f"capacity: {len(profiles)} workers × {capacity} cannot hold {total} slots")
-    a, b, c0 = _cost_coefficients(profiles, gamma)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below, by name
+        a, b, c0 = _cost_coefficients(profiles, gamma)
     cap = np.inf if capacity is None else float(capacity)
 
     def excess(theta: float) -> float:
@@ -140,7 +141,15 @@ def real_split(
     # Bracket: at θ = min c0 nobody works (excess −total ≤ 0); at θ = max f_p(min(total, cap))
     # every worker holds min(total, cap) slots, together at least total (excess ≥ 0).
     one = min(float(total), cap)
-    lo, hi = float(c0.min()), float(np.max(a * one * one + b * one + c0))
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo, hi = float(c0.min()), float(np.max(a * one * one + b * one + c0))
+        discriminant = float(np.max(b * b + 4 * a * (hi - c0)))  # the largest one _load_at_level meets
+    if not (math.isfinite(hi) and math.isfinite(discriminant)):  # overflow: no level can be found
+        name = "gamma" if gamma > 0 else "profiles"
+        raise PlanError(
+            f"{name}: the cost E[T] + γ·E[T²] of {one:g} slots overflows a float with γ = {gamma:g} and these "
+            "profiles; use a smaller γ or profiles in other units"
+        )
     if excess(hi) <= 0:
         # Every worker must be full (workers × min(total, cap) = total): θ is the top of the bracket,
         # where rounding in κ_p can leave the excess a hair below zero, which brentq would refuse.

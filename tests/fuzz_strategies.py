@@ -139,6 +139,7 @@ def code_arguments(draw: st.DrawFn) -> dict:
         st.one_of(
             st.none(),
             st.lists(moderate_profile, min_size=ranks, max_size=ranks),
+            st.lists(valid_profile, min_size=ranks, max_size=ranks),  # speeds up to 10¹² apart
             st.lists(moderate_profile, min_size=0, max_size=ranks + 1),
             st.lists(st.one_of(moderate_profile, garbage), min_size=ranks, max_size=ranks),
         )

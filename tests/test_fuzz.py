@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -49,7 +50,7 @@ from codedgrad.profile import (
     profiles_from_dict,
     profiles_to_dict,
 )
-from codedgrad.runtime.config import ConfigurationError, EngineConfig
+from codedgrad.runtime.config import ConfigurationError, EngineConfig, agree
 from codedgrad.runtime.coordinator import (
     CodedStepTimeout,
     StepMismatchError,
@@ -161,6 +162,31 @@ def test_optimal_split_is_optimal_or_a_plan_error(profiles, tasks, redundancy, g
     assert _max_cost(profiles, loads, gamma) == pytest.approx(values[total - 1], rel=1e-9)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # an overflow on the way is a wrong split in disguise
+@fs.fuzz_settings(40)
+@given(
+    st.lists(fs.valid_profile, min_size=1, max_size=6),
+    st.integers(1, 200),
+    st.floats(1.0, 4.0),
+    st.one_of(st.just(1.0), st.floats(0.0, 1e6), st.sampled_from([1e100, 1e300])),
+)
+def test_optimal_split_of_extreme_profiles_sums_exactly_or_refuses(profiles, tasks, redundancy, gamma):
+    try:
+        loads = plan.optimal_split(profiles, tasks, redundancy, gamma, capacity=tasks)
+    except plan.PlanError as error:
+        event("refused")
+        assert _field_named(str(error), ("gamma", "profiles", "capacity")), error
+        return
+    assert loads.min() >= 0 and loads.max() <= tasks and int(loads.sum()) == round(tasks * redundancy)
+
+
+def test_a_cost_that_overflows_is_a_plan_error_naming_gamma():
+    with pytest.raises(plan.PlanError, match=r"^gamma: the cost .* overflows"):
+        plan.optimal_split([WorkerProfile(0.0, 1.0, 0.0)], 1, 1.0, gamma=1e308)
+    with pytest.raises(CodeError, match=r"^gamma: the cost .* overflows"):
+        make_code("repetition", 2, 4, 1.5, gamma=1e308)
+
+
 @fs.fuzz_settings(15)
 @given(
     st.lists(fs.moderate_profile, min_size=1, max_size=4),
@@ -245,6 +271,7 @@ def test_propose_num_tasks_with_a_huge_ratio_is_capped_not_an_overflow():
 # ================================================================================== codes
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 @fs.fuzz_settings(80)
 @given(fs.code_arguments(), st.integers(0, 2**32 - 1))
 def test_codes_build_or_name_the_argument_and_any_commits_decode_exactly(arguments, seed):
@@ -374,6 +401,48 @@ def test_engine_config_is_valid_or_names_the_field(kwargs, world):
 def test_engine_config_regressions(kwargs, field):
     with pytest.raises(ConfigurationError, match=f"^{field}:"):
         EngineConfig(**kwargs)
+
+
+@fs.fuzz_settings(40)
+@given(st.data())
+def test_a_corrupted_agreement_entry_is_a_configuration_error(data):
+    values = {"code": "repetition", "redundancy": 1.25, "shapes": [[2, 3], [3]]}
+    good = json.dumps({"values": values, "error": None}, sort_keys=True).encode()
+    bad = data.draw(
+        st.one_of(
+            corrupted(good),
+            st.fixed_dictionaries({"values": fs.json_value, "error": fs.json_value}).map(
+                lambda d: json.dumps(d, default=repr).encode()
+            ),
+            fs.json_value.map(lambda d: json.dumps(d, default=repr).encode()),
+        )
+    )
+    store = _store()
+    store.set("g/0/config/1", bad)  # rank 1's entry of this engine's first gather
+    try:
+        agree(StoreCoordinator(store, 0, 2, TIMEOUT), "config", values, None)
+    except ConfigurationError as error:
+        event("refused")
+        assert "rank 1" in str(error) or "ranks disagree" in str(error), error
+        return
+    entry = json.loads(bad)
+    assert not entry["error"] and all(entry["values"].get(k) == v for k, v in values.items())
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        (b"\xff{", "not JSON"),
+        (b'{"values": {"code": "repetition"}}', "not {"),
+        (b'{"values": [], "error": null}', "not {"),
+    ],
+    ids=["bytes", "no-error-key", "values-not-a-dict"],
+)
+def test_an_unreadable_agreement_entry_names_the_rank(entry, problem):
+    store = _store()
+    store.set("g/0/config/1", entry)
+    with pytest.raises(ConfigurationError, match=re.escape(f"rank 1's 'config' in the Store is {problem}")):
+        agree(StoreCoordinator(store, 0, 2, TIMEOUT), "config", {"code": "repetition"}, None)
 
 
 # ================================================================================== Lightning strategies

@@ -209,7 +209,7 @@ def agree(coordinator: StoreCoordinator, name: str, values: dict[str, Any], erro
     differs), so a user sees ``rank 0: redundancy=1.25, rank 1: redundancy=1.5`` rather than hashes.
     """
     payload = json.dumps({"values": values, "error": error}, sort_keys=True, default=_jsonable).encode()
-    everyone = [json.loads(value) for value in coordinator.gather(name, payload, step)]
+    everyone = [_read_entry(r, name, value) for r, value in enumerate(coordinator.gather(name, payload, step))]
     ranks_by_error: dict[str, list[int]] = {}
     for r, entry in enumerate(everyone):
         if entry["error"]:
@@ -222,6 +222,30 @@ def agree(coordinator: StoreCoordinator, name: str, values: dict[str, Any], erro
                 problems.append(f"ranks disagree on {key}: {_first_difference(key, per_rank)}")
     if problems:
         raise ConfigurationError("codedgrad: " + "; ".join(problems))
+
+
+def _read_entry(rank: int, name: str, value: bytes) -> dict[str, Any]:
+    """One rank's published ``{"values": {...}, "error": str | None}``, or ConfigurationError.
+
+    Every rank reads the same bytes, so a corrupted entry fails the agreement on every rank alike.
+    """
+    try:
+        entry = json.loads(value.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        problem = f"not JSON ({error})"
+    else:
+        well_formed = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("values"), dict)
+            and "error" in entry
+            and (entry["error"] is None or isinstance(entry["error"], str))
+        )
+        if well_formed:
+            return entry
+        problem = 'not {"values": {...}, "error": ...}'
+    raise ConfigurationError(
+        f"codedgrad: rank {rank}'s {name!r} in the Store is {problem[:200]} (corrupted, or another codedgrad version)"
+    )
 
 
 def _first_difference(key: str, per_rank: Sequence[Any]) -> str:
