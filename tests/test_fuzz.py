@@ -891,6 +891,14 @@ def test_truncated_state_header_is_a_store_state_error_naming_key_and_step():
     assert issubclass(StoreStateError, StepMismatchError)
 
 
+def test_a_state_whose_sequence_number_cannot_grow_is_a_store_state_error():
+    code = make_code("repetition", 2, 4, 1.0)
+    store = _store()
+    store.set("s0/state", HEADER.pack(2**32 - 1, 1, VERSION, DIGEST) + code.new_state().to_bytes())
+    with pytest.raises(StoreStateError, match="s0/state of step 0 has sequence number"):
+        StoreCoordinator(store, 0, 2, TIMEOUT).channel(0, code, VERSION, DIGEST, wait=False).begin()
+
+
 def test_state_bytes_that_do_not_decode_are_a_store_state_error():
     code = make_code("repetition", 2, 4, 1.0)
     store = _store()

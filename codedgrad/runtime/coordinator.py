@@ -63,6 +63,7 @@ __all__ = [
 
 # sequence number of the last commit, its rank, the plan version, the task weights' digest
 _HEADER = struct.Struct("<IHI8s")
+_LAST_SEQUENCE = 2**32 - 1  # the header's sequence number is an unsigned 32-bit field
 _ANY_STEP = -(2**62)  # a deferred key's "last needed at" that any later success is past
 
 
@@ -89,7 +90,12 @@ def _read_header(value: bytes, key: str, step: int) -> tuple[int, int, int, byte
             f"codedgrad: the Store's {key} of step {step} is {len(value)} bytes, shorter than its "
             f"{_HEADER.size}-byte header (truncated or corrupted)"
         )
-    return _HEADER.unpack_from(value)
+    header = _HEADER.unpack_from(value)
+    if header[0] == _LAST_SEQUENCE:  # no step commits 2³² times: the next commit could not be written
+        raise StoreStateError(
+            f"codedgrad: the Store's {key} of step {step} has sequence number {header[0]} (corrupted)"
+        )
+    return header
 
 
 def weights_digest(weights: Sequence[float]) -> bytes:
