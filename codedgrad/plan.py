@@ -23,6 +23,7 @@ from scipy.optimize import brentq
 from codedgrad.profile import WorkerProfile
 
 __all__ = [
+    "MAX_SLOTS",
     "PlanError",
     "SplitStatistics",
     "capacity_time",
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 
+#: The most task slots (K·Ω) of one job: counts of slots stay exact in float64 up to here.
+MAX_SLOTS = 2**53
+
+
 class PlanError(ValueError):
     """The planner's inputs are invalid; the message names the offending argument."""
 
@@ -50,18 +55,41 @@ def _check_profiles(profiles: Sequence[WorkerProfile]) -> None:
             raise PlanError(f"profiles[{i}]: expected a WorkerProfile, got {type(p).__name__}")
 
 
+def _real(name: str, value: object, minimum: float = 0.0, strict: bool = False) -> float:
+    """``value`` as a finite float >= ``minimum`` (> if ``strict``), or PlanError naming ``name``."""
+    relation = ">" if strict else ">="
+    problem = PlanError(f"{name}: must be finite and {relation} {minimum:g}, got {value!r}"[:200])
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise problem
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise problem from None
+    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
+        raise problem
+    return number
+
+
+def _count(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (numpy integers too, never a bool), or PlanError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise PlanError(f"{name}: must be an integer >= {minimum}, got {value!r}"[:200])
+    return int(value)
+
+
 def _check_gamma(gamma: float) -> None:
-    if not (math.isfinite(gamma) and gamma >= 0):
-        raise PlanError(f"gamma: must be finite and >= 0, got {gamma!r}")
+    _real("gamma", gamma)
 
 
 def total_slots(tasks: int, redundancy: float = 1.0) -> int:
     """K·Ω rounded to the nearest integer (halves to even): the task slots handed out per job."""
-    if isinstance(tasks, bool) or not isinstance(tasks, (int, np.integer)) or tasks < 1:
-        raise PlanError(f"tasks: must be an integer >= 1, got {tasks!r}")
-    if not (math.isfinite(redundancy) and redundancy >= 1.0):
-        raise PlanError(f"redundancy: must be finite and >= 1, got {redundancy!r}")
-    return round(int(tasks) * float(redundancy))
+    tasks = _count("tasks", tasks, 1)
+    redundancy = _real("redundancy", redundancy, 1.0)
+    if tasks > MAX_SLOTS or tasks * redundancy > MAX_SLOTS:
+        raise PlanError(
+            f"redundancy: K·Ω = {tasks} × {redundancy:g} slots is more than the planner counts ({MAX_SLOTS})"
+        )
+    return round(tasks * redundancy)
 
 
 def _cost_coefficients(profiles: Sequence[WorkerProfile], gamma: float) -> tuple[np.ndarray, ...]:
@@ -103,7 +131,8 @@ def real_split(
         raise PlanError(f"total: must be finite and >= 0, got {total!r}")
     if capacity is not None and capacity * len(profiles) < total:
         raise PlanError(f"capacity: {len(profiles)} workers × {capacity} cannot hold {total} slots")
-    a, b, c0 = _cost_coefficients(profiles, gamma)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below, by name
+        a, b, c0 = _cost_coefficients(profiles, gamma)
     cap = np.inf if capacity is None else float(capacity)
 
     def excess(theta: float) -> float:
@@ -112,7 +141,15 @@ def real_split(
     # Bracket: at θ = min c0 nobody works (excess −total ≤ 0); at θ = max f_p(min(total, cap))
     # every worker holds min(total, cap) slots, together at least total (excess ≥ 0).
     one = min(float(total), cap)
-    lo, hi = float(c0.min()), float(np.max(a * one * one + b * one + c0))
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo, hi = float(c0.min()), float(np.max(a * one * one + b * one + c0))
+        discriminant = float(np.max(b * b + 4 * a * (hi - c0)))  # the largest one _load_at_level meets
+    if not (math.isfinite(hi) and math.isfinite(discriminant)):  # overflow: no level can be found
+        name = "gamma" if gamma > 0 else "profiles"
+        raise PlanError(
+            f"{name}: the cost E[T] + γ·E[T²] of {one:g} slots overflows a float with γ = {gamma:g} and these "
+            "profiles; use a smaller γ or profiles in other units"
+        )
     if excess(hi) <= 0:
         # Every worker must be full (workers × min(total, cap) = total): θ is the top of the bracket,
         # where rounding in κ_p can leave the excess a hair below zero, which brentq would refuse.
@@ -154,6 +191,8 @@ def optimal_split(
         int64 array of loads, one per worker.
     """
     total = total_slots(tasks, redundancy)
+    if capacity is not None:  # no worker can hold more than every slot: a larger cap changes nothing
+        capacity = min(_count("capacity", capacity, 0), total)
     load, _ = real_split(profiles, total, gamma, capacity)
     a, b, c0 = _cost_coefficients(profiles, gamma)
     split = np.floor(load).astype(np.int64)
@@ -301,7 +340,10 @@ def choose_redundancy(
         raise PlanError("candidates: need at least one redundancy")
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise PlanError(f"tolerance: must be finite and >= 0, got {tolerance!r}")
-    overheads = np.broadcast_to(np.asarray(task_overhead, dtype=np.float64), (len(profiles),))
+    try:
+        overheads = np.broadcast_to(np.asarray(task_overhead, dtype=np.float64), (len(profiles),))
+    except (TypeError, ValueError):
+        raise PlanError(f"task_overhead: need one number or one per worker, got {task_overhead!r}"[:200]) from None
     if not (np.all(np.isfinite(overheads)) and np.all(overheads >= 0)):
         raise PlanError(f"task_overhead: must be finite and >= 0, got {task_overhead!r}")
     delays = []
@@ -349,7 +391,7 @@ def propose_num_tasks(
         step_compute_seconds: W, the time one average rank needs for the whole global batch.
         task_overhead_seconds: o, the fixed cost of one task, commit included.
         commit_seconds: the median commit time, for the 50× rule (0 to skip it).
-        max_tasks: an upper bound on K.
+        max_tasks: an upper bound on K, at least ``world_size``.
         chunked: the engine runs a rank's primaries in chunks that halve towards the end of the
             step (``backward(batch_loss=...)``): a rank then pays ``o`` about ``log2(K/P) + 1``
             times for its primaries instead of K/P times, plus once per backup, so
@@ -357,27 +399,29 @@ def propose_num_tasks(
             Tasks can then be much smaller: only the backups and the last chunks pay per task.
         redundancy: Ω, for the backups' overhead when ``chunked``.
     """
-    if world_size < 1:
-        raise PlanError(f"world_size: must be >= 1, got {world_size}")
-    if not (math.isfinite(step_compute_seconds) and step_compute_seconds > 0):
-        raise PlanError(f"step_compute_seconds: must be finite and > 0, got {step_compute_seconds!r}")
-    if not (math.isfinite(task_overhead_seconds) and task_overhead_seconds > 0):
-        raise PlanError(f"task_overhead_seconds: must be finite and > 0, got {task_overhead_seconds!r}")
-    if not (math.isfinite(redundancy) and redundancy >= 1):
-        raise PlanError(f"redundancy: must be finite and >= 1, got {redundancy!r}")
+    world_size = _count("world_size", world_size, 1)
+    work = _real("step_compute_seconds", step_compute_seconds, strict=True)
+    overhead = _real("task_overhead_seconds", task_overhead_seconds, strict=True)
+    commit = _real("commit_seconds", commit_seconds)
+    redundancy = _real("redundancy", redundancy, minimum=1.0)
+    if max_tasks is not None:
+        max_tasks = _count("max_tasks", max_tasks, world_size)  # K >= P: one task per rank at least
     if chunked:
-        w, p, o = step_compute_seconds, world_size, task_overhead_seconds
-        upper = max(p, int(max_tasks) if max_tasks is not None else int(min(1e6, 100 * w / o + p)))
-        candidates = np.unique(np.geomspace(p, upper, 400).round().astype(np.int64))
-
-        def predicted(k: np.ndarray) -> np.ndarray:
-            return w / p + o * (np.log2(k / p) + 1) + o * k * (redundancy - 1) / p + w / k
-
-        tasks = float(candidates[int(np.argmin(predicted(candidates.astype(np.float64))))])
+        p = world_size
+        upper = max_tasks if max_tasks is not None else int(min(1e6, 100 * (work / overhead) + p))
+        candidates = np.unique(np.geomspace(p, max(p, upper), 400).round().astype(np.int64)).astype(np.float64)
+        predicted = work / p + overhead * (np.log2(candidates / p) + 1) + overhead * candidates * (redundancy - 1) / p
+        predicted += work / candidates
+        tasks = float(candidates[int(np.argmin(predicted))])
     else:
-        tasks = math.sqrt(step_compute_seconds * world_size / task_overhead_seconds)
-    if commit_seconds > 0:  # a task lasts W/K on an average rank; keep it >= 50 commits
-        tasks = min(tasks, step_compute_seconds / (50 * commit_seconds))
+        tasks = math.sqrt(work * world_size) / math.sqrt(overhead)  # two roots: the ratio may overflow
+    if commit > 0:  # a task lasts W/K on an average rank; keep it >= 50 commits
+        tasks = min(tasks, work / (50 * commit))
     if max_tasks is not None:
         tasks = min(tasks, max_tasks)
+    if not math.isfinite(tasks):
+        raise PlanError(
+            f"task_overhead_seconds: {overhead:g} s is too small against {work:g} s of compute for a finite "
+            "number of tasks; give max_tasks"
+        )
     return max(world_size, round(tasks))

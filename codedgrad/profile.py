@@ -53,9 +53,13 @@ class WorkerProfile:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
                 raise ProfileError(f"{name}: must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ProfileError(f"{name}: must be finite, got {value!r}")
-            object.__setattr__(self, name, float(value))
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float (e.g. from a JSON file)
+                number = math.inf
+            if not math.isfinite(number):
+                raise ProfileError(f"{name}: must be finite, got {value!r}"[:200])
+            object.__setattr__(self, name, number)
         if self.mean <= 0:
             raise ProfileError(f"mean: must be > 0, got {self.mean!r}")
         if self.std < 0:
@@ -131,9 +135,11 @@ def load_profiles(path: str | Path) -> list[WorkerProfile]:
     """Read a profile file (docs/design.md#interfaces)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ProfileError(f"profile: cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ProfileError(f"profile: {path} is not UTF-8 text") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -160,7 +166,10 @@ def fit_profile(task_times: Sequence[float] | np.ndarray, shift: float = 0.0) ->
         task_times: per-task durations of one worker (at least one, all finite and ≥ 0).
         shift: the worker's per-job fixed time, if known.
     """
-    times = np.asarray(task_times, dtype=np.float64)
+    try:
+        times = np.asarray(task_times, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise ProfileError("task_times: must be a list of numbers") from None
     if times.ndim != 1 or times.size == 0:
         raise ProfileError("task_times: need at least one measurement")
     if not np.all(np.isfinite(times)) or np.any(times < 0):
@@ -171,6 +180,8 @@ def fit_profile(task_times: Sequence[float] | np.ndarray, shift: float = 0.0) ->
     mean = floor + scale
     if mean <= 0:  # all measurements zero (a timer too coarse): keep the profile valid
         mean = max(float(times.max()), 1e-9)
+    if not math.isfinite(mean):  # times near the largest float: their spread overflows
+        raise ProfileError(f"task_times: too large to fit (largest {float(times.max()):g})")
     return WorkerProfile(shift=shift, mean=mean, std=scale)
 
 

@@ -89,10 +89,11 @@ def test_drop_slowest_does_not_wait_for_a_stalled_rank(results: list[dict]) -> N
         assert all(1 in result["drop"]["steps"][step]["dropped"] for result in results)
     assert stalled[2]["computed"] == [3, 4, 5]  # it began step 2 and finished its batch late ...
     assert stalled[3]["ahead"] and stalled[3]["computed"] == []  # ... then applied step 3 without computing it
-    for rank in (0, 2):
+    for rank in (0, 2):  # waiting for rank 1 would take at least STALL; the steps take tens of ms
         steps = results[rank]["drop"]["steps"]
+        assert steps[2]["wall"] < STALL / 3, f"rank {rank}: step 2 took {steps[2]['wall']:.3f} s"
         waited = sum(steps[step]["wall"] for step in (2, 3, 4))
-        assert waited < STALL / 2, f"rank {rank} spent {waited:.3f} s in steps 2-4 (rank 1 stalled {STALL} s)"
+        assert waited < 0.8 * STALL, f"rank {rank} spent {waited:.3f} s in steps 2-4 (rank 1 stalled {STALL} s)"
 
 
 @pytest.mark.distributed

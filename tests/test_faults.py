@@ -9,11 +9,12 @@ Two launches (docs/reliability.md has the fault model):
   accumulation (rank 2), inside the release's coded all-reduce (rank 1). Every survivor must exit
   non-zero within the engine's timeout plus a margin, with an error naming the dead rank and the step;
   every step before it exact; two engines per job and three jobs on one Store never mixed up.
-* **Exact resume** (tests/distributed/resume_worker.py): ``torchrun --max-restarts 2`` of a
-  Lightning fit with ``strategy="coded"`` and mid-epoch checkpoints; attempt 0 loses rank 1 inside a
-  task, attempt 1 loses rank 0 half-way through writing a checkpoint; attempt 2 ends with the
-  parameters of a single process over the same batches, after exactly the planned optimizer steps.
-  The same launch checks that codedgrad opens no listening socket of its own.
+* **Exact resume** (tests/distributed/resume_worker.py): ``torchrun --max-restarts 1`` of a
+  Lightning fit with ``strategy="coded"`` and mid-epoch checkpoints; on attempt 0 rank 0 dies half-way
+  through writing the checkpoint of step 6, and attempt 1 resumes from step 4's (mid-epoch) and ends
+  with the parameters of a single process over the same batches, after exactly the planned optimizer
+  steps. ``CODEDGRAD_RESUME_KILLS=task@3,save@6`` adds an attempt that first loses rank 1 inside a
+  task (3 attempts). The same launch checks that codedgrad opens no listening socket of its own.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ ENGINE_TIMEOUT = 5.0  # fault_worker.TIMEOUT
 MARGIN = 15.0  # a loaded 2-core machine: process start-up and exit are not the engine's
 POINTS = {"task": 0, "commit": 2, "allreduce": 1}  # kill point -> the rank that dies
 HARD_TIMEOUT = 120.0  # no launch may hang: every process is killed after this
+RESUME_KILLS = os.environ.get("CODEDGRAD_RESUME_KILLS", "save@6")  # "task@3,save@6": both, 3 attempts
+PLANNED_STEPS = 10  # 2 epochs of 5 global batches (resume_worker.py)
+CHECKPOINT_EVERY = 2
 
 
 def launch_jobs(out_dir: Path) -> dict[str, dict]:
@@ -100,8 +104,37 @@ def launch_jobs(out_dir: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def faults(tmp_path_factory) -> dict[str, dict]:
-    return launch_jobs(tmp_path_factory.mktemp("faults"))
+def launches(tmp_path_factory) -> dict[str, object]:
+    """Both launches at once (they mostly wait on timeouts and start-up): each outcome, or its error."""
+    resume_dir, kills = tmp_path_factory.mktemp("resume"), RESUME_KILLS.split(",")
+    resume = start_resume(resume_dir, kills)
+    outcomes: dict[str, object] = {}
+    try:
+        outcomes["faults"] = launch_jobs(tmp_path_factory.mktemp("faults"))
+    except AssertionError as error:
+        outcomes["faults"] = error
+    try:
+        outcomes["resumed"] = finish_resume(resume, resume_dir, kills)
+    except AssertionError as error:
+        outcomes["resumed"] = error
+    return outcomes
+
+
+def outcome_of(launches: dict[str, object], name: str) -> dict:
+    outcome = launches[name]
+    if isinstance(outcome, AssertionError):
+        raise outcome
+    return outcome  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def faults(launches) -> dict[str, dict]:
+    return outcome_of(launches, "faults")
+
+
+@pytest.fixture(scope="module")
+def resumed(launches) -> dict:
+    return outcome_of(launches, "resumed")
 
 
 def names_rank(message: str, rank: int) -> bool:
@@ -138,15 +171,10 @@ def test_a_killed_rank_fails_the_others_in_time_naming_it_and_the_step(faults: d
 
 # -- exact resume under torchrun's restarts -------------------------------------------------------
 
-RESUME_KILLS = os.environ.get("CODEDGRAD_RESUME_KILLS", "save@6")  # "task@3,save@6": both, 3 attempts
-PLANNED_STEPS = 10  # 2 epochs of 5 global batches (resume_worker.py)
-CHECKPOINT_EVERY = 2
 
 
-@pytest.fixture(scope="module")
-def resumed(tmp_path_factory) -> dict:
-    out_dir = tmp_path_factory.mktemp("resume")
-    kills = RESUME_KILLS.split(",")
+def start_resume(out_dir: Path, kills: list[str]) -> subprocess.Popen:
+    """Start torchrun with a restart per kill (see resume_worker.py); its output goes to ``out_dir/output.txt``."""
     command = [
         sys.executable,
         "-m",
@@ -156,21 +184,26 @@ def resumed(tmp_path_factory) -> dict:
         f"--nproc-per-node={WORLD}",
         str(DISTRIBUTED_DIR / "resume_worker.py"),
         str(out_dir),
-        RESUME_KILLS,
+        ",".join(kills),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.pop("CODEDGRAD_EMULATE", None)
-    process = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    with open(out_dir / "output.txt", "w") as output:
+        return subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def finish_resume(process: subprocess.Popen, out_dir: Path, kills: list[str]) -> dict:
+    """Wait for :func:`start_resume`'s launch; the outcome of every attempt."""
     try:
-        output, _ = process.communicate(timeout=HARD_TIMEOUT + 60 * len(kills))
+        process.wait(timeout=HARD_TIMEOUT + 60 * len(kills))
     except subprocess.TimeoutExpired:
         _kill_tree(process.pid)
-        output, _ = process.communicate(timeout=10)
-        raise AssertionError(f"the resumed run hung\n{_tail(output)}") from None
+        process.wait(timeout=10)
+        raise AssertionError(f"the resumed run hung\n{_tail((out_dir / 'output.txt').read_text())}") from None
+    output = (out_dir / "output.txt").read_text()
     assert process.returncode == 0, f"torchrun exited with {process.returncode}\n{_tail(output)}"
     steps = {}
     for rank in range(WORLD):
@@ -183,6 +216,10 @@ def resumed(tmp_path_factory) -> dict:
         "steps": steps,
         "leftovers": sorted(p.name for p in (out_dir / "ckpt").iterdir() if not p.name.endswith(".ckpt")),
     }
+
+
+def launch_resume(out_dir: Path, kills: list[str]) -> dict:
+    return finish_resume(start_resume(out_dir, kills), out_dir, kills)
 
 
 def test_a_restarted_run_ends_with_the_uninterrupted_parameters(resumed: dict) -> None:

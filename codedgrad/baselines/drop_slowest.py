@@ -142,7 +142,7 @@ class DropSlowest:
     gradient of the weighted mean loss over the samples of the first P − ``backups`` ranks to finish
     (exact over what it used: the same as a single process on those samples), and the slowest
     ranks' work of the step is dropped. So the step never waits for the ``backups`` slowest ranks,
-    but its gradient is not the global batch's: it is an unbiased-by-design estimate only if which
+    but its gradient is not the global batch's: it is an unbiased estimate of it only when which
     ranks are slow is unrelated to their data. ``backward(..., exact_check=True)`` also all-reduces
     the exact gradient and reports the applied gradient's relative error against it (that check
     waits for every rank: use it on sampled steps). ``backups=0`` is plain synchronous SGD.

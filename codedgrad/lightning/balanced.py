@@ -36,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -66,6 +65,7 @@ __all__ = ["BalancedStrategy"]
 CHECKPOINT_KEY = "codedgrad_balanced"
 """Where the strategy's state (the profiles in force) is stored in a Lightning checkpoint."""
 
+_LARGEST_FLOAT = 1.7976931348623157e308  # NaN, infinities and integers beyond it are not finite floats
 _FOREIGN_HOOK_ARGUMENTS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
 
 
@@ -125,12 +125,19 @@ class BalancedStrategy(CodedgradStrategy):
                 )
         if isinstance(replan_every, bool) or not isinstance(replan_every, int) or replan_every < 0:
             raise ValueError(f"replan_every: must be an integer >= 0 (0: never), got {replan_every!r}")
-        if not (isinstance(replan_threshold, (int, float)) and 0 <= replan_threshold < 1):
-            raise ValueError(f"replan_threshold: must be in [0, 1), got {replan_threshold!r}")
-        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
-            raise ValueError(f"gamma: must be finite and >= 0, got {gamma!r}")
+        if isinstance(replan_threshold, bool) or not (
+            isinstance(replan_threshold, (int, float)) and 0 <= replan_threshold < 1
+        ):
+            raise ValueError(f"replan_threshold: must be in [0, 1), got {replan_threshold!r}"[:200])
+        if isinstance(gamma, bool) or not (isinstance(gamma, (int, float)) and 0 <= gamma <= _LARGEST_FLOAT):
+            raise ValueError(f"gamma: must be finite and >= 0, got {gamma!r}"[:200])
+        if emulate is not None and not isinstance(emulate, Heterogeneity):
+            raise ValueError(f"emulate: expected a Heterogeneity or None, got {type(emulate).__name__}")
         if profiles is not None:
-            profiles = list(profiles)
+            try:
+                profiles = list(profiles)
+            except TypeError:
+                raise ValueError(f"profiles: expected a list of WorkerProfile, got {profiles!r}"[:200]) from None
             for i, profile in enumerate(profiles):
                 if not isinstance(profile, WorkerProfile):
                     raise ValueError(f"profiles[{i}]: expected a WorkerProfile, got {type(profile).__name__}")

@@ -48,6 +48,7 @@ class CodedgradStrategy(DDPStrategy):
                 rank=self.global_rank,
                 world_size=self.world_size,
                 timeout=self._timeout,
+                device_id=self.root_device if self.root_device.type != "cpu" else None,  # as DDPStrategy does
             )
         super().setup_distributed()
 

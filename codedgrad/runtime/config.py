@@ -23,7 +23,7 @@ from codedgrad.emulate import Heterogeneity
 from codedgrad.profile import WorkerProfile, profiles_to_dict
 from codedgrad.runtime.coordinator import StoreCoordinator
 
-__all__ = ["AUTO", "AUTO_START", "NONFINITE_POLICIES", "ConfigurationError", "EngineConfig", "agree"]
+__all__ = ["AUTO", "AUTO_START", "MAX_TIMEOUT", "NONFINITE_POLICIES", "ConfigurationError", "EngineConfig", "agree"]
 
 #: ``redundancy=AUTO``: the planner chooses Ω from the measured profiles (:func:`codedgrad.plan.choose_redundancy`)
 #: at every plan, starting from :data:`AUTO_START` until the ranks' task times are measured.
@@ -35,15 +35,26 @@ AUTO_START = 1.25
 #: ``"keep"`` (write it, e.g. for a ``GradScaler``, which then skips the step on every rank).
 NONFINITE_POLICIES = ("raise", "keep")
 
+#: The longest ``timeout``: the Store's waits and the process group take it as a ``timedelta``
+#: (at most about 2.7 million years); a week is far beyond any step.
+MAX_TIMEOUT = 7 * 24 * 3600.0
+
 
 class ConfigurationError(ValueError):
     """The ranks' configurations are invalid or disagree; raised on every rank, before any collective."""
 
 
 def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigurationError(f"{name}: must be a finite number, got {value!r}")
-    return float(value)
+    problem = ConfigurationError(f"{name}: must be a finite number, got {value!r}"[:200])
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise problem
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise problem from None
+    if not math.isfinite(number):
+        raise problem
+    return number
 
 
 def _integer(name: str, value: object, minimum: int) -> int:
@@ -126,7 +137,11 @@ class EngineConfig:
             raise ConfigurationError(f"gamma: must be >= 0, got {gamma:g}")
         set_(self, "gamma", gamma)
         if self.profiles is not None:
-            profiles = tuple(self.profiles)
+            try:
+                profiles = tuple(self.profiles)
+            except TypeError:
+                message = f"profiles: expected a list of WorkerProfile, got {self.profiles!r}"[:200]
+                raise ConfigurationError(message) from None
             for i, p in enumerate(profiles):
                 if not isinstance(p, WorkerProfile):
                     raise ConfigurationError(f"profiles[{i}]: expected a WorkerProfile, got {type(p).__name__}")
@@ -134,8 +149,8 @@ class EngineConfig:
         if self.emulate is not None and not isinstance(self.emulate, Heterogeneity):
             raise ConfigurationError(f"emulate: expected a Heterogeneity, got {type(self.emulate).__name__}")
         timeout = _number("timeout", self.timeout)
-        if timeout <= 0:
-            raise ConfigurationError(f"timeout: must be a positive number of seconds, got {timeout:g}")
+        if not 0 < timeout <= MAX_TIMEOUT:
+            raise ConfigurationError(f"timeout: must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout:g}")
         set_(self, "timeout", timeout)
         _integer("replan_every", self.replan_every, 0)
         threshold = _number("replan_threshold", self.replan_threshold)
@@ -194,7 +209,7 @@ def agree(coordinator: StoreCoordinator, name: str, values: dict[str, Any], erro
     differs), so a user sees ``rank 0: redundancy=1.25, rank 1: redundancy=1.5`` rather than hashes.
     """
     payload = json.dumps({"values": values, "error": error}, sort_keys=True, default=_jsonable).encode()
-    everyone = [json.loads(value) for value in coordinator.gather(name, payload, step)]
+    everyone = [_read_entry(r, name, value) for r, value in enumerate(coordinator.gather(name, payload, step))]
     ranks_by_error: dict[str, list[int]] = {}
     for r, entry in enumerate(everyone):
         if entry["error"]:
@@ -207,6 +222,30 @@ def agree(coordinator: StoreCoordinator, name: str, values: dict[str, Any], erro
                 problems.append(f"ranks disagree on {key}: {_first_difference(key, per_rank)}")
     if problems:
         raise ConfigurationError("codedgrad: " + "; ".join(problems))
+
+
+def _read_entry(rank: int, name: str, value: bytes) -> dict[str, Any]:
+    """One rank's published ``{"values": {...}, "error": str | None}``, or ConfigurationError.
+
+    Every rank reads the same bytes, so a corrupted entry fails the agreement on every rank alike.
+    """
+    try:
+        entry = json.loads(value.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        problem = f"not JSON ({error})"
+    else:
+        well_formed = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("values"), dict)
+            and "error" in entry
+            and (entry["error"] is None or isinstance(entry["error"], str))
+        )
+        if well_formed:
+            return entry
+        problem = 'not {"values": {...}, "error": ...}'
+    raise ConfigurationError(
+        f"codedgrad: rank {rank}'s {name!r} in the Store is {problem[:200]} (corrupted, or another codedgrad version)"
+    )
 
 
 def _first_difference(key: str, per_rank: Sequence[Any]) -> str:

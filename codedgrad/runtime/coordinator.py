@@ -52,10 +52,18 @@ import torch.distributed as dist
 from codedgrad.codes.accounting import check_accumulated, decode_results, encode_results
 from codedgrad.codes.base import CodeError, DecoderState, GradientCode, RankLevelCode
 
-__all__ = ["CodedStepTimeout", "StepChannel", "StepMismatchError", "StoreCoordinator", "weights_digest"]
+__all__ = [
+    "CodedStepTimeout",
+    "StepChannel",
+    "StepMismatchError",
+    "StoreCoordinator",
+    "StoreStateError",
+    "weights_digest",
+]
 
 # sequence number of the last commit, its rank, the plan version, the task weights' digest
 _HEADER = struct.Struct("<IHI8s")
+_LAST_SEQUENCE = 2**32 - 1  # the header's sequence number is an unsigned 32-bit field
 _ANY_STEP = -(2**62)  # a deferred key's "last needed at" that any later success is past
 
 
@@ -65,6 +73,29 @@ class CodedStepTimeout(TimeoutError):
 
 class StepMismatchError(RuntimeError):
     """Ranks began one step with different plans or task weights; the step fails on every rank."""
+
+
+class StoreStateError(StepMismatchError):
+    """A step's key in the Store cannot be read (truncated, corrupted, deleted or from another plan).
+
+    The message names the key and the step. Like a mismatch, the step fails rather than letting a
+    rank commit, accumulate or skip results on a state it cannot trust.
+    """
+
+
+def _read_header(value: bytes, key: str, step: int) -> tuple[int, int, int, bytes]:
+    """(sequence, rank, plan version, digest) of a ``s{t}/state`` value, or :class:`StoreStateError`."""
+    if len(value) < _HEADER.size:
+        raise StoreStateError(
+            f"codedgrad: the Store's {key} of step {step} is {len(value)} bytes, shorter than its "
+            f"{_HEADER.size}-byte header (truncated or corrupted)"
+        )
+    header = _HEADER.unpack_from(value)
+    if header[0] == _LAST_SEQUENCE:  # no step commits 2³² times: the next commit could not be written
+        raise StoreStateError(
+            f"codedgrad: the Store's {key} of step {step} has sequence number {header[0]} (corrupted)"
+        )
+    return header
 
 
 def weights_digest(weights: Sequence[float]) -> bytes:
@@ -110,7 +141,7 @@ class StoreCoordinator:
         if not self.wait_store.check([key]):
             return None
         value = self.wait_store.get(key)
-        _, _, version, digest = _HEADER.unpack_from(value)
+        _, _, version, digest = _read_header(value, key, step)
         return version, digest
 
     # ----------------------------------------------------------------- clean-up
@@ -226,7 +257,7 @@ class StepChannel:
         """Create the step's state if nobody has, read it, and check it is the same plan and weights."""
         initial = _HEADER.pack(0, self.rank, self.plan_version, self.digest) + self.code.new_state().to_bytes()
         self._value = self.client.compare_set(self._key("state"), b"", initial)  # create-or-read
-        _, creator, version, digest = _HEADER.unpack_from(self._value)
+        _, creator, version, digest = _read_header(self._value, self._key("state"), self.step)
         if (version, digest) != (self.plan_version, self.digest):
             what = "plan version" if version != self.plan_version else "task weights"
             raise StepMismatchError(
@@ -238,16 +269,38 @@ class StepChannel:
 
     @property
     def state(self) -> DecoderState:
-        """The decoder state as of this channel's last round trip (a fresh object)."""
-        return self.code.state_from_bytes(self._value[_HEADER.size :])
+        """The decoder state as of this channel's last round trip (a fresh object).
+
+        Raises :class:`StoreStateError` when the value is not a state of this step's plan: a header
+        cut short, another plan version or digest than :meth:`begin` agreed on, or state bytes the
+        code cannot read. Every commit parses the value through here first.
+        """
+        key = self._key("state")
+        _, _, version, digest = _read_header(self._value, key, self.step)
+        if (version, digest) != (self.plan_version, self.digest):
+            raise StoreStateError(
+                f"codedgrad: rank {self.rank}: the Store's {key} of step {self.step} changed plan during the step "
+                f"(v{version}, weights {digest.hex()}; began with v{self.plan_version}, {self.digest.hex()}): "
+                "corrupted or overwritten"
+            )
+        try:
+            return self.code.state_from_bytes(self._value[_HEADER.size :])
+        except CodeError as error:
+            raise StoreStateError(
+                f"codedgrad: rank {self.rank}: the Store's {key} of step {self.step} is not a {self.code.name} "
+                f"decoder state ({error})"
+            ) from None
 
     @property
     def sequence(self) -> int:
-        return _HEADER.unpack_from(self._value)[0] if self._value else -1
+        return _read_header(self._value, self._key("state"), self.step)[0] if self._value else -1
 
     def refresh(self) -> DecoderState:
-        """Read the current state (one round trip)."""
-        self._value = self.client.get(self._key("state"))
+        """Read the current state (two round trips: a deleted key fails at once instead of blocking)."""
+        key = self._key("state")
+        if not self.client.check([key]):
+            raise StoreStateError(f"codedgrad: rank {self.rank}: the Store's {key} of step {self.step} is gone")
+        self._value = self.client.get(key)
         return self.state
 
     def commit(self, result: int) -> bool:
@@ -278,7 +331,7 @@ class StepChannel:
             current = self.client.compare_set(self._key("state"), self._value, desired)
             self.commit_round_trips += 1
             if current == self._value:  # c10d answers a missing key with the expected value
-                raise RuntimeError(f"codedgrad: the Store lost the state of step {self.step} (deleted or reset)")
+                raise StoreStateError(f"codedgrad: the Store lost the state of step {self.step} ({self._key('state')})")
             self._value = current
             if current == desired:
                 if state.decided:
@@ -314,8 +367,14 @@ class StepChannel:
                     ) from None
         state = self.refresh()
         if not state.decided:  # woken by a rank that abandoned the step
-            gate = self.client.get(self._key("gate")).decode()
-            raise CodedStepTimeout(f"codedgrad: rank {self.rank}: step {self.step} was {gate}")
+            gate = self._key("gate")
+            if not self.client.check([gate]):  # an abandoning rank seals the gate before the flag
+                raise StoreStateError(
+                    f"codedgrad: rank {self.rank}: the Store's {self._key('decided')} of step {self.step} is set "
+                    f"but the state is not decided and {gate} is empty (corrupted or overwritten)"
+                )
+            text = self.client.get(gate).decode(errors="replace")
+            raise CodedStepTimeout(f"codedgrad: rank {self.rank}: step {self.step} was {text}")
         return state
 
     def poll_decided(self, seconds: float) -> bool:
@@ -410,7 +469,9 @@ def _wait_all(
                 raise CodedStepTimeout(
                     f"codedgrad: rank {rank} came {timeout:g} s too late {what}: the other ranks went on without it"
                 ) from None
-            return list(client.multi_get(keys))
+            values = list(client.multi_get(keys))
+            _check_go(gate, audit(values) if audit is not None else None, rank, what)
+            return values
         raise CodedStepTimeout(
             f"codedgrad: rank {rank} waited {timeout:g} s for ranks {absent or 'that came too late'} "
             f"{what} (stalled, crashed, or running a different number of steps)"
@@ -424,4 +485,19 @@ def _wait_all(
         if text.startswith("abandoned: "):  # the accounts did not add up (the same verdict on every rank)
             raise StepMismatchError(f"codedgrad: rank {rank}: step refused {what}: {text[11:]}")
         raise CodedStepTimeout(f"codedgrad: rank {rank} arrived {what}, but it was {text}")
+    _check_go(gate, problem, rank, what)
     return values
+
+
+def _check_go(gate: str, problem: str | None, rank: int, what: str) -> None:
+    """Refuse a ``go`` at ``gate`` when this rank's own audit of the keys found ``problem``.
+
+    Every rank audits the same values, so a ``go`` sealed by another rank means its audit passed;
+    when this rank's fails, the Store's keys differed between the reads (corrupted or overwritten),
+    and entering the collective could apply a gradient that is not the exact sum.
+    """
+    if problem is not None:
+        raise StoreStateError(
+            f"codedgrad: rank {rank}: the Store's {gate} says go {what}, but this rank's check of the same "
+            f"keys refuses: {problem} (corrupted or overwritten keys)"
+        )

@@ -199,11 +199,13 @@ def run_failures(rank: int) -> dict:
         pulling.backward(loss, list(TASK_SIZES))  # the ranks are still in step
         out["pulling_after_failure"] = relative(flat_grad(model), reference(state_of(model), 0, range(9)))
         model.zero_grad()
-    with DropSlowest(model, backups=1, emulate=emulate, timeout=30) as baseline:
+    # Ranks 0 and 1 stall 0.5 s in step 0, so rank 2's failure comes first even on a busy machine.
+    stalls = Heterogeneity(speeds=SPEEDS, base=BASE, jitter=0.0, forced_stalls=((0, 0, 0.5), (1, 0, 0.5)))
+    with DropSlowest(model, backups=1, emulate=stalls, timeout=30) as baseline:
         out["drop_empty_share"] = expect_error((ValueError,), lambda: baseline.backward(loss, [1, 1, 1, 0, 0, 0, 1]))
 
         def failing_first(task_ids: list[int]) -> torch.Tensor:
-            if rank == 2:  # the fastest rank, before any other rank finished (their delays are ≥ 40 ms)
+            if rank == 2:  # before any other rank finished
                 raise RuntimeError("no such sample")
             return loss(task_ids)
 

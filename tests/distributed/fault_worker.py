@@ -78,13 +78,13 @@ def main() -> None:
     out_dir, point, victim, kill_step = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     job = os.environ["TORCHELASTIC_RUN_ID"]
-    timeout = datetime.timedelta(seconds=TIMEOUT)
-    shared = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=datetime.timedelta(30)
-    )
+    # Start-up on a loaded machine may skew the ranks by seconds: the default group (used only to build the
+    # engines) waits longer than the engines' timeout; the engines' release groups use TIMEOUT.
+    startup = datetime.timedelta(seconds=60)
+    shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=startup)
     # The process group's own keys in a namespace of the job (torchrun's agent store is per job); the
     # engines get the raw shared Store.
-    dist.init_process_group("gloo", store=dist.PrefixStore(job, shared), rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group("gloo", store=dist.PrefixStore(job, shared), rank=rank, world_size=world, timeout=startup)
     target = {"armed": False, "step": kill_step}
     inject(out_dir, point, victim, rank, target)
     emulate = Heterogeneity(speeds=(1.0, 2.0, 3.0)[:world], base=0.002, jitter=0.3, seed=1)
