@@ -557,6 +557,26 @@ def test_a_failed_steps_keys_go_when_the_next_step_is_done(master, store):
     assert ranks[1].step_exists(0) is None
 
 
+def test_a_rank_that_closes_after_a_failed_step_leaves_its_arrival_to_the_others(master, store):
+    """A rank that abandoned a step and closed at once must not delete its arrival while another
+    rank still reads every arrival (it would block on the missing key, past every timeout)."""
+    code = make_code("repetition", 2, 4, redundancy=1.0)
+    ranks = coordinators(store, 2, timeout=0.3)
+    before = master.num_keys()
+    a, b = channels(ranks, 0, code)
+    a.begin()
+    b.begin()
+    assert a.abandon("StepMismatchError: other task weights") is True
+    ranks[0].step_failed(0)
+    ranks[0].close()
+    assert ranks[1].store.check(["s0/arrived/0"])  # still there for rank 1
+    with pytest.raises(CodedStepTimeout, match="abandoned by rank 0"):
+        b.arrive_and_wait(b.refresh(), [])
+    ranks[1].step_failed(0)
+    ranks[1].close()
+    assert master.num_keys() == before  # the last rank to close deleted them
+
+
 def test_after_every_rank_closes_the_namespace_is_empty(master, store):
     code = make_code("repetition", 3, 6, redundancy=1.5)
     before = master.num_keys()

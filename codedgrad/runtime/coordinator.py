@@ -175,11 +175,16 @@ class StoreCoordinator:
         """This rank left step ``step`` without reducing it: its keys go at the next success.
 
         Nobody touches a failed step's keys after leaving it (a release never runs ahead of a
-        failure, and a compute thread still in a task of it finds the step failed locally).
+        failure, and a compute thread still in a task of it finds the step failed locally). But
+        the other ranks may not have left it yet: one that abandoned at once and then closed its
+        engine must not delete its arrival while another rank still reads every arrival (it would
+        block on the missing key). So the arrivals are shared keys too: deleted by rank 0 at the
+        next success, when every rank is past the step, or by the last rank to close.
         """
         with self._lock:
-            self._own_deferred.append((_ANY_STEP, f"s{step}/arrived/{self.rank}"))
-            self._shared_deferred.extend((_ANY_STEP, f"s{step}/{what}") for what in ("state", "decided", "gate"))
+            keys = [f"s{step}/{what}" for what in ("state", "decided", "gate")]
+            keys += [f"s{step}/arrived/{r}" for r in range(self.world_size)]
+            self._shared_deferred.extend((_ANY_STEP, key) for key in keys)
 
     def close(self) -> None:
         """Delete this rank's keys; the last rank to close also deletes the shared ones."""
