@@ -461,7 +461,7 @@ def _free_port() -> int:
 
 
 def launch(args, world: int, nodes: int, out: Path) -> dict:
-    """One torchrun launch (``nodes`` agents on this machine) under the bench lock; its JSON."""
+    """One torchrun launch (``nodes`` agents on this machine); its JSON."""
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     passed = [
         "--worker", str(out), "--phases", args.phases, "--base", str(args.base), "--steps", str(args.steps),
@@ -479,22 +479,17 @@ def launch(args, world: int, nodes: int, out: Path) -> dict:
         commands = [[torchrun, *rdzv, script, *passed] for _ in range(nodes)]
     shell = " & ".join(" ".join(c) for c in commands) + " & wait"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    with contextlib.ExitStack() as stack:
-        if not args.no_lock:  # the same lock as `flock /tmp/codedgrad-bench.lock …`; the wait is not timed
-            lock = stack.enter_context(open(LOCK, "a"))
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        started = time.perf_counter()
-        # A session of its own, so that a launch that runs past the timeout is ended with all its ranks.
-        process = subprocess.Popen(
-            shell, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            _, stderr = process.communicate(timeout=args.launch_timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise RuntimeError(f"launch P={world} nodes={nodes}: no result within {args.launch_timeout:g} s") from None
+    started = time.perf_counter()
+    # A session of its own, so that a launch that runs past the timeout is ended with all its ranks.
+    process = subprocess.Popen(
+        shell, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=args.launch_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise RuntimeError(f"launch P={world} nodes={nodes}: no result within {args.launch_timeout:g} s") from None
     if process.returncode != 0 or not out.exists():
         raise RuntimeError(f"launch P={world} nodes={nodes} failed (rc {process.returncode}):\n{stderr[-4000:]}")
     result = json.loads(out.read_text())
@@ -618,9 +613,14 @@ def main() -> None:
     out_dir = Path(args.out or f"outputs/scale/{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for world, nodes in [(p, 1) for p in ranks] + [(p, 2) for p in two]:
-        print(f"launching P={world} on {nodes} agent(s)…", flush=True)
-        rows.append(launch(args, world, nodes, out_dir / f"P{world}_n{nodes}.json"))
+    with contextlib.ExitStack() as stack:
+        if not args.no_lock:  # `flock /tmp/codedgrad-bench.lock` for the whole sweep (its wait is not timed)
+            lock = stack.enter_context(open(LOCK, "a"))
+            print(f"waiting for {LOCK}…", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for world, nodes in [(p, 1) for p in ranks] + [(p, 2) for p in two]:
+            print(f"launching P={world} on {nodes} agent(s)…", flush=True)
+            rows.append(launch(args, world, nodes, out_dir / f"P{world}_n{nodes}.json"))
     command = "OMP_NUM_THREADS=1 " + " ".join([Path(sys.executable).name, *sys.argv])
     (out_dir / "scale.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     text = table(rows, phases)
