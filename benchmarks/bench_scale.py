@@ -8,14 +8,17 @@ writes ``outputs/scale/<timestamp>/scale.json``, ``scale.png`` and ``table.md``.
 adds a launch of two torchrun agents on this machine (``--nnodes 2 --nproc-per-node 4``, c10d
 rendezvous on localhost), so that the Store is reached through the rendezvous of a multi-node job.
 
-Each launch runs two phases on the same ranks (emulated speeds ``1 + r % 4``, so each rank commits
-at the same rate whatever P; K = ``--tasks-per-rank`` · P tasks, repetition code with Ω = 1.2):
+Each launch runs up to three phases on the same ranks (emulated speeds ``1 + r % 4``, so each rank
+commits at the same rate whatever P; K = ``--tasks-per-rank`` · P tasks, repetition code, Ω = 1.2):
 
+* ``capacity``: 1, 2 and 4 ranks send ``get`` back to back; the most operations per second is the
+  Store server's throughput on this machine (its clients share the cores: a lower bound).
 * ``coord``: the coordination alone, as in ``bench_commit.py``: each rank walks its queue, sleeps the
   emulated task time (:class:`~codedgrad.emulate.Heterogeneity`, sleep mode) in place of compute,
   commits every result through :class:`~codedgrad.runtime.StoreCoordinator` and waits for the
-  decision; after it, three bare ``get`` round trips at a similar cadence give the Store's own
-  latency for reference.
+  decision; after it, three bare round trips (a ``check``) at a similar cadence give the Store's own
+  latency for reference. ``--protocols cas,add`` alternates its steps with a race-free prototype
+  (``_add_step``; reported as ``coord_add``), so that both see the same machine.
 * ``engine``: :class:`~codedgrad.CodedDataParallel` on a tiny model with the same emulation, the
   plan fixed (no re-planning), step time measured over blocks of steps until the last rank is done.
 
