@@ -8,14 +8,17 @@ writes ``outputs/scale/<timestamp>/scale.json``, ``scale.png`` and ``table.md``.
 adds a launch of two torchrun agents on this machine (``--nnodes 2 --nproc-per-node 4``, c10d
 rendezvous on localhost), so that the Store is reached through the rendezvous of a multi-node job.
 
-Each launch runs two phases on the same ranks (emulated speeds ``1 + r % 4``, so each rank commits
-at the same rate whatever P; K = ``--tasks-per-rank`` · P tasks, repetition code with Ω = 1.2):
+Each launch runs up to three phases on the same ranks (emulated speeds ``1 + r % 4``, so each rank
+commits at the same rate whatever P; K = ``--tasks-per-rank`` · P tasks, repetition code, Ω = 1.2):
 
+* ``capacity``: 1, 2 and 4 ranks send ``get`` back to back; the most operations per second is the
+  Store server's throughput on this machine (its clients share the cores: a lower bound).
 * ``coord``: the coordination alone, as in ``bench_commit.py``: each rank walks its queue, sleeps the
   emulated task time (:class:`~codedgrad.emulate.Heterogeneity`, sleep mode) in place of compute,
   commits every result through :class:`~codedgrad.runtime.StoreCoordinator` and waits for the
-  decision; after it, three bare ``get`` round trips at a similar cadence give the Store's own
-  latency for reference.
+  decision; after it, three bare round trips (a ``check``) at a similar cadence give the Store's own
+  latency for reference. ``--protocols cas,add`` alternates its steps with a race-free prototype
+  (``_add_step``; reported as ``coord_add``), so that both see the same machine.
 * ``engine``: :class:`~codedgrad.CodedDataParallel` on a tiny model with the same emulation, the
   plan fixed (no re-planning), step time measured over blocks of steps until the last rank is done.
 
@@ -461,7 +464,7 @@ def _free_port() -> int:
 
 
 def launch(args, world: int, nodes: int, out: Path) -> dict:
-    """One torchrun launch (``nodes`` agents on this machine) under the bench lock; its JSON."""
+    """One torchrun launch (``nodes`` agents on this machine); its JSON."""
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     passed = [
         "--worker", str(out), "--phases", args.phases, "--base", str(args.base), "--steps", str(args.steps),
@@ -479,22 +482,17 @@ def launch(args, world: int, nodes: int, out: Path) -> dict:
         commands = [[torchrun, *rdzv, script, *passed] for _ in range(nodes)]
     shell = " & ".join(" ".join(c) for c in commands) + " & wait"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    with contextlib.ExitStack() as stack:
-        if not args.no_lock:  # the same lock as `flock /tmp/codedgrad-bench.lock …`; the wait is not timed
-            lock = stack.enter_context(open(LOCK, "a"))
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        started = time.perf_counter()
-        # A session of its own, so that a launch that runs past the timeout is ended with all its ranks.
-        process = subprocess.Popen(
-            shell, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            _, stderr = process.communicate(timeout=args.launch_timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise RuntimeError(f"launch P={world} nodes={nodes}: no result within {args.launch_timeout:g} s") from None
+    started = time.perf_counter()
+    # A session of its own, so that a launch that runs past the timeout is ended with all its ranks.
+    process = subprocess.Popen(
+        shell, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=args.launch_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise RuntimeError(f"launch P={world} nodes={nodes}: no result within {args.launch_timeout:g} s") from None
     if process.returncode != 0 or not out.exists():
         raise RuntimeError(f"launch P={world} nodes={nodes} failed (rc {process.returncode}):\n{stderr[-4000:]}")
     result = json.loads(out.read_text())
@@ -618,9 +616,14 @@ def main() -> None:
     out_dir = Path(args.out or f"outputs/scale/{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for world, nodes in [(p, 1) for p in ranks] + [(p, 2) for p in two]:
-        print(f"launching P={world} on {nodes} agent(s)…", flush=True)
-        rows.append(launch(args, world, nodes, out_dir / f"P{world}_n{nodes}.json"))
+    with contextlib.ExitStack() as stack:
+        if not args.no_lock:  # `flock /tmp/codedgrad-bench.lock` for the whole sweep (its wait is not timed)
+            lock = stack.enter_context(open(LOCK, "a"))
+            print(f"waiting for {LOCK}…", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for world, nodes in [(p, 1) for p in ranks] + [(p, 2) for p in two]:
+            print(f"launching P={world} on {nodes} agent(s)…", flush=True)
+            rows.append(launch(args, world, nodes, out_dir / f"P{world}_n{nodes}.json"))
     command = "OMP_NUM_THREADS=1 " + " ".join([Path(sys.executable).name, *sys.argv])
     (out_dir / "scale.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     text = table(rows, phases)

@@ -462,11 +462,24 @@ class Sample:
     os_threads: int  # Threads in /proc/self/status
 
 
+def _os_threads() -> int:
+    """This process's OS threads, the least of three reads 10 ms apart.
+
+    A thread that was joined a moment ago (a step's prefetch thread) can still be exiting in the
+    kernel; a leaked thread stays in all three reads.
+    """
+    counts = []
+    for _ in range(3):
+        counts.append(_proc_status("Threads"))
+        time.sleep(0.01)
+    return min(counts)
+
+
 def take_sample(start: float, steps: int, failed: int, store: dist.Store) -> Sample:
     return Sample(
         seconds=round(time.monotonic() - start, 3), steps=steps, failed=failed, store_keys=store.num_keys(),
         rss_mb=round(_proc_status("VmRSS") / 1024, 2), threads=threading.active_count(),
-        os_threads=_proc_status("Threads"),
+        os_threads=_os_threads(),
     )  # fmt: skip
 
 
@@ -502,8 +515,8 @@ class Watchdog:
 
     It then writes every thread's stack (:mod:`faulthandler`) to ``hang_rank{r}.txt`` and stderr,
     calls ``on_hang`` (rank 0 writes a report saying so) and ends the process with status 3 (torchrun
-    then stops the other ranks). A second, C-level timer (``faulthandler.dump_traceback_later``) does
-    the same at twice the time, should the Python thread itself be unable to run.
+    then stops the other ranks). Not ``faulthandler.dump_traceback_later``: re-armed every step, it
+    starts an OS thread each time, which the soak's thread count would catch still exiting.
     """
 
     def __init__(self, seconds: float, rank: int, out: Path, on_hang: Callable[[str], None]) -> None:
@@ -512,17 +525,14 @@ class Watchdog:
         self._what: str | None = None
         self._since = 0.0
         self._stop = threading.Event()
-        self._backup = open(out / f"hang_rank{rank}_backup.txt", "w")  # faulthandler writes to a file
         self._thread = threading.Thread(target=self._watch, name="soak-watchdog", daemon=True)
         self._thread.start()
 
     def enter(self, what: str) -> None:
         with self._lock:
             self._what, self._since = what, time.monotonic()
-        faulthandler.dump_traceback_later(2 * self.seconds, exit=True, file=self._backup)
 
     def leave(self) -> None:
-        faulthandler.cancel_dump_traceback_later()
         with self._lock:
             self._what = None
 
@@ -530,10 +540,6 @@ class Watchdog:
         self.leave()
         self._stop.set()
         self._thread.join(timeout=5)
-        self._backup.close()
-        path = self.out / f"hang_rank{self.rank}_backup.txt"
-        if path.exists() and path.stat().st_size == 0:
-            path.unlink()
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
@@ -554,10 +560,6 @@ class Watchdog:
         try:
             self.on_hang(message)
         finally:
-            self._backup.close()
-            backup = self.out / f"hang_rank{self.rank}_backup.txt"
-            if backup.stat().st_size == 0:
-                backup.unlink()
             os._exit(3)
 
 
