@@ -251,8 +251,6 @@ class Planner:
         self._calls: deque[tuple[float, float]] = deque(maxlen=COST_SAMPLES)
         self._cost: CostModel | None = None
         self._cost_stale = 0
-        self._calls_this_step = 0
-        self._calls_per_step: deque[int] = deque(maxlen=64)
         #: Every rank's cost model from the last exchange (None where a rank had none).
         self.shared_costs: tuple[CostModel | None, ...] = ()
 
@@ -337,7 +335,7 @@ class Planner:
         # Chunks (several tasks per call) pay the fixed cost of a call once: a per-task time of
         # seconds / tasks would make a rank with larger chunks look faster, win more tasks, get
         # larger chunks, and so on. So with chunks the fixed part is taken out of every call and
-        # becomes the profile's shift (per step: fixed · calls per step), and the mean is the
+        # becomes the profile's shift (per step: fixed · the calls of an even share), and the mean is the
         # per-task part of the cost model (per sample times the tasks' mean weight), the same
         # whatever the chunk sizes; the spread is fitted to the calls' per-task times net of the
         # fixed part. One task per call (task_loss) leaves the times as they are.
@@ -347,7 +345,12 @@ class Planner:
         tasks = [max(0.0, seconds - fixed) / n for n, _, seconds in calls for _ in range(n)]
         profile = fit_profile(tasks) if len(tasks) >= MIN_SAMPLES else None
         if profile is not None and cost is not None and chunked:
-            shift = fixed * float(np.median(self._calls_per_step)) if self._calls_per_step else 0.0
+            # The calls a rank's primaries take under guided self-scheduling from an even share
+            # (halving: log2(K/P) + 1), the same rule for every rank: counting this rank's own
+            # calls would feed back (spare work adds calls, a larger shift loses primaries, which
+            # makes more spare work).
+            share = self.plan.num_tasks / self._world_size if self.plan is not None else 1.0
+            shift = fixed * (math.log2(max(1.0, share)) + 1.0)
             task_weight = sum(w for _, w, _ in calls) / sum(n for n, _, _ in calls)
             mean = cost.per_sample * task_weight
             if mean > 0:
@@ -410,7 +413,6 @@ class Planner:
         if self._skip_step or not (math.isfinite(seconds) and seconds >= 0) or tasks < 1:
             return
         self._windows[-1].append((tasks, weight, seconds))
-        self._calls_this_step += 1
         if math.isfinite(weight) and weight > 0:
             self._calls.append((weight, seconds))
             self._cost_stale += 1
@@ -434,8 +436,6 @@ class Planner:
         self._steps_since_exchange += 1
         if step_seconds is not None and not self._skip_step:
             self._step_seconds.append(step_seconds)
-            self._calls_per_step.append(self._calls_this_step)
-        self._calls_this_step = 0
         self._skip_step = False
 
     # ----------------------------------------------------------------- checkpoints
