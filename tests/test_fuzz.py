@@ -471,7 +471,7 @@ _BALANCED_FIELDS = {
 }
 
 
-@fs.fuzz_settings(40)
+@fs.fuzz_settings(20)
 @given(st.sampled_from(["coded", "balanced"]), st.data())
 def test_strategy_constructors_accept_or_name_the_argument(which, data):
     from codedgrad.lightning import BalancedStrategy, CodedStrategy
@@ -727,7 +727,7 @@ def test_a_corrupted_state_at_begin_is_refused_by_name(case, data):
     assert not isinstance(committed, Exception) or isinstance(committed, STEP_ERRORS), repr(committed)
 
 
-@fs.fuzz_settings(60)
+@fs.fuzz_settings(20)
 @given(st.sampled_from(STORE_CODES), st.sampled_from(["commit", "refresh", "wait", "probe"]), st.data())
 def test_a_state_corrupted_during_the_step_is_refused_by_name(case, operation, data):
     name, ranks, tasks, omega = case
