@@ -610,17 +610,11 @@ def test_emulation_settings_round_trip_or_name_the_field(data):
     assert emulation.task_delay(0, 0, 0) >= 0
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TypeError, reason="emulate.py (not ours to edit now) sorts unknown keys of mixed types"
-)
 def test_emulation_settings_with_a_key_that_is_not_text_name_it():
     with pytest.raises(EmulationError, match="unknown field"):
         Heterogeneity.from_dict({"speeds": [1.0], "base": 0.1, 7: 1, "": None})
 
 
-@pytest.mark.xfail(
-    strict=True, raises=OverflowError, reason="emulate.py (not ours to edit now) calls float() before its checks"
-)
 @pytest.mark.parametrize("field", ["speeds", "base"])
 def test_emulation_settings_with_an_integer_beyond_any_float_name_the_field(field):
     data = {"speeds": [1.0], "base": 0.1}
