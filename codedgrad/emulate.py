@@ -114,10 +114,13 @@ def _is_int(value: object) -> bool:
 def _finite(name: str, value: object) -> float:
     if not _is_number(value):
         raise EmulationError(f"{name}: must be a number, got {value!r}")
-    value = float(value)  # type: ignore[arg-type]
-    if not math.isfinite(value):
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an integer beyond any float (JSON allows 10**400)
+        raise EmulationError(f"{name}: must be finite, got an integer of {len(str(value))} digits") from None
+    if not math.isfinite(number):
         raise EmulationError(f"{name}: must be finite, got {value!r}")
-    return value
+    return number
 
 
 def _compute_seconds(value: object) -> float:
@@ -484,7 +487,7 @@ class Heterogeneity:
         prefix = f"{source}: " if source else ""
         if not isinstance(data, Mapping):
             raise EmulationError(f"{prefix}expected a JSON object with the emulation settings, got {data!r}")
-        unknown = sorted(set(data) - set(_FIELDS))
+        unknown = sorted(k if isinstance(k, str) else repr(k) for k in set(data) - set(_FIELDS))  # keys may not be text
         if unknown:
             raise EmulationError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(_FIELDS)})")
         for required in ("speeds", "base"):

@@ -125,34 +125,46 @@ CODE_NAMES_AND_TYPOS = st.sampled_from(["repetition", "uncoded", "frc", "cyclic"
 
 @st.composite
 def code_arguments(draw: st.DrawFn) -> dict:
-    """Arguments of :func:`codedgrad.codes.make_code`, mostly valid, sometimes wrong in one place."""
+    """Arguments of :func:`codedgrad.codes.make_code`: two in three valid, the others wrong somewhere."""
     ranks = draw(st.integers(1, 6))
-    tasks = draw(st.one_of(st.integers(ranks, 24), st.integers(-1, ranks)))
-    redundancy = draw(
-        st.one_of(
-            st.integers(1, ranks).map(float),
-            st.floats(1.0, float(ranks)),
-            st.sampled_from([0.5, float(ranks) + 1, float("nan"), float("inf")]),
-        )
-    )
-    profiles = draw(
-        st.one_of(
-            st.none(),
-            st.lists(moderate_profile, min_size=ranks, max_size=ranks),
-            st.lists(valid_profile, min_size=ranks, max_size=ranks),  # speeds up to 10¹² apart
-            st.lists(moderate_profile, min_size=0, max_size=ranks + 1),
-            st.lists(st.one_of(moderate_profile, garbage), min_size=ranks, max_size=ranks),
-        )
-    )
-    gamma = draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 10.0), nasty_floats))
-    return {
-        "name": draw(st.one_of(st.sampled_from(["repetition", "uncoded", "frc", "cyclic"]), CODE_NAMES_AND_TYPOS)),
+    name = draw(st.sampled_from(["repetition", "uncoded", "frc", "cyclic"]))
+    if name == "uncoded":
+        redundancy = 1.0
+    elif name == "repetition":
+        redundancy = draw(st.one_of(st.just(1.0), st.floats(1.0, float(ranks))))
+    else:
+        redundancy = float(draw(st.integers(1, ranks)))
+    arguments = {
+        "name": name,
         "num_ranks": ranks,
-        "num_tasks": tasks,
+        "num_tasks": draw(st.integers(ranks, 24)),
         "redundancy": redundancy,
-        "profiles": profiles,
-        "gamma": gamma,
+        "profiles": draw(
+            st.one_of(
+                st.none(),
+                st.lists(moderate_profile, min_size=ranks, max_size=ranks),
+                st.lists(valid_profile, min_size=ranks, max_size=ranks),  # speeds up to 10¹² apart
+            )
+        ),
+        "gamma": draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 10.0))),
     }
+    if draw(st.integers(0, 2)) == 0:  # one argument wrong (or, by chance, still valid)
+        wrong = {
+            "name": CODE_NAMES_AND_TYPOS,
+            "num_tasks": st.integers(-1, ranks),
+            "redundancy": st.one_of(
+                st.floats(1.0, float(ranks) + 1),
+                st.sampled_from([0.5, float(ranks) + 1, float("nan"), float("inf")]),
+            ),
+            "profiles": st.one_of(
+                st.lists(moderate_profile, min_size=0, max_size=ranks + 1),
+                st.lists(st.one_of(moderate_profile, garbage), min_size=ranks, max_size=ranks),
+            ),
+            "gamma": nasty_floats,
+        }
+        field = draw(st.sampled_from(sorted(wrong)))
+        arguments[field] = draw(wrong[field])
+    return arguments
 
 
 # --- engine configuration --------------------------------------------------------------------------

@@ -471,7 +471,7 @@ _BALANCED_FIELDS = {
 }
 
 
-@fs.fuzz_settings(40)
+@fs.fuzz_settings(20)
 @given(st.sampled_from(["coded", "balanced"]), st.data())
 def test_strategy_constructors_accept_or_name_the_argument(which, data):
     from codedgrad.lightning import BalancedStrategy, CodedStrategy
@@ -610,17 +610,11 @@ def test_emulation_settings_round_trip_or_name_the_field(data):
     assert emulation.task_delay(0, 0, 0) >= 0
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TypeError, reason="emulate.py (not ours to edit now) sorts unknown keys of mixed types"
-)
 def test_emulation_settings_with_a_key_that_is_not_text_name_it():
     with pytest.raises(EmulationError, match="unknown field"):
         Heterogeneity.from_dict({"speeds": [1.0], "base": 0.1, 7: 1, "": None})
 
 
-@pytest.mark.xfail(
-    strict=True, raises=OverflowError, reason="emulate.py (not ours to edit now) calls float() before its checks"
-)
 @pytest.mark.parametrize("field", ["speeds", "base"])
 def test_emulation_settings_with_an_integer_beyond_any_float_name_the_field(field):
     data = {"speeds": [1.0], "base": 0.1}
@@ -727,7 +721,7 @@ def test_a_corrupted_state_at_begin_is_refused_by_name(case, data):
     assert not isinstance(committed, Exception) or isinstance(committed, STEP_ERRORS), repr(committed)
 
 
-@fs.fuzz_settings(60)
+@fs.fuzz_settings(20)
 @given(st.sampled_from(STORE_CODES), st.sampled_from(["commit", "refresh", "wait", "probe"]), st.data())
 def test_a_state_corrupted_during_the_step_is_refused_by_name(case, operation, data):
     name, ranks, tasks, omega = case

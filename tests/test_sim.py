@@ -182,19 +182,20 @@ workers = st.lists(
 @given(
     profiles=workers,
     tasks=st.integers(1, 40),
-    redundancy=st.sampled_from([1.0, 1.1, 1.5]),
     load=st.floats(0.2, 0.8),
     seed=st.integers(0, 1000),
 )
-def test_stream_lower_bound_is_below_the_simulated_mean_delay(profiles, tasks, redundancy, load, seed) -> None:
+def test_stream_lower_bound_is_below_the_simulated_mean_delay(profiles, tasks, load, seed) -> None:
     # The bound is on the expected delay, so compare it with the sample mean plus its standard error.
+    # Without redundancy only: with Ω > 1 the first of two copies of a task can beat the pooled
+    # capacity (one task, Ω = 1.5, an exponential and a deterministic worker: E[min] < the bound).
     # (For std > mean the task times are gamma, and a K-th order statistic over many redundant slots
     # can beat the pooled-capacity time: the bound is stated for std <= mean.) It is tight for one
     # worker with deterministic tasks (M/D/1), where a run that starts with an empty queue is biased
     # low by its warm-up: 2 % of slack covers that at 20 000 jobs and loads up to 0.8.
     arrival_rate = load / plan.capacity_time(profiles, tasks)
     bound = plan.stream_lower_bound(profiles, tasks, arrival_rate)
-    split = plan.optimal_split(profiles, tasks, redundancy)
+    split = plan.optimal_split(profiles, tasks, 1.0)
     result = sim.simulate_stream(profiles, split, tasks, arrival_rate, jobs=20_000, seed=seed)
     assert bound <= result.mean_delay * 1.02 + 4 * result.delay_standard_error
 
