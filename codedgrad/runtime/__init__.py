@@ -12,21 +12,24 @@
 """
 
 from codedgrad.runtime.config import ConfigurationError, EngineConfig
-from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError
+from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError, StoreStateError
 from codedgrad.runtime.engine import CodedDataParallel
 from codedgrad.runtime.hooks import CodedHookState, coded_allreduce_, coded_allreduce_hook
+from codedgrad.runtime.release import CollectiveFailed
 from codedgrad.runtime.step import NonFiniteGradientError, StepPhase, StepReport
 
 __all__ = [
     "CodedDataParallel",
     "CodedHookState",
     "CodedStepTimeout",
+    "CollectiveFailed",
     "ConfigurationError",
     "EngineConfig",
     "NonFiniteGradientError",
     "StepMismatchError",
     "StepPhase",
     "StepReport",
+    "StoreStateError",
     "coded_allreduce_",
     "coded_allreduce_hook",
 ]
