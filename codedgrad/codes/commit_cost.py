@@ -104,13 +104,14 @@ class CommitEstimate:
     share: float
 
 
-# Fitted to the coordination-only runs of `bench_scale.py` at P = 4 and 8 (the world sizes at which
-# the 2-core VM still had idle CPU; sleep emulation, tasks of 25-100 ms, 8 tasks per rank, Ω = 1.2),
-# with the Store's time per operation from its capacity phase (23 600 gets/s at best):
-#     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_scale.py --ranks 4,8,16,32 --two-nodes 8
-#     .venv/bin/python benchmarks/project_scale.py --fit outputs/scale/<timestamp>/scale.json --service 4.24e-5
+# Fitted to the coordination-only runs of `bench_scale.py` at P = 4, 8, 16 and 32 with the bench lock
+# held and 62-94 % idle CPU (run 2 of docs/scale.md; sleep emulation, tasks of 25-100 ms, 8 tasks
+# per rank, Ω = 1.2), the Store's time per operation from its capacity phase (41 000 gets/s at best):
+#     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_scale.py --ranks 4,8,16,32 --two-nodes 8 \
+#         --protocols cas,add --steps 12 --block 3
+#     .venv/bin/python benchmarks/project_scale.py --fit outputs/scale/<timestamp>/scale.json --fit-ranks 4,8,16,32
 # See docs/scale.md for the measurements and how well the model follows them.
-FITTED = CommitCostModel(round_trip=4.09e-4, service=4.24e-5, other_ops_per_commit=0.33)
+FITTED = CommitCostModel(round_trip=2.11e-4, service=2.44e-5, other_ops_per_commit=0.45)
 
 
 def _groups(world_size: int, task_seconds: float | Sequence[float]) -> list[tuple[float, int]]:
