@@ -56,6 +56,22 @@ def test_timed_spare_work_helps_only_when_it_can_end_the_step_sooner():
     assert spare_work(state, 0, elapsed=3.0) is None and next_spare_check(state, 0, 3.0) is None  # decided
 
 
+def test_owners_in_chunks_are_helped_only_once_overdue():
+    # The same quiet ranks, but owners commit chunks all or none: rank 2's 4 open tasks may all be in
+    # one chunk in flight, and a copy of one would void it, so no help while it is on schedule.
+    code = RepetitionCode(3, 12, 1.0, [WorkerProfile(0, 1, 0)] * 3)
+    state = code.new_state()
+    for j in range(8):
+        state.commit(0, j)
+    assert spare_work(state, 0, elapsed=0.5) is not None  # single tasks: worth helping early
+    assert spare_work(state, 0, elapsed=0.5, owners_in_chunks=True) is None
+    assert spare_work(state, 0, owners_in_chunks=True) is not None  # no clock yet: whatever is open
+    retry = next_spare_check(state, 0, elapsed=0.5)
+    assert retry == pytest.approx(4.5)  # overdue after its 4 tasks and half a task
+    assert spare_work(state, 0, elapsed=retry - 0.01, owners_in_chunks=True) is None
+    assert spare_work(state, 0, elapsed=retry, owners_in_chunks=True).result in (10, 11)
+
+
 @pytest.mark.parametrize("name", ["frc", "cyclic"])
 def test_rank_level_codes_have_no_spare_work(name):
     code = make_code(name, 4, 8, 2.0)

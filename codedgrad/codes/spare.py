@@ -37,7 +37,9 @@ from codedgrad.codes.repetition import RepetitionCode, RepetitionState
 __all__ = ["next_spare_check", "spare_work"]
 
 
-def spare_work(state: DecoderState, rank: int, elapsed: float | None = None) -> Work | None:
+def spare_work(
+    state: DecoderState, rank: int, elapsed: float | None = None, owners_in_chunks: bool = False
+) -> Work | None:
     """Work ``rank`` may do for others once its own queue has run dry, or None to just wait.
 
     Args:
@@ -46,6 +48,10 @@ def spare_work(state: DecoderState, rank: int, elapsed: float | None = None) -> 
         elapsed: time since the step started (seconds, in the profiles' units). With it, an owner is
             helped only when that is expected to end the step sooner, and the most-behind owner that
             qualifies is chosen; without it, whatever is open is offered.
+        owners_in_chunks: owners run their primaries in chunks committed all or none (a
+            ``batch_loss``). Their progress then shows only when a chunk commits, so an owner on
+            schedule looks behind, and a copied task voids the owner's whole chunk in flight: with
+            ``elapsed``, only an owner past :func:`_overdue_at` (a stall, a slowed node) is helped.
 
     Returns:
         A task of the most-behind owner that qualifies, as a :class:`Work` with that task's result
@@ -70,7 +76,13 @@ def spare_work(state: DecoderState, rank: int, elapsed: float | None = None) -> 
         if left[owner] == 0:
             return None
         tail = open_by_owner[owner]  # ascending: the owner works from the front
-        if elapsed is None or _worth_helping(code, rank, owner, len(tail), elapsed):
+        if elapsed is None:
+            helping = True  # no measured task times yet to judge by (the first steps)
+        elif owners_in_chunks:
+            helping = elapsed >= _overdue_at(code, owner)
+        else:
+            helping = _worth_helping(code, rank, owner, len(tail), elapsed)
+        if helping:
             task = tail[-1 - rank % ((len(tail) + 1) // 2)]
             return Work(task, (task,), (1.0,))
     return None

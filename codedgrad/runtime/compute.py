@@ -296,9 +296,9 @@ class TaskRunner:
         state = channel.state
         while self._config.spare_work and record.phase is StepPhase.RUNNING and not state.decided:
             # Whether helping pays is judged against the plan's task times, which must be measured
-            # seconds for that; until they are, take whatever is open.
+            # seconds for that; until they are, take whatever is open (owners running single tasks).
             elapsed = time.perf_counter() - record.start if plan.measured else None
-            work = spare_work(state, self._rank, elapsed=elapsed)
+            work = spare_work(state, self._rank, elapsed=elapsed, owners_in_chunks=loss.batched)
             if work is None:
                 retry = None if elapsed is None else next_spare_check(state, self._rank, elapsed)
                 if retry is None or not self._idle(record, channel, record.start + retry):
