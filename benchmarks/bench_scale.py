@@ -13,7 +13,7 @@ commits at the same rate whatever P; K = ``--tasks-per-rank`` · P tasks, repeti
 
 * ``capacity``: 1, 2 and 4 ranks send ``get`` back to back; the most operations per second is the
   Store server's throughput on this machine (its clients share the cores: a lower bound).
-* ``coord``: the coordination alone, as in ``bench_commit.py``: each rank walks its queue, sleeps the
+* ``coord``: the coordination alone, each rank walks its queue, sleeps the
   emulated task time (:class:`~codedgrad.emulate.Heterogeneity`, sleep mode) in place of compute,
   commits every result through :class:`~codedgrad.runtime.StoreCoordinator` and waits for the
   decision; after it, three bare round trips (a ``check``) at a similar cadence give the Store's own
