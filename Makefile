@@ -49,11 +49,11 @@ stream-measure: $(STAMP)
 # The benchmark of the alternatives (docs/benchmarks.md): real models, EMULATED clusters in compute mode, one
 # torchrun run, strategies interleaved; outputs/bench/<time>/. `make bench-engine`: the engine on sleeps.
 bench: $(STAMP)
-	OMP_NUM_THREADS=1 flock /tmp/codedgrad-bench.lock $(BIN)/torchrun --standalone --nproc-per-node 4 recipes/bench.py
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 4 recipes/bench.py
 
 bench-engine: $(STAMP)
 	$(BIN)/python benchmarks/bench_planner.py
-	OMP_NUM_THREADS=1 flock /tmp/codedgrad-bench.lock $(BIN)/torchrun --standalone --nproc-per-node 4 benchmarks/bench_engine.py
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 4 benchmarks/bench_engine.py
 
 # The soak (docs/soak.md): $(RANKS) ranks (4) train under EMULATED stalls and drift with injected faults
 # for $(DURATION) (3m; e.g. `make soak DURATION=30m`), checking outcomes, gradients, Store keys, RSS, threads.
