@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -52,15 +53,15 @@ def inject(out_dir: Path, point: str, victim: int, rank: int, target: dict) -> N
     if rank != victim:
         return
     if point == "commit":
-        original_commit = StepChannel.commit
+        original_commit = StepChannel.commit_all  # every commit goes through it (a task, or a chunk)
 
-        def commit_then_die(self: StepChannel, result: int) -> bool:
-            used = original_commit(self, result)
+        def commit_then_die(self: StepChannel, results: Sequence[int]) -> bool:
+            used = original_commit(self, results)
             if used and target["armed"]:
                 die(out_dir, point, rank, self.step)  # the Store holds the commit; the accumulator never will
             return used
 
-        StepChannel.commit = commit_then_die
+        StepChannel.commit_all = commit_then_die
     elif point == "allreduce":
         original_allreduce = release.coded_allreduce_
 
