@@ -48,8 +48,14 @@ def main(cfg: DictConfig) -> None:
         # gloo under torchrun can abort at interpreter exit unless the group is destroyed
         # (docs/design.md, "Facts about the stack").
         dist.destroy_process_group()
-    if not ok:
-        sys.exit(1)
+    # The verdict is written and every group is gone. End here rather than in the interpreter's
+    # teardown: 1 of about 10 short soaks aborted there ("terminate called without an active
+    # exception", SIGABRT) after a PASS, in a C++ destructor we have not pinned down yet (README,
+    # Open work); a soak's exit status must be its verdict.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
