@@ -71,12 +71,12 @@ import numpy as np
 
 from codedgrad.profile import WorkerProfile
 
-__all__ = ["ENV_VARIABLE", "EmulationError", "EmulationMode", "Heterogeneity"]
+__all__ = ["ENV_VARIABLE", "FIELDS", "EmulationError", "EmulationMode", "Heterogeneity"]
 
 ENV_VARIABLE = "CODEDGRAD_EMULATE"
 """The environment variable :meth:`Heterogeneity.from_env` reads by default."""
 
-_FIELDS = (
+FIELDS = (  # the settings a Heterogeneity is built from (its to_dict keys)
     "speeds",
     "base",
     "jitter",
@@ -487,9 +487,9 @@ class Heterogeneity:
         prefix = f"{source}: " if source else ""
         if not isinstance(data, Mapping):
             raise EmulationError(f"{prefix}expected a JSON object with the emulation settings, got {data!r}")
-        unknown = sorted(k if isinstance(k, str) else repr(k) for k in set(data) - set(_FIELDS))  # keys may not be text
+        unknown = sorted(k if isinstance(k, str) else repr(k) for k in set(data) - set(FIELDS))  # keys may not be text
         if unknown:
-            raise EmulationError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(_FIELDS)})")
+            raise EmulationError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(FIELDS)})")
         for required in ("speeds", "base"):
             if required not in data:
                 raise EmulationError(f"{prefix}{required}: missing")

@@ -26,24 +26,15 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from codedgrad.emulate import EmulationMode, Heterogeneity
+from codedgrad.emulate import FIELDS, EmulationMode, Heterogeneity
 from codedgrad.plan import capacity_time
 
 __all__ = ["EmulatedDelay", "batch_len", "build_emulation", "fit_speeds", "per_task", "pooled_bound", "stalled_tasks"]
 
 log = logging.getLogger(__name__)
 
-_HETEROGENEITY_KEYS = (
-    "speeds",
-    "base",
-    "jitter",
-    "stall_prob",
-    "stall_factor",
-    "seed",
-    "change_step",
-    "change_speeds",
-    "mode",
-)
+# A cluster config holds every Heterogeneity setting but the tests-only forced stalls.
+_HETEROGENEITY_KEYS = tuple(name for name in FIELDS if name != "forced_stalls")
 
 
 def fit_speeds(speeds: Sequence[float], world_size: int) -> tuple[float, ...]:
