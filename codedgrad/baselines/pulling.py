@@ -44,7 +44,7 @@ from codedgrad.baselines._common import (
 from codedgrad.emulate import Heterogeneity
 from codedgrad.runtime.buffers import FlatGradients
 from codedgrad.runtime.config import ConfigurationError
-from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError, _wait_all, weights_digest
+from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError, wait_all, weights_digest
 
 __all__ = ["DynamicPulling", "PullReport", "default_chunk"]
 
@@ -260,7 +260,7 @@ class DynamicPulling:
             return None
 
         try:
-            values = _wait_all(
+            values = wait_all(
                 self._store, keys, f"{step}/gate", self.timeout, self._rank, f"at the end of step {step}", audit
             )
         except (CodedStepTimeout, StepMismatchError) as exc:

@@ -58,6 +58,7 @@ __all__ = [
     "StepMismatchError",
     "StoreCoordinator",
     "StoreStateError",
+    "wait_all",
     "weights_digest",
 ]
 
@@ -221,7 +222,7 @@ class StoreCoordinator:
         """
         keys = [f"{prefix}/{r}" for r in range(self.world_size)]
         name = prefix.split("/", 2)[2]
-        return _wait_all(self.store, keys, f"{prefix}/gate", self.timeout, self.rank, f"to publish {name!r}")
+        return wait_all(self.store, keys, f"{prefix}/gate", self.timeout, self.rank, f"to publish {name!r}")
 
     def gather(self, name: str, value: bytes, step: int = 0) -> list[bytes]:
         """Every rank's ``value`` for ``name``, in rank order: :meth:`publish` and :meth:`collect` at once."""
@@ -427,7 +428,7 @@ class StepChannel:
                     return f"rank {r}'s arrival could not be read (it abandoned the step)"
             return check_accumulated(self.code, decided, sets)
 
-        _wait_all(
+        wait_all(
             self.client, keys, self._key("gate"), self.timeout, self.rank,
             f"at step {self.step} to reach the coded all-reduce", audit,
         )  # fmt: skip
@@ -446,7 +447,7 @@ class StepChannel:
         return True
 
 
-def _wait_all(
+def wait_all(
     client: dist.Store,
     keys: list[str],
     gate: str,
