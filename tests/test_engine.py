@@ -5,6 +5,8 @@ Two launches (≈ 10–30 s each) check everything; see tests/distributed/engine
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import DISTRIBUTED_DIR, load_rank_results, run_torchrun
 
@@ -105,6 +107,19 @@ def test_a_stall_is_covered_once_task_times_are_measured(exact):
         for rank in (0, 2, 3):
             assert exact[rank][name]["time_to_decision"][7] < 1.0, exact[rank][name]
         assert sum(exact[rank][name]["spare"][7] for rank in (0, 2, 3)) > 0, name  # they did cover it
+
+
+def test_spare_work_auto_is_off_where_ranks_share_cores(exact):
+    """spare_work="auto": off when the ranks' threads outnumber the cores (this test's 4 ranks with
+    one thread each on a machine of fewer than 4 cores), on otherwise; every rank resolves the same."""
+    shared = 4 > len(os.sched_getaffinity(0))  # OMP_NUM_THREADS=1: one thread per rank
+    for result in exact:
+        entry = result["repetition_1.25"]
+        assert entry["spare_work"] is (not shared), entry["shared_devices"]
+        assert bool(entry["shared_devices"]) is shared
+        if shared:
+            assert "run 4 threads on" in entry["shared_devices"][0]
+    assert len({tuple(r["repetition_1.25"]["shared_devices"]) for r in exact}) == 1
 
 
 def test_slow_rank_does_less(exact):

@@ -172,7 +172,6 @@ def test_a_killed_rank_fails_the_others_in_time_naming_it_and_the_step(faults: d
 # -- exact resume under torchrun's restarts -------------------------------------------------------
 
 
-
 def start_resume(out_dir: Path, kills: list[str]) -> subprocess.Popen:
     """Start torchrun with a restart per kill (see resume_worker.py); its output goes to ``out_dir/output.txt``."""
     command = [

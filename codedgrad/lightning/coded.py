@@ -251,7 +251,8 @@ class CodedStrategy(CodedgradStrategy):
             process group's timeout for Lightning's own collectives (validation, checkpoints).
         replan_every: steps between profile exchanges (0: never re-plan).
         replan_threshold: re-plan only when the predicted step time improves by more than this share.
-        spare_work: let an idle rank compute other ranks' open tasks when that ends the step sooner.
+        spare_work: let an idle rank compute other ranks' open tasks when that ends the step sooner;
+            ``"auto"`` (default): unless ranks share a compute device.
         max_steps_ahead: steps the release may complete for a stalled rank meanwhile.
         **kwargs: :class:`~pytorch_lightning.strategies.DDPStrategy`'s ``accelerator``,
             ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
@@ -277,7 +278,7 @@ class CodedStrategy(CodedgradStrategy):
         timeout: float = 300.0,
         replan_every: int = 50,
         replan_threshold: float = 0.1,
-        spare_work: bool = True,
+        spare_work: bool | str = "auto",
         max_steps_ahead: int = 4,
         **kwargs: Any,
     ) -> None:

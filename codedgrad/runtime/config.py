@@ -78,7 +78,8 @@ class EngineConfig:
         replan_every: steps between profile exchanges (0: never re-plan).
         replan_threshold: share by which the predicted step time must improve to switch plans.
         warmup_steps: steps measured before the first profile exchange when no profiles are given.
-        spare_work: let an idle rank compute other ranks' open tasks when that can end the step sooner.
+        spare_work: let an idle rank compute other ranks' open tasks when that can end the step sooner;
+            ``"auto"``: only when no two ranks share a compute device (:mod:`~codedgrad.runtime.devices`).
         no_wait: reduce on the release thread as soon as a step is decided.
         broadcast_buffers: give every rank rank 0's module buffers after every step.
         bucket_cap_mb: largest flat gradient bucket of the coded all-reduce.
@@ -98,7 +99,7 @@ class EngineConfig:
     replan_every: int = 50
     replan_threshold: float = 0.1
     warmup_steps: int = 3
-    spare_work: bool = True
+    spare_work: bool | str = AUTO
     no_wait: bool = True
     broadcast_buffers: bool = True
     bucket_cap_mb: float = 25.0
@@ -158,7 +159,9 @@ class EngineConfig:
             raise ConfigurationError(f"replan_threshold: must be in [0, 1), got {threshold:g}")
         set_(self, "replan_threshold", threshold)
         _integer("warmup_steps", self.warmup_steps, 1)
-        for name in ("spare_work", "no_wait", "broadcast_buffers"):
+        if not (isinstance(self.spare_work, bool) or (isinstance(self.spare_work, str) and self.spare_work == AUTO)):
+            raise ConfigurationError(f"spare_work: must be True, False or {AUTO!r}, got {self.spare_work!r}")
+        for name in ("no_wait", "broadcast_buffers"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(f"{name}: must be True or False, got {getattr(self, name)!r}")
         cap = _number("bucket_cap_mb", self.bucket_cap_mb)

@@ -29,6 +29,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from numbers import Real
 
@@ -40,9 +41,10 @@ from codedgrad.emulate import EmulationError, Heterogeneity
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime.buffers import FlatGradients
 from codedgrad.runtime.compute import MAX_OVERHEAD_SHARE, StepLoss, TaskRunner
-from codedgrad.runtime.config import ConfigurationError, EngineConfig, agree, describe_module
+from codedgrad.runtime.config import AUTO, ConfigurationError, EngineConfig, agree, describe_module
 from codedgrad.runtime.coordinator import StepChannel, StepMismatchError, StoreCoordinator
 from codedgrad.runtime.coordinator import weights_digest as _digest
+from codedgrad.runtime.devices import DeviceSeat, shared_devices
 from codedgrad.runtime.release import BufferShare, Releaser, reduce_step
 from codedgrad.runtime.replan import Plan, Planner
 from codedgrad.runtime.step import NonFiniteGradientError, StepPhase, StepRecord, StepReport
@@ -102,7 +104,10 @@ class CodedDataParallel(nn.Module):
             share; a switch that makes the measured step time worse is reverted.
         warmup_steps: steps measured before the first re-plan when no profiles are given.
         spare_work: once this rank's queue is dry and the step is not decided, compute other ranks'
-            open tasks (repetition codes) when that can end the step sooner.
+            open tasks (repetition codes) when that can end the step sooner. ``"auto"`` (default): on
+            unless ranks share a compute device (several ranks per GPU, or more threads than cores on
+            a host), where a helper's compute is taken from the rank it helps; the resolved setting is
+            ``cdp.config.spare_work`` and what is shared ``cdp.shared_devices``.
         no_wait: reduce on a release thread, with its own process group, as soon as the step is
             decided, so that no rank waits for another rank's task in flight (default). With a custom
             ``process_group`` only the synchronous step is available.
@@ -134,7 +139,7 @@ class CodedDataParallel(nn.Module):
         replan_every: int = 50,
         replan_threshold: float = 0.1,
         warmup_steps: int = 3,
-        spare_work: bool = True,
+        spare_work: bool | str = "auto",
         no_wait: bool = True,
         broadcast_buffers: bool = True,
         bucket_cap_mb: float = 25.0,
@@ -188,6 +193,10 @@ class CodedDataParallel(nn.Module):
             values.update(describe_module(module))
         agree(self._coordinator, "config", values, error)
         assert config is not None
+        # What ranks share a device (one Store gather); spare_work="auto" is off where any do.
+        self.shared_devices = self._find_shared_devices(module)
+        if config.spare_work == AUTO:
+            config = replace(config, spare_work=not self.shared_devices)
         self.config = config
         self._no_wait = bool(values["no_wait"])
         _warn_about_batch_statistics(module)
@@ -231,6 +240,12 @@ class CodedDataParallel(nn.Module):
         self._closed = False
         self.last_report: StepReport | None = None
         _open_engines.add(self)
+
+    def _find_shared_devices(self, module: nn.Module) -> list[str]:
+        """Which ranks share a compute device, one line each (the same list on every rank)."""
+        first = next((p for p in module.parameters() if p.requires_grad), None)
+        seat = DeviceSeat.here(first.device if first is not None else torch.device("cpu"))
+        return shared_devices([DeviceSeat.from_bytes(b) for b in self._coordinator.gather("devices", seat.to_bytes())])
 
     # ----------------------------------------------------------------- public API
     def forward(self, *args, **kwargs):

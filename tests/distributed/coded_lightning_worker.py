@@ -143,7 +143,10 @@ def logged_loss(trainer: pl.Trainer, key: str = "train_loss") -> float:
 
 
 def strategy(**kwargs) -> CodedStrategy:
-    return CodedStrategy(**{"emulate": EMULATE, "timeout": TIMEOUT, "replan_every": 4, **kwargs})
+    # spare_work=True: the emulated stall sleeps, so covering it takes nothing from the stalled rank even
+    # where "auto" finds the ranks sharing this machine's cores.
+    defaults = {"emulate": EMULATE, "timeout": TIMEOUT, "replan_every": 4, "spare_work": True}
+    return CodedStrategy(**{**defaults, **kwargs})
 
 
 def trainer_for(out_dir: Path, precision: str, epochs: int, callbacks: list, devices: int = 3, **kwargs) -> pl.Trainer:

@@ -89,8 +89,11 @@ def scenario_stall(rank: int, world: int, results: dict) -> None:
             model = make().double()
             reference = make().double()
             reference.load_state_dict(model.state_dict())
-            # replan_every=0: spare work helps at once (the plan's times are not measured seconds).
-            with CodedDataParallel(model, redundancy=1.25, emulate=het, replan_every=0, timeout=30) as cdp:
+            # replan_every=0: spare work helps at once (the plan's times are not measured seconds); on
+            # explicitly, since "auto" turns it off where ranks share cores and the stall here sleeps.
+            with CodedDataParallel(
+                model, redundancy=1.25, emulate=het, replan_every=0, spare_work=True, timeout=30
+            ) as cdp:
                 run = sgd_run(cdp, reference, steps=40, num_tasks=16)
             results[f"{name}_{module_name}"] = run
 

@@ -140,6 +140,8 @@ def scenario_exact(rank: int, world: int) -> dict:
     for name, kwargs in configs.items():
         cdp = CodedDataParallel(make_model(torch.float64), emulate=noisy, timeout=30, **kwargs)
         results[name] = run_steps(cdp, steps=3, num_tasks=12, dtype=torch.float64)
+        results[name]["spare_work"] = cdp.config.spare_work  # spare_work="auto", resolved
+        results[name]["shared_devices"] = cdp.shared_devices
     for dtype in (torch.float32, torch.bfloat16):
         cdp = CodedDataParallel(make_model(dtype), redundancy=1.25, emulate=noisy, timeout=30)
         results[f"repetition_1.25_{str(dtype)[6:]}"] = run_steps(cdp, steps=2, num_tasks=12, dtype=dtype)
@@ -147,7 +149,9 @@ def scenario_exact(rank: int, world: int) -> dict:
     # Forced patterns: rank 1 stalls 2 s on its first task of step 1; rank world-1 is 10x slower always.
     stall = Heterogeneity(speeds=[1.0] * world, base=0.004, jitter=0.0, forced_stalls=((1, 1, 2.0),), seed=3)
     for name, no_wait in (("stall", True), ("stall_sync", False)):
-        cdp = CodedDataParallel(make_model(torch.float64), redundancy=1.25, emulate=stall, no_wait=no_wait, timeout=30)
+        cdp = CodedDataParallel(
+            make_model(torch.float64), redundancy=1.25, emulate=stall, no_wait=no_wait, spare_work=True, timeout=30
+        )
         results[name] = run_steps(cdp, steps=3, num_tasks=16, dtype=torch.float64)
     # The same stall at step 7, once task times are measured (profiles published at step 4 from the
     # tasks of steps 1-3, at least 8 per rank even on a loaded machine, read at step 6 with
@@ -163,6 +167,7 @@ def scenario_exact(rank: int, world: int) -> dict:
             replan_every=2,
             warmup_steps=4,
             max_steps_ahead=1,
+            spare_work=True,  # sleeps: a helper takes nothing from the stalled rank, even on shared cores
             timeout=30,
         )
         results[name] = run_steps(cdp, steps=9, num_tasks=16, dtype=torch.float64)
@@ -332,7 +337,8 @@ def scenario_failures(rank: int, world: int) -> dict:
     #     decide the step and time out at the arrival, naming it; it fails when it comes back.
     #     No release ahead: a rank asleep between steps may otherwise have steps 1 and 2 completed for
     #     it by its release thread (correct too, but then nobody times out), depending on who looks first.
-    cdp = CodedDataParallel(model, redundancy=1.0, timeout=2.0, max_steps_ahead=0)
+    #     Spare work (the others cover the silent rank's tasks, so the step is decided without it).
+    cdp = CodedDataParallel(model, redundancy=1.0, timeout=2.0, max_steps_ahead=0, spare_work=True)
     results["timeout_arrival"] = run_until_timeout(cdp, rank, hang=(world - 1, 1, 6.0))
     dist.barrier()  # no collective was entered above, so the group is intact
     # (b) Fractional repetition with s = 0 cannot lose a rank: rank world-1 stalls 6 s inside its
