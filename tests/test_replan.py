@@ -31,6 +31,18 @@ def test_the_first_measurement_replaces_the_guess():
     assert action == "switch" and profiles == TRUE
 
 
+def test_an_even_guess_stays_even_when_measured_differences_are_noise():
+    # A homogeneous cluster measured under noise: uneven fits that a split could not gain 10 % from.
+    policy = ReplanPolicy(threshold=0.1)
+    noisy = tuple(WorkerProfile(0.001 * f, 0.010 * f, 0.002) for f in (1.05, 0.93, 1.0, 1.02))
+    action, profiles = policy.decide(GUESS, False, 32, shared(noisy, samples=8))
+    assert action == "switch" and len(set(profiles)) == 1  # one pooled profile: an even split
+    assert profiles[0].mean == pytest.approx(0.0100) and profiles[0].shift == pytest.approx(0.0010)
+    assert profiles[0].std == pytest.approx(0.002)
+    # The same fits with a lower threshold pay for an uneven split.
+    assert ReplanPolicy(threshold=0.003).decide(GUESS, False, 32, shared(noisy, samples=8)) == ("switch", noisy)
+
+
 def test_a_rank_without_a_fit_keeps_the_plan():
     policy = ReplanPolicy()
     measurements = shared(TRUE)

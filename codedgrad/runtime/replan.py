@@ -173,22 +173,41 @@ class ReplanPolicy:
         if any(m.profile is None for m in shared):
             return "keep", None  # a rank has too few samples (e.g. everything purged): its fit is noise
         measured = tuple(m.profile for m in shared if m.profile is not None)
-        if not measured_before:
-            return "switch", measured  # a guess, perhaps not even in seconds: always replace it
+        if not measured_before:  # a guess, perhaps not even in seconds: always replace it
+            even = (_pooled(measured),) * len(measured)
+            if len(set(current)) == 1 and not self._pays(measured, even, num_tasks):
+                # From an even guess, ranks whose measured differences do not pay for an uneven split
+                # (noise, on a homogeneous cluster) stay even: one pooled profile, in measured units.
+                return "switch", even
+            return "switch", measured
         if any(m.samples < MIN_SAMPLES_REPLAN for m in shared):
             return "keep", None  # not yet precise enough to tell a real gain from noise
-        now = predicted_step_time(measured, optimal_split(list(current), num_tasks, 1.0, self.gamma))
-        proposed = predicted_step_time(measured, optimal_split(list(measured), num_tasks, 1.0, self.gamma))
-        if proposed < (1.0 - self.threshold) * now:
+        if self._pays(measured, current, num_tasks):
             self._previous, self._window_before, self._switched_to = tuple(current), window, measured
             return "switch", measured
         return "keep", None
+
+    def _pays(self, measured: Sequence[WorkerProfile], current: Sequence[WorkerProfile], num_tasks: int) -> bool:
+        """Whether the split from ``measured`` beats ``current``'s split by more than the threshold (both
+        predicted with the measured profiles)."""
+        now = predicted_step_time(measured, optimal_split(list(current), num_tasks, 1.0, self.gamma))
+        proposed = predicted_step_time(measured, optimal_split(list(measured), num_tasks, 1.0, self.gamma))
+        return proposed < (1.0 - self.threshold) * now
 
     def state_dict(self) -> dict:
         return {"hold": self._hold}
 
     def load_state_dict(self, state: dict) -> None:
         self._hold = int(state.get("hold", 0))
+
+
+def _pooled(profiles: Sequence[WorkerProfile]) -> WorkerProfile:
+    """One profile for ranks planned as equal: the ranks' mean shift and mean, and their pooled std."""
+    return WorkerProfile(
+        shift=float(np.mean([p.shift for p in profiles])),
+        mean=float(np.mean([p.mean for p in profiles])),
+        std=float(np.sqrt(np.mean([p.std**2 for p in profiles]))),
+    )
 
 
 #: A rank's fitted mean moving by more than this share means its speed changed, not the plan's effect.
