@@ -91,10 +91,14 @@ def engine_report(infos: list[StepInfo]) -> dict[str, float]:
     rows = [i.report for i in infos if i.report is not None]
     out: dict[str, float] = {}
     if rows:
-        fields = ("computed", "used", "spare", "purged", "time_waited", "emulated_seconds", "allreduce_time")
+        fields = (
+            "computed", "used", "spare", "purged", "time_to_decision", "time_waited", "emulated_seconds",
+            "allreduce_time", "release_lag", "commit_exposed",
+        )  # fmt: skip
         out = {f: float(np.mean([_count(getattr(r, f, math.nan)) for r in rows])) for f in fields}
         tasks = [t for r in rows for t in getattr(r, "task_seconds", [])]
         out["task_seconds"] = float(np.mean(tasks)) if tasks else math.nan
+        out["calls"] = float(np.mean([len(getattr(r, "task_seconds", ())) for r in rows]))
     for key in {k for i in infos for k in i.extra}:
         out[key] = float(np.mean([i.extra.get(key, math.nan) for i in infos]))
     return out
