@@ -7,10 +7,12 @@ switch whose measured step time turns out worse is reverted and the plan is held
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from codedgrad.profile import WorkerProfile
-from codedgrad.runtime.replan import MIN_SAMPLES_REPLAN, Measurement, ReplanPolicy
+from codedgrad.profile import CostModel, WorkerProfile
+from codedgrad.runtime.replan import MIN_SAMPLES_REPLAN, Measurement, ReplanPolicy, harmonize
 
 GUESS = (WorkerProfile(0.0, 1.0, 1.0),) * 4
 TRUE = (
@@ -158,3 +160,24 @@ def test_chunked_calls_give_profiles_independent_of_chunk_sizes() -> None:
         planner.record_task(1, 3.0, fixed + per_task)
     profile = planner._measure().profile
     assert profile is not None and profile.shift == 0 and profile.mean == pytest.approx(fixed + per_task)
+
+
+def test_a_rank_of_one_task_calls_is_split_like_the_chunked_ranks():
+    """A slow rank given a task or two runs one-task calls: its per-call time includes the fixed cost
+    that chunked ranks spread. harmonize splits it with their fixed share, so ranks compare alike."""
+    # Chunked ranks: 1 ms fixed per call, 1 ms per task (a one-task call is half fixed cost).
+    chunked = Measurement(WorkerProfile(3.0e-3, 1.0e-3, 0.5e-3), 0.1, 100, CostModel(1.0e-3, 1.0e-4))
+    # A rank 4x slower, measured in whole one-task calls: 8 ms each.
+    whole = Measurement(WorkerProfile(0.0, 8.0e-3, 2.0e-3), 0.1, 20, CostModel(0.0, 8.0e-4), whole_calls=True)
+    out = harmonize([chunked, chunked, chunked, whole], num_tasks=32)
+    assert out[:3] == [chunked] * 3
+    slow = out[3].profile
+    assert slow.mean == pytest.approx(4.0e-3) and slow.std == pytest.approx(2.0e-3)  # 4x the per-task part
+    assert slow.shift == pytest.approx(4.0e-3 * (math.log2(8) + 1))  # 4x the fixed part, per even share
+    assert not out[3].whole_calls
+    # Through the policy: the slow rank is planned 4x slower per task, not 8x.
+    action, profiles = ReplanPolicy().decide(GUESS, False, 32, [chunked, chunked, chunked, whole])
+    assert action == "switch" and profiles[3].mean == pytest.approx(4 * profiles[0].mean)
+    # Without a chunked rank (every rank one task per call) nothing changes, and the flag travels as JSON.
+    assert harmonize([whole, whole], 8) == [whole, whole]
+    assert Measurement.from_json(whole.to_json()) == whole

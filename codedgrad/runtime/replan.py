@@ -46,6 +46,7 @@ from codedgrad.runtime.coordinator import StoreCoordinator
 
 __all__ = [
     "COST_SAMPLES",
+    "MAX_FIXED_SHARE",
     "MAX_WINDOWS",
     "MIN_SAMPLES",
     "MIN_SAMPLES_REPLAN",
@@ -53,6 +54,8 @@ __all__ = [
     "Plan",
     "Planner",
     "ReplanPolicy",
+    "chunk_calls_shift",
+    "harmonize",
 ]
 
 #: Task times every rank must have measured (since its last fit was used) before measured profiles
@@ -107,24 +110,85 @@ class Measurement:
         step_time: the rank's median step time over the window (seconds), or None.
         samples: how many task times the fit used.
         cost: the rank's fitted compute cost per call (fixed + per sample), or None.
+        whole_calls: the profile's mean is the time of whole one-task calls, each call's fixed cost
+            included (the rank ran no chunk, so its fixed and per-sample parts could not be told
+            apart); :func:`harmonize` splits it like the chunked ranks' profiles.
     """
 
     profile: WorkerProfile | None
     step_time: float | None
     samples: int = 0
     cost: CostModel | None = None
+    whole_calls: bool = False
 
     def to_json(self) -> str:
         profile = profiles_to_dict([self.profile]) if self.profile is not None else None
         cost = [self.cost.fixed, self.cost.per_sample, self.cost.fixed_stderr] if self.cost is not None else None
-        return json.dumps({"profile": profile, "step_time": self.step_time, "samples": self.samples, "cost": cost})
+        return json.dumps(
+            {
+                "profile": profile,
+                "step_time": self.step_time,
+                "samples": self.samples,
+                "cost": cost,
+                "whole_calls": self.whole_calls,
+            }
+        )
 
     @staticmethod
     def from_json(text: bytes | str) -> Measurement:
         data = json.loads(text)
         profile = profiles_from_dict(data["profile"])[0] if data["profile"] is not None else None
         cost = CostModel(*data["cost"]) if data.get("cost") is not None else None
-        return Measurement(profile, data["step_time"], int(data.get("samples", 0)), cost)
+        whole = bool(data.get("whole_calls", False))
+        return Measurement(profile, data["step_time"], int(data.get("samples", 0)), cost, whole)
+
+
+#: :func:`harmonize` never reads more than this share of a one-task call as fixed cost (a fit's noise
+#: must not leave a rank with a per-task time near zero).
+MAX_FIXED_SHARE = 0.9
+
+
+def chunk_calls_shift(fixed: float, num_tasks: int, world_size: int) -> float:
+    """The fixed cost a rank's primaries pay per step: ``fixed`` times the calls of an even share.
+
+    Guided self-scheduling halves what is open, so an even share of K/P tasks takes about
+    log2(K/P) + 1 calls. The same rule for every rank: counting a rank's own calls would feed back
+    (spare work adds calls, a larger shift loses primaries, which makes more spare work).
+    """
+    share = num_tasks / world_size
+    return fixed * (math.log2(max(1.0, share)) + 1.0)
+
+
+def harmonize(shared: Sequence[Measurement], num_tasks: int) -> list[Measurement]:
+    """Every rank's profile in the chunked form (per-task ``mean`` without a call's fixed cost, the
+    fixed costs in ``shift``), so that ranks compare alike.
+
+    A rank that ran only one-task calls (a slow rank given a task or two) measures each call whole,
+    fixed cost included, and would look slower per task than a rank whose chunks spread that cost:
+    it would lose tasks, run smaller calls and look slower still. Its profile is split with the
+    fixed share of a one-task call that the chunked ranks measured (their median), which assumes
+    the ranks run the same model, their costs differing by a speed factor. Without a chunked rank
+    (every rank one task per call) the profiles already compare alike and stay as they are.
+    """
+    shares = [
+        m.cost.fixed / (m.cost.fixed + m.profile.mean)
+        for m in shared
+        if not m.whole_calls and m.cost is not None and m.profile is not None
+    ]
+    if not shares:
+        return list(shared)
+    fixed_share = min(float(np.median(shares)), MAX_FIXED_SHARE)
+    out = []
+    for m in shared:
+        if m.whole_calls and m.profile is not None:
+            fixed = fixed_share * m.profile.mean
+            mean = m.profile.mean - fixed
+            profile = WorkerProfile(
+                shift=chunk_calls_shift(fixed, num_tasks, len(shared)), mean=mean, std=min(m.profile.std, mean)
+            )
+            m = Measurement(profile, m.step_time, m.samples, m.cost, whole_calls=False)
+        out.append(m)
+    return out
 
 
 @dataclass
@@ -157,6 +221,7 @@ class ReplanPolicy:
             num_tasks: K.
             shared: every rank's measurement, in rank order.
         """
+        shared = harmonize(shared, num_tasks)
         times = [m.step_time for m in shared if m.step_time is not None]
         window = float(np.median(times)) if len(times) == len(shared) else None
         if self._previous is not None and window is not None and self._window_before is not None:
@@ -364,19 +429,15 @@ class Planner:
         tasks = [max(0.0, seconds - fixed) / n for n, _, seconds in calls for _ in range(n)]
         profile = fit_profile(tasks) if len(tasks) >= MIN_SAMPLES else None
         if profile is not None and cost is not None and chunked:
-            # The calls a rank's primaries take under guided self-scheduling from an even share
-            # (halving: log2(K/P) + 1), the same rule for every rank: counting this rank's own
-            # calls would feed back (spare work adds calls, a larger shift loses primaries, which
-            # makes more spare work).
-            share = self.plan.num_tasks / self._world_size if self.plan is not None else 1.0
-            shift = fixed * (math.log2(max(1.0, share)) + 1.0)
+            num_tasks = self.plan.num_tasks if self.plan is not None else self._world_size
+            shift = chunk_calls_shift(fixed, num_tasks, self._world_size)
             task_weight = sum(w for _, w, _ in calls) / sum(n for n, _, _ in calls)
             mean = cost.per_sample * task_weight
             if mean > 0:
                 profile = WorkerProfile(shift=shift, mean=mean, std=min(profile.std, mean))
         steps = list(self._step_seconds)
         step_time = float(np.median(steps)) if steps else None
-        return Measurement(profile, step_time, len(tasks), cost)
+        return Measurement(profile, step_time, len(tasks), cost, whole_calls=cost is not None and not chunked)
 
     def _adopt(self, num_tasks: int, profiles: tuple[WorkerProfile, ...], measured: bool, step: int) -> None:
         """Build the plan, agree its fingerprint with every rank, and only then make it current."""
