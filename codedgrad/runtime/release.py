@@ -6,6 +6,10 @@ every rank arrived and the accounts add up, one SUM all-reduce per flat bucket s
 decoding coefficient; then share rank 0's module buffers. The synchronous step calls it on the
 compute thread; the no-wait release calls it from :class:`Releaser`.
 
+:class:`StepRelease` is the thread's schedule, which :class:`Releaser` (the engine's) and the
+drop-slowest baseline share: one thread that serves steps strictly in order, runs ahead of a stalled
+compute thread, and stops at a failure or at ``close``; each supplies the work of one step.
+
 :class:`Releaser` is one thread per engine, with its own process group (collectives from two threads
 on one group can interleave and abort) and its own Store client. It serves steps strictly in order.
 When this rank's compute thread is still inside step t while the others have begun step t+1, the
@@ -23,6 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Generic, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,7 +36,7 @@ from codedgrad.runtime.coordinator import StepChannel, StoreCoordinator
 from codedgrad.runtime.hooks import coded_allreduce_
 from codedgrad.runtime.step import StepPhase, StepRecord
 
-__all__ = ["BufferShare", "CollectiveFailed", "Releaser", "reduce_step"]
+__all__ = ["BufferShare", "CollectiveFailed", "Releaser", "ServedStep", "StepRelease", "reduce_step"]
 
 
 class CollectiveFailed(RuntimeError):
@@ -176,50 +181,52 @@ def _reduce_buckets(
         record.buffers = buffers.share(group)
 
 
-class Releaser:
-    """The no-wait release: one thread that reduces this rank's steps in order as they are decided.
+class ServedStep(Protocol):
+    """What :class:`StepRelease` reads of a step's record: its step and how far it has got."""
+
+    step: int
+    phase: StepPhase
+
+
+R = TypeVar("R", bound=ServedStep)
+
+
+class StepRelease(Generic[R]):
+    """One thread that serves a rank's steps strictly in step order, ahead of a stalled compute thread too.
+
+    The compute thread hands each step's record over with :meth:`claim` and lets go of it with
+    :meth:`left`; the thread serves the records one step after the other. While the compute thread
+    is still inside (or behind) a step this thread has already served successfully, the thread looks
+    for the next step on the Store (:meth:`_record_ahead`: the others began it) and serves it on its
+    own, at most ``max_steps_ahead`` steps beyond the compute thread's, and never past a failed step:
+    the compute thread decides what comes after a failure.
+
+    A subclass supplies the work of one step and calls :meth:`_start` at the end of its constructor:
+
+    * :meth:`_serve` serves one step (bounded waits only) and ends its record REDUCED or FAILED;
+    * :meth:`_record_ahead` makes the record of a step the others began, or says it is not there yet;
+    * :meth:`_serve_failed` ends a record whose :meth:`_serve` raised; the thread then ends too (its
+      process group may be unusable), and the compute thread sees it no longer :attr:`alive`.
 
     Args:
-        coordinator: the engine's Store access (the thread uses its wait client).
-        group: a process group of the release's own.
-        rank: this rank in the group.
         first_step: the step it serves first.
-        max_steps_ahead: steps it may complete while the compute thread is inside an earlier one.
-        new_record: makes a record for a step served ahead: ``new_record(step) -> StepRecord | None``
-            (None when the compute thread's plan is not the one the step runs under).
-        buffers: rank 0's buffers to share after every step, or None.
-        stream: on CUDA, the release's own stream.
+        max_steps_ahead: steps it may serve while the compute thread is inside an earlier one (0: none).
+        name: the thread's name.
     """
 
-    def __init__(
-        self,
-        coordinator: StoreCoordinator,
-        group: dist.ProcessGroup,
-        rank: int,
-        first_step: int,
-        max_steps_ahead: int,
-        new_record: Callable[[int, int, bytes], StepRecord | None],
-        channel_for: Callable[[StepRecord], StepChannel],
-        buffers: BufferShare | None = None,
-        stream: torch.cuda.Stream | None = None,
-    ) -> None:
-        self._coordinator = coordinator
-        self.group = group
-        self._rank = rank
+    def __init__(self, first_step: int, max_steps_ahead: int, name: str) -> None:
         self._max_ahead = max_steps_ahead
-        self._new_record = new_record
-        self._channel_for = channel_for
-        self._buffers = buffers
-        self._stream = stream
         self._cond = threading.Condition()
-        self._records: dict[int, StepRecord] = {}
+        self._records: dict[int, R] = {}
         self._next = first_step  # the step to serve next
         self._compute_step = first_step  # the step the compute thread is in (or will begin next)
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="codedgrad-release", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _start(self) -> None:
         self._thread.start()
 
-    def claim(self, step: int, make: Callable[[], StepRecord]) -> StepRecord:
+    def claim(self, step: int, make: Callable[[], R]) -> R:
         """The record of ``step`` for the compute thread: the one served ahead, or ``make()``'s, submitted."""
         with self._cond:
             self._compute_step = step
@@ -253,10 +260,27 @@ class Releaser:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    # -- supplied by a subclass --------------------------------------------------------------------
+
+    def _serve(self, record: R) -> None:
+        """Serve one step; the record ends REDUCED or FAILED (an exception: see :meth:`_serve_failed`)."""
+        raise NotImplementedError
+
+    def _record_ahead(self, step: int) -> R | None:
+        """A record to serve ``step`` without the compute thread, if the others began it (else None)."""
+        raise NotImplementedError
+
+    def _serve_failed(self, record: R, error: BaseException) -> None:
+        """End ``record`` FAILED because :meth:`_serve` raised ``error``."""
+        raise NotImplementedError
+
+    # -- the thread --------------------------------------------------------------------------------
+
     def _run(self) -> None:
         interval = 0.001
         while True:
             with self._cond:
+                # Not a wait for another rank: idle until the compute thread submits a step or closes.
                 while not self._closing and self._next not in self._records and not self._may_go_ahead():
                     self._cond.wait()
                 if self._closing:
@@ -270,10 +294,11 @@ class Releaser:
                     interval = min(2 * interval, 0.02)
                     continue
             interval = 0.001
-            channel = self._channel_for(record)
-            reduce_step(
-                record, channel, self.group, self._rank, self._buffers, self._stream, self._coordinator.step_done
-            )
+            try:
+                self._serve(record)
+            except BaseException as error:  # the group may be unusable now: end the thread after this step
+                self._serve_failed(record, error)
+                return
             with self._cond:
                 self._next += 1
                 if record.phase is StepPhase.FAILED:
@@ -282,18 +307,15 @@ class Releaser:
 
     def _may_go_ahead(self) -> bool:
         """Whether to look for the next step on the Store without the compute thread (lock held)."""
-        if self._max_ahead <= 0 or self._next - self._compute_step > self._max_ahead or self._next == 0:
+        if self._max_ahead <= 0 or self._next - self._compute_step > self._max_ahead:
             return False
         previous = self._records.get(self._next - 1)
         # Only after a step that this thread reduced and the compute thread has not left yet (it is
         # still inside it, or behind), never after a failure.
         return previous is not None and previous.phase is StepPhase.REDUCED and self._compute_step < self._next
 
-    def _try_ahead(self, step: int) -> StepRecord | None:
-        header = self._coordinator.step_exists(step)
-        if header is None:
-            return None
-        record = self._new_record(step, *header)
+    def _try_ahead(self, step: int) -> R | None:
+        record = self._record_ahead(step)
         if record is None:
             return None
         with self._cond:
@@ -303,3 +325,53 @@ class Releaser:
                 return None
             self._records[step] = record
             return record
+
+
+class Releaser(StepRelease[StepRecord]):
+    """The engine's no-wait release: reduces this rank's steps with :func:`reduce_step` as they are decided.
+
+    Args:
+        coordinator: the engine's Store access (the thread uses its wait client).
+        group: a process group of the release's own.
+        rank: this rank in the group.
+        first_step: the step it serves first.
+        max_steps_ahead: steps it may complete while the compute thread is inside an earlier one.
+        new_record: makes a record for a step served ahead: ``new_record(step, plan_version, digest)
+            -> StepRecord | None`` (None when the compute thread's plan is not the one the step runs under).
+        channel_for: the step's view of the Store on the wait client.
+        buffers: rank 0's buffers to share after every step, or None.
+        stream: on CUDA, the release's own stream.
+    """
+
+    def __init__(
+        self,
+        coordinator: StoreCoordinator,
+        group: dist.ProcessGroup,
+        rank: int,
+        first_step: int,
+        max_steps_ahead: int,
+        new_record: Callable[[int, int, bytes], StepRecord | None],
+        channel_for: Callable[[StepRecord], StepChannel],
+        buffers: BufferShare | None = None,
+        stream: torch.cuda.Stream | None = None,
+    ) -> None:
+        super().__init__(first_step, max_steps_ahead, name="codedgrad-release")
+        self._coordinator = coordinator
+        self.group = group
+        self._rank = rank
+        self._new_record = new_record
+        self._channel_for = channel_for
+        self._buffers = buffers
+        self._stream = stream
+        self._start()
+
+    def _serve(self, record: StepRecord) -> None:
+        channel = self._channel_for(record)
+        reduce_step(record, channel, self.group, self._rank, self._buffers, self._stream, self._coordinator.step_done)
+
+    def _record_ahead(self, step: int) -> StepRecord | None:
+        header = self._coordinator.step_exists(step)
+        return None if header is None else self._new_record(step, *header)
+
+    def _serve_failed(self, record: StepRecord, error: BaseException) -> None:
+        record.finish(StepPhase.FAILED, error)
