@@ -34,13 +34,12 @@ succeeds, or at :meth:`DropSlowest.close`.
 from __future__ import annotations
 
 import atexit
-import enum
 import math
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -68,6 +67,8 @@ from codedgrad.runtime.buffers import FlatGradients
 from codedgrad.runtime.config import ConfigurationError
 from codedgrad.runtime.coordinator import weights_digest
 from codedgrad.runtime.hooks import coded_allreduce_
+from codedgrad.runtime.release import StepRelease
+from codedgrad.runtime.step import StepPhase
 
 __all__ = ["DropReport", "DropSlowest"]
 
@@ -104,21 +105,20 @@ class DropReport(BaselineReport):
     late_error: str | None = None
 
 
-class _Phase(enum.Enum):
-    RUNNING = "running"  # the compute thread may still report this rank as finished
-    RELEASING = "releasing"  # the release passed the gate: this rank's Store writes for the step are over
-    REDUCED = "reduced"  # the gradient is in ``reduced``
-    FAILED = "failed"  # the step failed on every rank (``error`` says why)
-
-
 @dataclass
 class _Step:
-    """One step as the compute thread and the release thread share it (phase changes under ``lock``)."""
+    """One step as the compute thread and the release thread share it (phase changes under ``lock``).
+
+    Its phase, as :class:`~codedgrad.runtime.step.StepPhase` says: RUNNING while the compute thread
+    may still report this rank as finished; RELEASING once the release passed the gate (this rank's
+    Store writes for the step are over); REDUCED with the gradient in ``reduced``; FAILED on every
+    rank (``error`` says why).
+    """
 
     step: int
     weights: tuple[float, ...] | None  # None: made by the release ahead of the compute thread
     accumulator: FlatGradients | None  # this rank's share's gradient (scaled by the release)
-    phase: _Phase = _Phase.RUNNING
+    phase: StepPhase = StepPhase.RUNNING
     busy: bool = False  # the compute thread is inside this step's batch (the release's timeout waits)
     reduced: FlatGradients | None = None
     contributors: tuple[int, ...] = ()
@@ -128,7 +128,7 @@ class _Step:
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: threading.Event = field(default_factory=threading.Event)
 
-    def finish(self, phase: _Phase, error: str | None = None) -> None:
+    def finish(self, phase: StepPhase, error: str | None = None) -> None:
         with self.lock:
             self.phase, self.error, self.ready_at = phase, error, time.perf_counter()
         self.done.set()
@@ -257,7 +257,7 @@ class DropSlowest:
         own = list(shares[self._rank])
         digest = weights_digest(weights).hex()
         error, snapshot = None, None
-        needed = record.phase is _Phase.RUNNING  # else: the step was completed without this rank
+        needed = record.phase is StepPhase.RUNNING  # else: the step was completed without this rank
         try:
             if needed or exact_check:
                 local = self._compute(record, step, batch_loss, own)
@@ -277,7 +277,7 @@ class DropSlowest:
                 exact = self._exact_gradient(snapshot, weights, shares)
                 report.check_time = time.perf_counter() - computed_at
             self._wait(record)
-            if record.phase is not _Phase.REDUCED:
+            if record.phase is not StepPhase.REDUCED:
                 raise BaselineStepError(f"DropSlowest: step {step} failed on every rank: {record.error}")
             if record.digest != digest:
                 raise BaselineStepError(
@@ -319,7 +319,7 @@ class DropSlowest:
             return
         self._closed = True
         _open.discard(self)
-        if not self._release.close(join_timeout=max(5.0, self.timeout)):
+        if not self._release.close(max(5.0, self.timeout)):
             warnings.warn("DropSlowest: the release thread did not end in time", RuntimeWarning, stacklevel=2)
             return
         if dist.is_initialized():
@@ -361,7 +361,7 @@ class DropSlowest:
     def _report_finished(self, record: _Step, digest: str) -> None:
         """Tell the Store this rank finished, unless the release has already passed the gate."""
         with record.lock:
-            if record.phase is not _Phase.RUNNING:
+            if record.phase is not StepPhase.RUNNING:
                 return  # decided without this rank: its work is dropped
             self._store.append(f"{record.step}/order", f"{self._rank}:{digest};".encode())
             if self._store.add(f"{record.step}/count", 1) == self._needed:
@@ -370,7 +370,7 @@ class DropSlowest:
     def _fail(self, record: _Step, error: str) -> None:
         """Fail the step on every rank, unless it was already decided without this rank (then it completes)."""
         with record.lock:
-            if record.phase is _Phase.RUNNING:
+            if record.phase is StepPhase.RUNNING:
                 self._store.compare_set(f"{record.step}/gate", b"", f"failed: {error}"[:500].encode())
 
     def _wait(self, record: _Step) -> None:
@@ -415,111 +415,40 @@ def _relative_error(applied: FlatGradients, exact: FlatGradients) -> tuple[float
     return math.sqrt(difference) / math.sqrt(norm) if norm > 0 else math.nan, float(exact.loss)
 
 
-class _Release:
+class _Release(StepRelease[_Step]):
     """The release thread: waits for each step's gate and joins its all-reduce, in step order.
 
-    It serves the step the compute thread is in, or, while the compute thread is still inside an
-    earlier step that this thread already completed, the next steps the others began (found by
-    polling their gate), at most ``max_steps_ahead`` of them.
+    The schedule is :class:`~codedgrad.runtime.release.StepRelease`'s: it serves the step the
+    compute thread is in, or, while the compute thread is still inside an earlier step that this
+    thread already completed, the next steps the others began (found by polling their gate), at
+    most ``max_steps_ahead`` of them.
     """
 
     def __init__(self, owner: DropSlowest, group: dist.ProcessGroup) -> None:
+        super().__init__(first_step=0, max_steps_ahead=owner.max_steps_ahead, name="codedgrad-drop-slowest-release")
         self._owner = owner
         self.group = group
         self._client = owner._store.clone()  # one Store client serialises its operations
-        self._cond = threading.Condition()
-        self._records: dict[int, _Step] = {}
-        self._next = 0  # the step to serve next
-        self._compute_step = 0  # the step the compute thread is in, or will begin next
-        self._closing = False
         self.stale: list[int] = []  # failed steps' keys, deleted by rank 0 after the next success
-        self._thread = threading.Thread(target=self._run, name="codedgrad-drop-slowest-release", daemon=True)
-        self._thread.start()
+        self._start()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def claim(self, step: int, make: Callable[[], _Step]) -> _Step:
-        """The compute thread begins ``step``: the record served ahead, or a new one."""
-        with self._cond:
-            self._compute_step = step
-            record = self._records.get(step)
-            if record is None:
-                record = self._records[step] = make()
-                self._cond.notify_all()
-            return record
-
-    def left(self, step: int) -> None:
-        with self._cond:
-            self._records.pop(step, None)
-            self._compute_step = max(self._compute_step, step + 1)
-            self._cond.notify_all()
-
-    def close(self, join_timeout: float) -> bool:
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._thread.join(join_timeout)
-        return not self._thread.is_alive()
-
-    # -- the thread --------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        interval = 0.001
-        while True:
-            with self._cond:
-                while not self._closing and self._next not in self._records and not self._may_go_ahead():
-                    self._cond.wait()
-                if self._closing:
-                    return
-                record = self._records.get(self._next)
-            if record is None:  # the compute thread is behind: join the next step once the others decided it
-                record = self._ahead(self._next)
-                if record is None:
-                    with self._cond:
-                        self._cond.wait(interval)  # woken early by the compute thread's claim
-                    interval = min(2 * interval, 0.02)
-                    continue
-            interval = 0.001
-            try:
-                self._serve(record)
-            except BaseException as exc:  # the group may be unusable now: end the thread after this step
-                record.finish(_Phase.FAILED, f"rank {self._owner._rank}'s release: {type(exc).__name__}: {exc}")
-                return
-            with self._cond:
-                self._next += 1
-
-    def _may_go_ahead(self) -> bool:
-        """Whether to look for the next step without the compute thread (lock held)."""
-        previous = self._records.get(self._next - 1)
-        return (
-            previous is not None
-            and previous.phase is _Phase.REDUCED
-            and self._compute_step < self._next <= self._compute_step + self._owner.max_steps_ahead
-        )
-
-    def _ahead(self, step: int) -> _Step | None:
+    def _record_ahead(self, step: int) -> _Step | None:
         if not self._client.check([f"{step}/gate"]):
             return None
-        record = _Step(step, None, None, phase=_Phase.RELEASING)
-        with self._cond:
-            if step in self._records:  # the compute thread claimed it meanwhile
-                return self._records[step]
-            if self._compute_step >= step:
-                return None
-            self._records[step] = record
-        return record
+        return _Step(step, None, None, phase=StepPhase.RELEASING)
+
+    def _serve_failed(self, record: _Step, error: BaseException) -> None:
+        record.finish(StepPhase.FAILED, f"rank {self._owner._rank}'s release: {type(error).__name__}: {error}")
 
     def _serve(self, record: _Step) -> None:
         owner, step = self._owner, record.step
         gate = self._wait_gate(record)
         with record.lock:  # from here on the compute thread does not write this step's keys
-            if record.phase is _Phase.RUNNING:
-                record.phase = _Phase.RELEASING
+            if record.phase is StepPhase.RUNNING:
+                record.phase = StepPhase.RELEASING
         if gate != b"go":
             self.stale.append(step)
-            record.finish(_Phase.FAILED, gate.decode(errors="replace"))
+            record.finish(StepPhase.FAILED, gate.decode(errors="replace"))
             return
         entries = [e.split(":") for e in self._client.get(f"{step}/order").decode().split(";") if e]
         first = entries[: owner._needed]
@@ -527,7 +456,7 @@ class _Release:
         digests = {digest for _, digest in first}
         if len(digests) != 1:  # every rank reads the same list, so every rank refuses the step
             self.stale.append(step)
-            record.finish(_Phase.FAILED, f"the ranks that finished passed different tasks (ranks {contributors})")
+            record.finish(StepPhase.FAILED, f"the ranks that finished passed different tasks (ranks {contributors})")
             return
         if owner._rank in contributors:  # its compute thread reported finished: its batch is done
             assert record.weights is not None and record.accumulator is not None
@@ -545,7 +474,7 @@ class _Release:
             for old in [*self.stale, step]:
                 owner._delete_step(old, self._client)
             self.stale.clear()
-        record.finish(_Phase.REDUCED)
+        record.finish(StepPhase.REDUCED)
 
     def _wait_gate(self, record: _Step) -> bytes:
         """The gate of the step (``go`` or why it failed); after ``timeout`` without progress, seal it failed."""
