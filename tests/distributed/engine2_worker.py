@@ -2,7 +2,7 @@
 
 One launch of 4 ranks checks: a 3 s stall inside one task does not hold the others (the release
 completes later steps ahead of the stalled compute thread), with exactness and bitwise-identical
-parameters and buffers after 40 SGD steps; unequal task weights and a ragged batch; the decoded
+parameters and buffers after 16 SGD steps; unequal task weights and a ragged batch; the decoded
 loss; a ``state_dict`` round trip; the five review defects (an exception between commit and
 accumulation, a long first step under a short timeout, plan versions after a failed agreement, a
 mismatched setting, a module without trainable parameters); errors that say what went wrong;
@@ -79,6 +79,11 @@ def sgd_run(cdp: CodedDataParallel, reference: nn.Module, steps: int, num_tasks:
     }
 
 
+# Steps of the stall scenario: the stall at step 5, at most max_steps_ahead (4) steps completed for the
+# stalled rank meanwhile (6-9), then six ordinary steps after it caught up before parameters are compared.
+STALL_STEPS = 16
+
+
 def scenario_stall(rank: int, world: int, results: dict) -> None:
     """A 3 s stall of rank 1 inside its first task of step 5, against the same run without it."""
     for name, stalls in (("steady", ()), ("stalled", ((1, 5, 3.0),))):
@@ -94,7 +99,7 @@ def scenario_stall(rank: int, world: int, results: dict) -> None:
             with CodedDataParallel(
                 model, redundancy=1.25, emulate=het, replan_every=0, spare_work=True, timeout=30
             ) as cdp:
-                run = sgd_run(cdp, reference, steps=40, num_tasks=16)
+                run = sgd_run(cdp, reference, steps=STALL_STEPS, num_tasks=16)
             results[f"{name}_{module_name}"] = run
 
 
