@@ -179,7 +179,7 @@ ENGINE_FIELDS = {
     "replan_every": st.one_of(st.integers(-2, 100), any_number(), garbage),
     "replan_threshold": st.one_of(st.floats(0, 1), any_number(-1, 2), garbage),
     "warmup_steps": st.one_of(st.integers(-1, 10), any_number(), garbage),
-    "spare_work": st.one_of(st.booleans(), garbage, st.integers(0, 1), st.sampled_from(["auto", "stalls", "Auto"])),
+    "spare_work": st.one_of(st.booleans(), garbage, st.integers(0, 1)),
     "no_wait": st.one_of(st.booleans(), garbage, st.integers(0, 1)),
     "broadcast_buffers": st.one_of(st.booleans(), garbage),
     "bucket_cap_mb": st.one_of(st.floats(0.1, 100), any_number(), garbage),

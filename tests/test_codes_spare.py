@@ -72,21 +72,6 @@ def test_owners_in_chunks_are_helped_only_once_overdue():
     assert spare_work(state, 0, elapsed=retry, owners_in_chunks=True).result in (10, 11)
 
 
-def test_with_stalls_only_an_owner_is_helped_only_once_clearly_stalled():
-    # Ranks sharing a device: rank 2 (4 tasks of 1 s) is helped only at 1.5x its expected 4 s, not
-    # when merely overdue (4.5 s), and not before task times are measured (no clock).
-    code = RepetitionCode(3, 12, 1.0, [WorkerProfile(0, 1, 0)] * 3)
-    state = code.new_state()
-    for j in range(8):
-        state.commit(0, j)
-    assert spare_work(state, 0, stalls_only=True) is None
-    assert spare_work(state, 0, elapsed=4.5, owners_in_chunks=True, stalls_only=True) is None
-    retry = next_spare_check(state, 0, elapsed=0.5, stalls_only=True)
-    assert retry == pytest.approx(6.0)
-    assert spare_work(state, 0, elapsed=retry - 0.01, stalls_only=True) is None
-    assert spare_work(state, 0, elapsed=retry, stalls_only=True).result in (10, 11)
-
-
 @pytest.mark.parametrize("name", ["frc", "cyclic"])
 def test_rank_level_codes_have_no_spare_work(name):
     code = make_code(name, 4, 8, 2.0)

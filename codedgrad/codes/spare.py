@@ -34,15 +34,11 @@ import numpy as np
 from codedgrad.codes.base import DecoderState, Work
 from codedgrad.codes.repetition import RepetitionCode, RepetitionState
 
-__all__ = ["STALL_FACTOR", "next_spare_check", "spare_work"]
+__all__ = ["next_spare_check", "spare_work"]
 
 
 def spare_work(
-    state: DecoderState,
-    rank: int,
-    elapsed: float | None = None,
-    owners_in_chunks: bool = False,
-    stalls_only: bool = False,
+    state: DecoderState, rank: int, elapsed: float | None = None, owners_in_chunks: bool = False
 ) -> Work | None:
     """Work ``rank`` may do for others once its own queue has run dry, or None to just wait.
 
@@ -56,10 +52,6 @@ def spare_work(
             ``batch_loss``). Their progress then shows only when a chunk commits, so an owner on
             schedule looks behind, and a copied task voids the owner's whole chunk in flight: with
             ``elapsed``, only an owner past :func:`_overdue_at` (a stall, a slowed node) is helped.
-        stalls_only: help only an owner that is clearly stalled, past :func:`_stalled_at` (ranks
-            share a device, so a helper's compute is taken from the ranks it shares with: only a
-            stall, which leaves the device idle, is worth it). Needs ``elapsed``; without it nobody
-            is helped.
 
     Returns:
         A task of the most-behind owner that qualifies, as a :class:`Work` with that task's result
@@ -84,9 +76,7 @@ def spare_work(
         if left[owner] == 0:
             return None
         tail = open_by_owner[owner]  # ascending: the owner works from the front
-        if stalls_only:
-            helping = elapsed is not None and elapsed >= _stalled_at(code, owner)
-        elif elapsed is None:
+        if elapsed is None:
             helping = True  # no measured task times yet to judge by (the first steps)
         elif owners_in_chunks:
             helping = elapsed >= _overdue_at(code, owner)
@@ -98,13 +88,13 @@ def spare_work(
     return None
 
 
-def next_spare_check(state: DecoderState, rank: int, elapsed: float, stalls_only: bool = False) -> float | None:
+def next_spare_check(state: DecoderState, rank: int, elapsed: float) -> float | None:
     """After :func:`spare_work` returned None at ``elapsed``: when to ask again, or None to wait.
 
     The only way an owner becomes worth helping later is by falling behind its schedule, so this
     is the earliest time (since the step's start) at which an owner with open tasks becomes
-    overdue (:func:`_overdue_at`; with ``stalls_only``, stalled: :func:`_stalled_at`); it may
-    already have passed. None once the step is decided and always for rank-level codes.
+    overdue (:func:`_overdue_at`); it may already have passed. None once the step is decided and
+    always for rank-level codes.
 
     Raises:
         CodeError: ``rank`` is out of range (task-level repetition).
@@ -114,8 +104,7 @@ def next_spare_check(state: DecoderState, rank: int, elapsed: float, stalls_only
     code = state.code
     code._check_rank(rank)
     owners = {int(code.primary_of[j]) for j in state.open_tasks()}
-    due = _stalled_at if stalls_only else _overdue_at
-    return min((due(code, owner) for owner in owners), default=None)
+    return min((_overdue_at(code, owner) for owner in owners), default=None)
 
 
 def _worth_helping(code: RepetitionCode, helper: int, owner: int, open_count: int, elapsed: float) -> bool:
@@ -157,16 +146,3 @@ def _overdue_at(code: RepetitionCode, owner: int) -> float:
     profile = code.profiles[owner]
     k = int(code.primaries[owner])
     return profile.shift + k * profile.mean + max(2.0 * profile.std * math.sqrt(k), 0.5 * profile.mean)
-
-
-#: An owner still busy this many times its expected share's time (and past :func:`_overdue_at`) is
-#: stalled: a task stalled 10x in a share of 8 ends it at about 2.1x, noise on a shared device rarely
-#: past 1.3x (the benchmark of the alternatives, four ranks on two cores).
-STALL_FACTOR = 1.5
-
-
-def _stalled_at(code: RepetitionCode, owner: int) -> float:
-    """When ``owner`` is clearly stalled: :data:`STALL_FACTOR` times its expected end, and overdue."""
-    profile = code.profiles[owner]
-    expected = profile.shift + int(code.primaries[owner]) * profile.mean
-    return max(STALL_FACTOR * expected, _overdue_at(code, owner))

@@ -12,9 +12,8 @@ its *primaries* in chunks: several tasks in one forward/backward, so the fixed c
 once per chunk. Chunks follow guided self-scheduling (:func:`chunk_size`): about half of the
 still-open primaries first, then smaller and smaller, never below the size at which the fixed cost
 is a tenth of the chunk's time (from the rank's measured :class:`~codedgrad.profile.CostModel`), so
-the work in flight when the step is decided is short. Without spare work (or with help for stalls
-only), the leading primaries that no other rank holds go in the first chunk whole: nobody else
-computes them unless this rank stalls. A chunk
+the work in flight when the step is decided is short. Without spare work, the leading primaries that
+no other rank holds go in the first chunk whole: only this rank can ever compute them. A chunk
 commits all its results with one compare-and-set, all or none (:meth:`StepChannel.commit_all`): its
 gradient is one sum, so if a backup covered one of its tasks meanwhile, nothing is committed and the
 still-open tasks go back to the queue. Backups and spare work stay single tasks: they decide the
@@ -42,7 +41,7 @@ import torch
 from codedgrad.codes import Work
 from codedgrad.codes.repetition import RepetitionCode
 from codedgrad.codes.spare import next_spare_check, spare_work
-from codedgrad.runtime.config import STALLS, EngineConfig
+from codedgrad.runtime.config import EngineConfig
 from codedgrad.runtime.coordinator import StepChannel
 from codedgrad.runtime.replan import Plan
 from codedgrad.runtime.step import StepPhase, StepRecord
@@ -275,7 +274,7 @@ class TaskRunner:
                     record.report.commit_exposed += committer.join()  # a requeue may refill primaries
                     continue
                 size = chunk_size(len(open_ids), min_tasks)
-                if self._config.spare_work is not True:  # backups (or help for a stall) only: _sole_prefix
+                if not self._config.spare_work:  # only backups can take over a primary: see _sole_prefix
                     size = max(size, _sole_prefix(code, self._rank, open_ids))
                 chunk, rest = tuple(open_ids[:size]), open_ids[size:]
                 primaries.extend(rest)
@@ -303,10 +302,9 @@ class TaskRunner:
             # Whether helping pays is judged against the plan's task times, which must be measured
             # seconds for that; until they are, take whatever is open (owners running single tasks).
             elapsed = time.perf_counter() - record.start if plan.measured else None
-            stalls_only = self._config.spare_work == STALLS
-            work = spare_work(state, self._rank, elapsed, owners_in_chunks=loss.batched, stalls_only=stalls_only)
+            work = spare_work(state, self._rank, elapsed=elapsed, owners_in_chunks=loss.batched)
             if work is None:
-                retry = None if elapsed is None else next_spare_check(state, self._rank, elapsed, stalls_only)
+                retry = None if elapsed is None else next_spare_check(state, self._rank, elapsed)
                 if retry is None or not self._idle(record, channel, record.start + retry):
                     return
                 with record.lock:  # still RUNNING under the lock: the step's keys cannot be deleted meanwhile
@@ -432,7 +430,7 @@ class TaskRunner:
 
 
 def _sole_prefix(code: RepetitionCode, rank: int, open_ids: Sequence[int]) -> int:
-    """How many of the first ``open_ids`` no other rank holds (only ``rank`` computes them, unless it stalls).
+    """How many of the first ``open_ids`` no other rank holds (without spare work, only ``rank`` can compute them).
 
     Chunks shrink so that whoever finishes first can take the tail; a task nobody else holds waits
     for this rank anyway, so the run of such tasks at the front (backups cover the riskier tail)

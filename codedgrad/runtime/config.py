@@ -28,9 +28,6 @@ __all__ = ["AUTO", "AUTO_START", "MAX_TIMEOUT", "NONFINITE_POLICIES", "Configura
 #: ``redundancy=AUTO``: the planner chooses Ω from the measured profiles (:func:`codedgrad.plan.choose_redundancy`)
 #: at every plan, starting from :data:`AUTO_START` until the ranks' task times are measured.
 AUTO = "auto"
-#: ``spare_work="stalls"``: help only an owner that is clearly stalled (ranks sharing a device).
-STALLS = "stalls"
-SPARE_MODES = (AUTO, STALLS)
 AUTO_START = 1.25
 
 #: What a step does when the decoded gradient is not finite: ``"raise"`` (every rank raises
@@ -82,8 +79,7 @@ class EngineConfig:
         replan_threshold: share by which the predicted step time must improve to switch plans.
         warmup_steps: steps measured before the first profile exchange when no profiles are given.
         spare_work: let an idle rank compute other ranks' open tasks when that can end the step sooner;
-            ``"stalls"``: only for an owner that is clearly stalled; ``"auto"``: True where no two
-            ranks share a compute device, else ``"stalls"`` (:mod:`~codedgrad.runtime.devices`).
+            ``"auto"``: only when no two ranks share a compute device (:mod:`~codedgrad.runtime.devices`).
         no_wait: reduce on the release thread as soon as a step is decided.
         broadcast_buffers: give every rank rank 0's module buffers after every step.
         bucket_cap_mb: largest flat gradient bucket of the coded all-reduce.
@@ -163,11 +159,8 @@ class EngineConfig:
             raise ConfigurationError(f"replan_threshold: must be in [0, 1), got {threshold:g}")
         set_(self, "replan_threshold", threshold)
         _integer("warmup_steps", self.warmup_steps, 1)
-        spare = self.spare_work
-        if not (isinstance(spare, bool) or (isinstance(spare, str) and spare in SPARE_MODES)):
-            raise ConfigurationError(
-                f"spare_work: must be True, False, {AUTO!r} or {STALLS!r}, got {self.spare_work!r}"[:200]
-            )
+        if not (isinstance(self.spare_work, bool) or (isinstance(self.spare_work, str) and self.spare_work == AUTO)):
+            raise ConfigurationError(f"spare_work: must be True, False or {AUTO!r}, got {self.spare_work!r}")
         for name in ("no_wait", "broadcast_buffers"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(f"{name}: must be True or False, got {getattr(self, name)!r}")

@@ -41,7 +41,7 @@ from codedgrad.emulate import EmulationError, Heterogeneity
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime.buffers import FlatGradients
 from codedgrad.runtime.compute import MAX_OVERHEAD_SHARE, StepLoss, TaskRunner
-from codedgrad.runtime.config import AUTO, STALLS, ConfigurationError, EngineConfig, agree, describe_module
+from codedgrad.runtime.config import AUTO, ConfigurationError, EngineConfig, agree, describe_module
 from codedgrad.runtime.coordinator import StepChannel, StepMismatchError, StoreCoordinator
 from codedgrad.runtime.coordinator import weights_digest as _digest
 from codedgrad.runtime.devices import DeviceSeat, shared_devices
@@ -104,11 +104,10 @@ class CodedDataParallel(nn.Module):
             share; a switch that makes the measured step time worse is reverted.
         warmup_steps: steps measured before the first re-plan when no profiles are given.
         spare_work: once this rank's queue is dry and the step is not decided, compute other ranks'
-            open tasks (repetition codes) when that can end the step sooner. ``"stalls"``: only for an
-            owner that is clearly stalled (1.5x its expected time). ``"auto"`` (default): True, or
-            ``"stalls"`` where ranks share a compute device (several ranks per GPU, or more threads
-            than cores on a host), since a helper's compute is then taken from the ranks it shares
-            with; the resolved setting is ``cdp.config.spare_work``, what is shared ``cdp.shared_devices``.
+            open tasks (repetition codes) when that can end the step sooner. ``"auto"`` (default): on
+            unless ranks share a compute device (several ranks per GPU, or more threads than cores on
+            a host), where a helper's compute is taken from the rank it helps; the resolved setting is
+            ``cdp.config.spare_work`` and what is shared ``cdp.shared_devices``.
         no_wait: reduce on a release thread, with its own process group, as soon as the step is
             decided, so that no rank waits for another rank's task in flight (default). With a custom
             ``process_group`` only the synchronous step is available.
@@ -197,7 +196,7 @@ class CodedDataParallel(nn.Module):
         # What ranks share a device (one Store gather); spare_work="auto" is off where any do.
         self.shared_devices = self._find_shared_devices(module)
         if config.spare_work == AUTO:
-            config = replace(config, spare_work=STALLS if self.shared_devices else True)
+            config = replace(config, spare_work=not self.shared_devices)
         self.config = config
         self._no_wait = bool(values["no_wait"])
         _warn_about_batch_statistics(module)
