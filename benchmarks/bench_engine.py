@@ -157,8 +157,10 @@ def main() -> None:
     strategies = {
         "uniform": dict(code="uncoded", redundancy=1.0, profiles=homogeneous, spare_work=False, replan_every=0),
         "optimal": dict(code="uncoded", redundancy=1.0, profiles=profiles, spare_work=False, **replan),
-        "coded_fine": dict(code="repetition", redundancy=omega, profiles=profiles, **replan),
-        "coded": dict(code="repetition", redundancy=omega, profiles=profiles, **replan),
+        # Sleeps take no compute, so spare work steals nothing even with ranks sharing cores: on, as
+        # on one device per rank ("auto" would turn it off on this machine).
+        "coded_fine": dict(code="repetition", redundancy=omega, profiles=profiles, spare_work=True, **replan),
+        "coded": dict(code="repetition", redundancy=omega, profiles=profiles, spare_work=True, **replan),
     }
     engines = {}
     for name in STRATEGIES:  # in a fixed order: every rank builds the same engines, collectively

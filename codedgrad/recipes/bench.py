@@ -12,7 +12,7 @@ where ``loss_for(model)`` returns ``batch_loss`` computed through ``model``:
 * ``balanced``: the same with per-rank task counts from the batch-size-aware optimal split
   (:func:`balanced_counts`), exact through the coded hook's sample counts;
 * ``coded``: :class:`~codedgrad.CodedDataParallel` with its defaults (repetition, ``redundancy="auto"``,
-  spare work);
+  ``spare_work="auto"``);
 * ``cyclic``: ``CodedDataParallel(code="cyclic", redundancy=2)`` (rank-level MDS, s = 1);
 * ``drop_slowest``: :class:`~codedgrad.baselines.DropSlowest` (one backup rank; inexact);
 * ``pulling``: :class:`~codedgrad.baselines.DynamicPulling` (chunks from a shared counter, no plan).

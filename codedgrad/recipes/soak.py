@@ -116,6 +116,7 @@ class EngineSettings:
     timeout: float = 20.0
     replan_every: int = 20
     max_steps_ahead: int = 4
+    spare_work: bool | str = True  # exercised on purpose: "auto" turns it off where ranks share cores
 
     def __post_init__(self) -> None:
         _positive("engine.timeout", self.timeout)
@@ -694,6 +695,7 @@ def run(cfg: SoakConfig, out: Path) -> bool:
     cdp = CodedDataParallel(
         model, redundancy=cfg.engine.redundancy, code=cfg.engine.code, emulate=het, timeout=cfg.engine.timeout,
         replan_every=cfg.engine.replan_every, max_steps_ahead=cfg.engine.max_steps_ahead,
+        spare_work=cfg.engine.spare_work,
     )  # fmt: skip
     # Before the clock starts: the first optimizer imports parts of torch that take seconds to load.
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
