@@ -111,15 +111,17 @@ def test_a_stall_is_covered_once_task_times_are_measured(exact):
 
 def test_spare_work_auto_is_off_where_ranks_share_cores(exact):
     """spare_work="auto": off when the ranks' threads outnumber the cores (this test's 4 ranks with
-    one thread each on a machine of fewer than 4 cores), on otherwise; every rank resolves the same."""
+    one thread each on a machine of fewer than 4 cores), on otherwise, and on with sleep emulation
+    (a sleep takes nothing from the others); every rank resolves the same."""
     shared = 4 > len(os.sched_getaffinity(0))  # OMP_NUM_THREADS=1: one thread per rank
     for result in exact:
-        entry = result["repetition_1.25"]
-        assert entry["spare_work"] is (not shared), entry["shared_devices"]
-        assert bool(entry["shared_devices"]) is shared
+        for name in ("none", "compute", "sleep"):
+            entry = result[f"spare_auto_{name}"]
+            assert entry["spare_work"] is (name == "sleep" or not shared), (name, entry)
+            assert bool(entry["shared"]) is shared, (name, entry)
         if shared:
-            assert "run 4 threads on" in entry["shared_devices"][0]
-    assert len({tuple(r["repetition_1.25"]["shared_devices"]) for r in exact}) == 1
+            assert "run 4 threads on" in result["spare_auto_none"]["shared"][0]
+    assert len({tuple(r["spare_auto_none"]["shared"]) for r in exact}) == 1
 
 
 def test_slow_rank_does_less(exact):

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from codedgrad.emulate import EmulationError, Heterogeneity
+from codedgrad.emulate import EmulationError, EmulationMode, Heterogeneity
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime.buffers import FlatGradients
 from codedgrad.runtime.compute import MAX_OVERHEAD_SHARE, StepLoss, TaskRunner
@@ -106,7 +106,8 @@ class CodedDataParallel(nn.Module):
         spare_work: once this rank's queue is dry and the step is not decided, compute other ranks'
             open tasks (repetition codes) when that can end the step sooner. ``"auto"`` (default): on
             unless ranks share a compute device (several ranks per GPU, or more threads than cores on
-            a host), where a helper's compute is taken from the rank it helps; the resolved setting is
+            a host), where a helper's compute is taken from the rank it helps (emulation in sleep
+            mode keeps it on: sleeps take no compute); the resolved setting is
             ``cdp.config.spare_work`` and what is shared ``cdp.shared_devices``.
         no_wait: reduce on a release thread, with its own process group, as soon as the step is
             decided, so that no rank waits for another rank's task in flight (default). With a custom
@@ -193,10 +194,12 @@ class CodedDataParallel(nn.Module):
             values.update(describe_module(module))
         agree(self._coordinator, "config", values, error)
         assert config is not None
-        # What ranks share a device (one Store gather); spare_work="auto" is off where any do.
+        # What ranks share a device (one Store gather); spare_work="auto" is off where any do, unless
+        # the emulation sleeps: then a task's time is mostly a sleep that takes nothing from the others.
         self.shared_devices = self._find_shared_devices(module)
         if config.spare_work == AUTO:
-            config = replace(config, spare_work=not self.shared_devices)
+            sleeps = config.emulate is not None and config.emulate.mode is EmulationMode.SLEEP
+            config = replace(config, spare_work=sleeps or not self.shared_devices)
         self.config = config
         self._no_wait = bool(values["no_wait"])
         _warn_about_batch_statistics(module)

@@ -143,8 +143,8 @@ def logged_loss(trainer: pl.Trainer, key: str = "train_loss") -> float:
 
 
 def strategy(**kwargs) -> CodedStrategy:
-    # spare_work=True: the emulated stall sleeps, so covering it takes nothing from the stalled rank even
-    # where "auto" finds the ranks sharing this machine's cores.
+    # spare_work=True: the stall test is about spare work covering a stalled rank, so it does not rest
+    # on what "auto" resolves to (on here, with sleep emulation).
     defaults = {"emulate": EMULATE, "timeout": TIMEOUT, "replan_every": 4, "spare_work": True}
     return CodedStrategy(**{**defaults, **kwargs})
 

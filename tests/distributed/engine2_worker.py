@@ -95,7 +95,7 @@ def scenario_stall(rank: int, world: int, results: dict) -> None:
             reference = make().double()
             reference.load_state_dict(model.state_dict())
             # replan_every=0: spare work helps at once (the plan's times are not measured seconds); on
-            # explicitly, since "auto" turns it off where ranks share cores and the stall here sleeps.
+            # explicitly: the scenario is about spare work, whatever "auto" resolves to.
             with CodedDataParallel(
                 model, redundancy=1.25, emulate=het, replan_every=0, spare_work=True, timeout=30
             ) as cdp:

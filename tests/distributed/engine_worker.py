@@ -21,6 +21,7 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -140,8 +141,10 @@ def scenario_exact(rank: int, world: int) -> dict:
     for name, kwargs in configs.items():
         cdp = CodedDataParallel(make_model(torch.float64), emulate=noisy, timeout=30, **kwargs)
         results[name] = run_steps(cdp, steps=3, num_tasks=12, dtype=torch.float64)
-        results[name]["spare_work"] = cdp.config.spare_work  # spare_work="auto", resolved
-        results[name]["shared_devices"] = cdp.shared_devices
+    # spare_work="auto", resolved: without emulation, with compute emulation, and with sleeps.
+    for name, emulate in (("none", None), ("compute", replace(noisy, mode="compute")), ("sleep", noisy)):
+        with CodedDataParallel(make_model(torch.float64), emulate=emulate, timeout=30) as cdp:
+            results[f"spare_auto_{name}"] = {"spare_work": cdp.config.spare_work, "shared": cdp.shared_devices}
     for dtype in (torch.float32, torch.bfloat16):
         cdp = CodedDataParallel(make_model(dtype), redundancy=1.25, emulate=noisy, timeout=30)
         results[f"repetition_1.25_{str(dtype)[6:]}"] = run_steps(cdp, steps=2, num_tasks=12, dtype=dtype)
@@ -167,7 +170,7 @@ def scenario_exact(rank: int, world: int) -> dict:
             replan_every=2,
             warmup_steps=4,
             max_steps_ahead=1,
-            spare_work=True,  # sleeps: a helper takes nothing from the stalled rank, even on shared cores
+            spare_work=True,  # the scenario is about spare work, whatever "auto" resolves to
             timeout=30,
         )
         results[name] = run_steps(cdp, steps=9, num_tasks=16, dtype=torch.float64)
