@@ -157,8 +157,8 @@ def main() -> None:
     strategies = {
         "uniform": dict(code="uncoded", redundancy=1.0, profiles=homogeneous, spare_work=False, replan_every=0),
         "optimal": dict(code="uncoded", redundancy=1.0, profiles=profiles, spare_work=False, **replan),
-        # Sleeps take no compute, so spare work steals nothing even with ranks sharing cores: on, as
-        # on one device per rank ("auto" would turn it off on this machine).
+        # Spare work on explicitly, as on one device per rank, whatever "auto" resolves to (sleeps
+        # take no compute, so it steals nothing here even with ranks sharing cores).
         "coded_fine": dict(code="repetition", redundancy=omega, profiles=profiles, spare_work=True, **replan),
         "coded": dict(code="repetition", redundancy=omega, profiles=profiles, spare_work=True, **replan),
     }

@@ -8,6 +8,7 @@ without torchrun (the distributed tests check both users end to end).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -109,6 +110,7 @@ def test_runs_ahead_of_a_stalled_compute_thread_at_most_max_steps(releases) -> N
     release.wait_served(3)
     assert release.served == [(0, False), (1, True), (2, True)]
     assert release.holds_steps()
+    time.sleep(0.2)  # time to look for step 3, were it allowed to
     assert 3 not in release.probed  # 2 steps beyond the compute thread's: it stops looking
     # The compute thread catches up: it gets the records served ahead, not new ones.
     release.left(0)

@@ -252,7 +252,7 @@ class CodedStrategy(CodedgradStrategy):
         replan_every: steps between profile exchanges (0: never re-plan).
         replan_threshold: re-plan only when the predicted step time improves by more than this share.
         spare_work: let an idle rank compute other ranks' open tasks when that ends the step sooner;
-            ``"auto"`` (default): unless ranks share a compute device.
+            ``"auto"`` (default): unless ranks share a compute device (sleep-mode emulation keeps it on).
         max_steps_ahead: steps the release may complete for a stalled rank meanwhile.
         **kwargs: :class:`~pytorch_lightning.strategies.DDPStrategy`'s ``accelerator``,
             ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,

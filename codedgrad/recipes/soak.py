@@ -116,7 +116,7 @@ class EngineSettings:
     timeout: float = 20.0
     replan_every: int = 20
     max_steps_ahead: int = 4
-    spare_work: bool | str = True  # exercised on purpose: "auto" turns it off where ranks share cores
+    spare_work: bool | str = True  # exercised on purpose, whatever "auto" would resolve to
 
     def __post_init__(self) -> None:
         _positive("engine.timeout", self.timeout)

@@ -13,11 +13,11 @@ once per chunk. Chunks follow guided self-scheduling (:func:`chunk_size`): about
 still-open primaries first, then smaller and smaller, never below the size at which the fixed cost
 is a tenth of the chunk's time (from the rank's measured :class:`~codedgrad.profile.CostModel`), so
 the work in flight when the step is decided is short. Without spare work, the leading primaries that
-no other rank holds go in the first chunk whole: only this rank can ever compute them. A chunk
-commits all its results with one compare-and-set, all or none (:meth:`StepChannel.commit_all`): its
-gradient is one sum, so if a backup covered one of its tasks meanwhile, nothing is committed and the
-still-open tasks go back to the queue. Backups and spare work stay single tasks: they decide the
-step's end.
+no other rank holds go in the first chunk whole (up to an even share, DDP's batch per rank, for
+memory): only this rank can ever compute them. A chunk commits all its results with one
+compare-and-set, all or none (:meth:`StepChannel.commit_all`): its gradient is one sum, so if a
+backup covered one of its tasks meanwhile, nothing is committed and the still-open tasks go back to
+the queue. Backups and spare work stay single tasks: they decide the step's end.
 
 With a ``batch_loss`` the commits of the queue overlap compute: a chunk's commit (its Store round
 trips and the accumulation, still one critical section under the step's lock) runs on a short-lived
@@ -243,6 +243,8 @@ class TaskRunner:
         mean_weight = record.weights_total / len(weights)
         min_weight = self._min_chunk_weight()
         min_tasks = max(1, math.ceil(min_weight / mean_weight)) if mean_weight > 0 and math.isfinite(min_weight) else 1
+        # No chunk beyond DDP's batch per rank: its activations are what the user sized memory for.
+        even_share = math.ceil(code.num_tasks / code.num_ranks)
 
         def requeue(results: tuple[int, ...]) -> Callable[[bool], None]:
             def done(used: bool) -> None:
@@ -275,7 +277,7 @@ class TaskRunner:
                     continue
                 size = chunk_size(len(open_ids), min_tasks)
                 if not self._config.spare_work:  # only backups can take over a primary: see _sole_prefix
-                    size = max(size, _sole_prefix(code, self._rank, open_ids))
+                    size = max(size, min(_sole_prefix(code, self._rank, open_ids), even_share))
                 chunk, rest = tuple(open_ids[:size]), open_ids[size:]
                 primaries.extend(rest)
                 work = Work(chunk[0], chunk, (1.0,) * len(chunk))

@@ -44,7 +44,7 @@ from codedgrad.runtime.compute import MAX_OVERHEAD_SHARE, StepLoss, TaskRunner
 from codedgrad.runtime.config import AUTO, ConfigurationError, EngineConfig, agree, describe_module
 from codedgrad.runtime.coordinator import StepChannel, StepMismatchError, StoreCoordinator
 from codedgrad.runtime.coordinator import weights_digest as _digest
-from codedgrad.runtime.devices import DeviceSeat, shared_devices
+from codedgrad.runtime.devices import DeviceSeat, SeatError, shared_devices
 from codedgrad.runtime.release import BufferShare, Releaser, reduce_step
 from codedgrad.runtime.replan import Plan, Planner
 from codedgrad.runtime.step import NonFiniteGradientError, StepPhase, StepRecord, StepReport
@@ -170,7 +170,7 @@ class CodedDataParallel(nn.Module):
         )
         # Validate locally, then agree: a bad setting on one rank fails every rank with its message,
         # before any collective.
-        error, config = None, None
+        error, config, seat = None, None, None
         try:
             if emulate is None:
                 emulate = Heterogeneity.from_env()
@@ -186,6 +186,11 @@ class CodedDataParallel(nn.Module):
                 raise ConfigurationError("module: has no parameter that requires grad (nothing to train)")
         except (ConfigurationError, EmulationError) as exc:
             error = str(exc)
+        try:  # published after the agreement; described now so that a failure is agreed, not waited for
+            first = next((p for p in module.parameters() if p.requires_grad), None)
+            seat = DeviceSeat.here(first.device if first is not None else torch.device("cpu"))
+        except Exception as exc:
+            error = error or f"module: could not describe its device ({type(exc).__name__}: {exc})"
         values = config.to_dict() if config is not None else {}
         if config is not None:
             # The release needs a group of its own and a second Store client; fall back to the
@@ -196,7 +201,8 @@ class CodedDataParallel(nn.Module):
         assert config is not None
         # What ranks share a device (one Store gather); spare_work="auto" is off where any do, unless
         # the emulation sleeps: then a task's time is mostly a sleep that takes nothing from the others.
-        self.shared_devices = self._find_shared_devices(module)
+        assert seat is not None
+        self.shared_devices = self._find_shared_devices(seat)
         if config.spare_work == AUTO:
             sleeps = config.emulate is not None and config.emulate.mode is EmulationMode.SLEEP
             config = replace(config, spare_work=sleeps or not self.shared_devices)
@@ -244,11 +250,15 @@ class CodedDataParallel(nn.Module):
         self.last_report: StepReport | None = None
         _open_engines.add(self)
 
-    def _find_shared_devices(self, module: nn.Module) -> list[str]:
+    def _find_shared_devices(self, seat: DeviceSeat) -> list[str]:
         """Which ranks share a compute device, one line each (the same list on every rank)."""
-        first = next((p for p in module.parameters() if p.requires_grad), None)
-        seat = DeviceSeat.here(first.device if first is not None else torch.device("cpu"))
-        return shared_devices([DeviceSeat.from_bytes(b) for b in self._coordinator.gather("devices", seat.to_bytes())])
+        seats = []
+        for rank, data in enumerate(self._coordinator.gather("devices", seat.to_bytes())):
+            try:
+                seats.append(DeviceSeat.from_bytes(data))
+            except SeatError as error:  # the same bytes on every rank: every rank raises alike
+                raise ConfigurationError(f"codedgrad: rank {rank}'s device in the Store: {error}") from None
+        return shared_devices(seats)
 
     # ----------------------------------------------------------------- public API
     def forward(self, *args, **kwargs):

@@ -142,6 +142,7 @@ def scenario_exact(rank: int, world: int) -> dict:
         cdp = CodedDataParallel(make_model(torch.float64), emulate=noisy, timeout=30, **kwargs)
         results[name] = run_steps(cdp, steps=3, num_tasks=12, dtype=torch.float64)
     # spare_work="auto", resolved: without emulation, with compute emulation, and with sleeps.
+    os.environ.pop("CODEDGRAD_EMULATE", None)  # emulate=None reads it: a developer's setting must not leak in
     for name, emulate in (("none", None), ("compute", replace(noisy, mode="compute")), ("sleep", noisy)):
         with CodedDataParallel(make_model(torch.float64), emulate=emulate, timeout=30) as cdp:
             results[f"spare_auto_{name}"] = {"spare_work": cdp.config.spare_work, "shared": cdp.shared_devices}
