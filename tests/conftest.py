@@ -150,3 +150,16 @@ def torchrun() -> Callable[..., subprocess.CompletedProcess]:
 def rank_results() -> Callable[[Path, int], list[dict]]:
     """:func:`load_rank_results`, as a fixture."""
     return load_rank_results
+
+
+LIGHTNING_NPROC = 3  # tests/distributed/lightning_worker.py: both strategies' checks on 3 ranks
+
+
+@pytest.fixture(scope="session")
+def lightning_launch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One torchrun launch of both Lightning strategies' checks (tests/distributed/lightning_worker.py),
+    shared by test_lightning_balanced.py and test_lightning_coded.py; the directory holding their
+    ``balanced/`` and ``coded/`` results."""
+    out_dir = tmp_path_factory.mktemp("lightning")
+    run_torchrun(DISTRIBUTED_DIR / "lightning_worker.py", LIGHTNING_NPROC, [str(out_dir)], timeout=480)
+    return out_dir

@@ -1,7 +1,8 @@
 """strategy="balanced": DDP with speed-proportional per-rank batch sizes and exact gradients.
 
 The distributed checks share one torchrun launch (tests/distributed/balanced_worker.py: 3 ranks,
-gloo, emulated speeds 1, 2, 4, global batches of 24 with a ragged 6 at each epoch's end); the
+gloo, emulated speeds 1, 2, 4, global batches of 24 with a ragged 6 at each epoch's end; run with
+test_lightning_coded.py's in one launch, the session's ``lightning_launch`` in conftest.py); the
 pieces below the strategy (counts schedule, shard sampler, step timer, registry, arguments) are
 checked without a process group.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import importlib
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,17 +29,14 @@ from codedgrad.lightning.speed import StepTimer
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime import CodedHookState
 
-WORKER = Path(__file__).parent / "distributed" / "balanced_worker.py"
 NPROC = 3
 FP64_TOLERANCE = 1e-10  # docs/design.md, "The step protocol"
 STEPS_PER_EPOCH = 5  # 100 samples, 8 per device, 3 ranks: 24, 24, 24, 24, 6
 
 
 @pytest.fixture(scope="module")
-def results(torchrun, rank_results, tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("balanced")
-    torchrun(WORKER, NPROC, [str(out_dir)], timeout=300)
-    return rank_results(out_dir, NPROC)
+def results(lightning_launch, rank_results) -> list[dict]:
+    return rank_results(lightning_launch / "balanced", NPROC)
 
 
 # -- distributed ---------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The distributed checks share one torchrun launch (tests/distributed/coded_lightning_worker.py: 3
 ranks, gloo, ``64-true``, emulated speeds 1, 2, 4 with a 1.5 s stall of rank 1 at step 2, global
-batches of 24 with a ragged 6 at each epoch's end, gradient clipping and a per-step LR scheduler)
+batches of 24 with a ragged 6 at each epoch's end, gradient clipping and a per-step LR scheduler;
+in one launch with test_lightning_balanced.py's, the session's ``lightning_launch`` in conftest.py)
 and one plain ``python`` run through Lightning's own launcher (2 ranks). The arguments and the
 registry are checked without a process group.
 """
@@ -33,10 +34,8 @@ SAMPLES_PER_EPOCH = 102  # DistributedSampler pads 100 to a multiple of 3
 
 
 @pytest.fixture(scope="module")
-def results(torchrun, rank_results, tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("coded")
-    torchrun(WORKER, NPROC, [str(out_dir)], timeout=240)
-    return rank_results(out_dir, NPROC)
+def results(lightning_launch, rank_results) -> list[dict]:
+    return rank_results(lightning_launch / "coded", NPROC)
 
 
 def finite_pairs(logged: list[float], reference: list[float]) -> list[tuple[float, float]]:

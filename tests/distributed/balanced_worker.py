@@ -13,6 +13,7 @@ Runs, in order, in one process group (created by the first Trainer, destroyed at
 4. settings the strategy refuses (gradient accumulation, an iterable dataset).
 
 Usage: ``torchrun --nproc-per-node 3 balanced_worker.py OUT_DIR``; writes ``OUT_DIR/rank{r}.json``.
+The suite runs it through tests/distributed/lightning_worker.py, in one launch with the coded checks.
 """
 
 from __future__ import annotations
@@ -140,9 +141,13 @@ def refused(out_dir: Path, make_trainer_kwargs: dict, train: Dataset | None = No
 
 
 def main() -> None:
-    out_dir = Path(sys.argv[1])
-    rank = int(os.environ["RANK"])
     warnings.filterwarnings("ignore")  # Lightning's advice on workers and logging is noise here
+    run(Path(sys.argv[1]))
+
+
+def run(out_dir: Path) -> None:
+    """Every check above, in one process group; this rank's results go to ``out_dir/rank{r}.json``."""
+    rank = int(os.environ["RANK"])
     result: dict = {"rank": rank}
 
     # 1. fit 2 epochs in float64, with validation and a checkpoint.

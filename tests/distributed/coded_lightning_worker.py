@@ -16,7 +16,8 @@ With ``--launcher`` (run by plain ``python``, no torchrun): Lightning's own laun
 one epoch in ``64-true``, compared with the 2-rank reference.
 
 Usage: ``torchrun --nproc-per-node 3 coded_lightning_worker.py OUT_DIR`` or
-``python coded_lightning_worker.py OUT_DIR --launcher``; writes ``OUT_DIR/rank{r}.json``.
+``python coded_lightning_worker.py OUT_DIR --launcher``; writes ``OUT_DIR/rank{r}.json``. The suite
+runs the torchrun part through tests/distributed/lightning_worker.py, in one launch with the balanced checks.
 """
 
 from __future__ import annotations
