@@ -163,16 +163,3 @@ def lightning_launch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("lightning")
     run_torchrun(DISTRIBUTED_DIR / "lightning_worker.py", LIGHTNING_NPROC, [str(out_dir)], timeout=480)
     return out_dir
-
-
-ENGINE_NPROC = 4  # tests/distributed/engine_all_worker.py
-
-
-@pytest.fixture(scope="session")
-def engine_launch(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One torchrun launch of test_engine.py's ``exact`` scenario and test_engine_lifecycle.py's
-    scenarios (tests/distributed/engine_all_worker.py); the directory holding their ``exact/`` and
-    ``lifecycle/`` results."""
-    out_dir = tmp_path_factory.mktemp("engine")
-    run_torchrun(DISTRIBUTED_DIR / "engine_all_worker.py", ENGINE_NPROC, [str(out_dir)], timeout=480)
-    return out_dir

@@ -1,7 +1,6 @@
 """CodedDataParallel under torchrun with gloo: exactness, straggler tolerance, failures, Store hygiene.
 
-Two launches (≈ 10–50 s each) check everything; see tests/distributed/engine_worker.py. The ``exact``
-scenario shares its launch with test_engine_lifecycle.py's (the session's ``engine_launch``).
+Two launches (≈ 10–30 s each) check everything; see tests/distributed/engine_worker.py.
 """
 
 from __future__ import annotations
@@ -16,9 +15,10 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def exact(engine_launch):
-    # One launch with test_engine_lifecycle.py's scenarios (conftest.py, tests/distributed/engine_all_worker.py).
-    results = load_rank_results(engine_launch / "exact", WORLD)
+def exact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exact")
+    run_torchrun(DISTRIBUTED_DIR / "engine_worker.py", WORLD, ["exact", out], timeout=240)
+    results = load_rank_results(out, WORLD)
     for rank, result in enumerate(results):
         assert "crash" not in result, f"rank {rank} crashed:\n{result['crash']}"
     return results

@@ -1,5 +1,4 @@
-"""The engine's second generation under torchrun, 4 ranks (tests/distributed/engine2_worker.py), in one
-launch with test_engine.py's ``exact`` scenario (the session's ``engine_launch`` in conftest.py).
+"""The engine's second generation under torchrun, 4 ranks, one launch (tests/distributed/engine2_worker.py).
 
 A stall no longer holds the others (the release completes later steps ahead of a stalled compute
 thread); unequal task weights and the decoded loss; state that survives a restart; the review's
@@ -12,15 +11,17 @@ from __future__ import annotations
 import statistics
 
 import pytest
-from conftest import load_rank_results
+from conftest import DISTRIBUTED_DIR, load_rank_results, run_torchrun
 
 WORLD = 4
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def results(engine_launch):
-    results = load_rank_results(engine_launch / "lifecycle", WORLD)
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine2")
+    run_torchrun(DISTRIBUTED_DIR / "engine2_worker.py", WORLD, [out], timeout=300)
+    results = load_rank_results(out, WORLD)
     for rank, result in enumerate(results):
         crashes = {k: v for k, v in result.items() if k.startswith("crash")}
         assert not crashes, f"rank {rank} crashed:\n{crashes}"

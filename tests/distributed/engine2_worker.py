@@ -486,8 +486,10 @@ def scenario_chunks(rank: int, world: int, results: dict) -> None:
     results["chunks"] = out
 
 
-def run_scenarios(rank: int, world: int) -> dict:
-    """Every scenario above, in order; a scenario that raises is reported as ``crash_<name>`` and ends the run."""
+def main() -> None:
+    out_dir = Path(sys.argv[1])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
     results: dict = {}
     for scenario in (
         scenario_lifecycle,
@@ -507,14 +509,7 @@ def run_scenarios(rank: int, world: int) -> dict:
             results[f"crash_{scenario.__name__}"] = traceback.format_exc()
             break
         dist.barrier()
-    return results
-
-
-def main() -> None:
-    out_dir = Path(sys.argv[1])
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    write_results_and_exit(out_dir, rank, run_scenarios(rank, world))
+    write_results_and_exit(out_dir, rank, results)
 
 
 if __name__ == "__main__":
