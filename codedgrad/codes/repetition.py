@@ -44,7 +44,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from scipy.stats import norm
+from scipy.special import ndtr  # Φ; scipy.stats would add ~0.5 s to every process's start
 
 from codedgrad.codes.base import (
     CodeError,
@@ -104,7 +104,8 @@ def _expected_excess(mean: np.ndarray, std: np.ndarray, level: float) -> np.ndar
     # Φ = 0 or 1 and φ = 0, so the overflow is not worth a warning.
     with np.errstate(over="ignore"):
         z = gap[noisy] / std[noisy]
-        out[noisy] = std[noisy] * norm.pdf(z) + gap[noisy] * norm.cdf(z)
+        pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+        out[noisy] = std[noisy] * pdf + gap[noisy] * ndtr(z)
     return out
 
 
