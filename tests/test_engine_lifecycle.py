@@ -75,10 +75,22 @@ def test_state_dict_round_trip_resumes_the_plan_and_its_redundancy_without_warm_
 
 
 def test_an_error_between_commit_and_accumulation_fails_the_step_everywhere(results):
+    """Rank 1 fails at step 1 after its result was committed, before it was accumulated. The others
+    fail that step too, by whichever of two designed paths comes first: rank 1's compute thread
+    abandons the step (CodedStepTimeout, naming rank 1), or its release thread arrives with an
+    accumulator that lacks the committed result and the accounts check refuses the step
+    (StepMismatchError, naming the task). Never a gradient without the task."""
     for rank, result in enumerate(results):
         for key in ("commit_then_fail", "commit_then_fail_chunks"):  # task_loss; batch_loss (helper thread)
             run = result[key]
-            assert run["outcomes"][1] == ("RuntimeError" if rank == 1 else "CodedStepTimeout"), (key, run)
+            kind, message = run["outcomes"][1], run["messages"][1]
+            if rank == 1:
+                assert kind == "RuntimeError" and "injected" in message, (key, run)
+            elif kind == "CodedStepTimeout":
+                assert "abandoned by rank 1" in message, (key, run)
+            else:
+                assert kind == "StepMismatchError" and "step refused" in message, (key, run)
+                assert "accumulator" in message, (key, run)  # the accounts: a used result missing
             assert run["outcomes"][0] is None and run["outcomes"][2] is None, (key, run)
             assert max(run["errors"]) <= 1e-10, (key, run)  # the steps that completed are exact
 

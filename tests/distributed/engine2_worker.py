@@ -190,7 +190,7 @@ def scenario_defects(rank: int, world: int, results: dict) -> None:
     for key, batched in (("commit_then_fail", False), ("commit_then_fail_chunks", True)):
         model = make_model(torch.float64)
         reference = make_model(torch.float64)
-        outcomes, errors = [], []
+        outcomes, messages, errors = [], [], []
         with CodedDataParallel(model, redundancy=1.0, spare_work=False, timeout=10) as cdp:
             per_task = task_loss_fn(cdp.module, x, y)
 
@@ -215,10 +215,11 @@ def scenario_defects(rank: int, world: int, results: dict) -> None:
                 finally:
                     FlatGradients.add_ = original_add
                 outcomes.append(result["type"])
+                messages.append(result["message"])
                 if result["type"] is None:
                     want = reference_grads(reference, 8, x, y)
                     errors.append(relative_error(grads(model), want))
-        results[key] = {"outcomes": outcomes, "errors": errors}
+        results[key] = {"outcomes": outcomes, "messages": messages, "errors": errors}
 
     # 2. A first step of 2 s of every rank's own work under timeout=1 (like torch.compile): fine.
     long_first = {}
