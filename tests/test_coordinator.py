@@ -537,13 +537,20 @@ def test_done_steps_leave_no_keys(master, store):
         assert ranks[0].step_exists(step) is None
 
 
-def test_a_failed_steps_keys_go_when_the_next_step_is_done(master, store):
+def two_ranks_in_step_0(master, store):
+    """Two pretend ranks (0.3 s timeout) that began step 0 of a repetition code, and the Store's key
+    count from before the step: ``(code, ranks, keys_before, channel_0, channel_1)``."""
     code = make_code("repetition", 2, 4, redundancy=1.0)
     ranks = coordinators(store, 2, timeout=0.3)
     before = master.num_keys()
     a, b = channels(ranks, 0, code)
     a.begin()
     b.begin()
+    return code, ranks, before, a, b
+
+
+def test_a_failed_steps_keys_go_when_the_next_step_is_done(master, store):
+    code, ranks, before, a, b = two_ranks_in_step_0(master, store)
     a.commit(code.queue(0)[0].result)
     assert a.abandon("ValueError: a bad batch") is True
     with pytest.raises(CodedStepTimeout, match="step 0 was abandoned by rank 0"):
@@ -560,12 +567,7 @@ def test_a_failed_steps_keys_go_when_the_next_step_is_done(master, store):
 def test_a_rank_that_closes_after_a_failed_step_leaves_its_arrival_to_the_others(master, store):
     """A rank that abandoned a step and closed at once must not delete its arrival while another
     rank still reads every arrival (it would block on the missing key, past every timeout)."""
-    code = make_code("repetition", 2, 4, redundancy=1.0)
-    ranks = coordinators(store, 2, timeout=0.3)
-    before = master.num_keys()
-    a, b = channels(ranks, 0, code)
-    a.begin()
-    b.begin()
+    _, ranks, before, a, b = two_ranks_in_step_0(master, store)
     assert a.abandon("StepMismatchError: other task weights") is True
     ranks[0].step_failed(0)
     ranks[0].close()
