@@ -26,7 +26,7 @@ import math
 import warnings
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -186,7 +186,7 @@ def harmonize(shared: Sequence[Measurement], num_tasks: int) -> list[Measurement
             profile = WorkerProfile(
                 shift=chunk_calls_shift(fixed, num_tasks, len(shared)), mean=mean, std=min(m.profile.std, mean)
             )
-            m = Measurement(profile, m.step_time, m.samples, m.cost, whole_calls=False)
+            m = replace(m, profile=profile, whole_calls=False)
         out.append(m)
     return out
 
