@@ -165,12 +165,13 @@ def test_chunked_calls_give_profiles_independent_of_chunk_sizes() -> None:
 def test_a_rank_of_one_task_calls_is_split_like_the_chunked_ranks():
     """A slow rank given a task or two runs one-task calls: its per-call time includes the fixed cost
     that chunked ranks spread. harmonize splits it with their fixed share, so ranks compare alike."""
-    # Chunked ranks: 1 ms fixed per call, 1 ms per task (a one-task call is half fixed cost).
-    chunked = Measurement(WorkerProfile(3.0e-3, 1.0e-3, 0.5e-3), 0.1, 100, CostModel(1.0e-3, 1.0e-4))
+    # Chunked ranks: 1 ms fixed per call, 1 ms per task of 10 samples (a one-task call is half fixed cost).
+    chunked = Measurement(WorkerProfile(4.0e-3, 1.0e-3, 0.5e-3), 0.1, 100, CostModel(1.0e-3, 1.0e-4), task_weight=10)
     # A rank 4x slower, measured in whole one-task calls: 8 ms each.
-    whole = Measurement(WorkerProfile(0.0, 8.0e-3, 2.0e-3), 0.1, 20, CostModel(0.0, 8.0e-4), whole_calls=True)
+    whole = Measurement(WorkerProfile(0.0, 8.0e-3, 2.0e-3), 0.1, 20, CostModel(0.0, 8.0e-4), True, 10)
     out = harmonize([chunked, chunked, chunked, whole], num_tasks=32)
-    assert out[:3] == [chunked] * 3
+    for fast in out[:3]:  # re-derived from the shared shape: the same as their own consistent fits
+        assert fast.profile.mean == pytest.approx(1.0e-3) and fast.profile.shift == pytest.approx(4.0e-3)
     slow = out[3].profile
     assert slow.mean == pytest.approx(4.0e-3) and slow.std == pytest.approx(2.0e-3)  # 4x the per-task part
     assert slow.shift == pytest.approx(4.0e-3 * (math.log2(8) + 1))  # 4x the fixed part, per even share
@@ -178,6 +179,22 @@ def test_a_rank_of_one_task_calls_is_split_like_the_chunked_ranks():
     # Through the policy: the slow rank is planned 4x slower per task, not 8x.
     action, profiles = ReplanPolicy().decide(GUESS, False, 32, [chunked, chunked, chunked, whole])
     assert action == "switch" and profiles[3].mean == pytest.approx(4 * profiles[0].mean)
-    # Without a chunked rank (every rank one task per call) nothing changes, and the flag travels as JSON.
+    # Without a chunked rank (every rank one task per call) nothing changes, and the flags travel as JSON.
     assert harmonize([whole, whole], 8) == [whole, whole]
     assert Measurement.from_json(whole.to_json()) == whole
+
+
+def test_ranks_of_one_speed_look_alike_whatever_their_fits_split():
+    """Ranks as fast as each other whose calls had nearly one size: each rank's own split into fixed
+    and per-task parts is noise (here 0 and 5 ms fixed), but the time of an even share, where they
+    measured, is the same. harmonize plans them alike, so no re-plan chases the noise."""
+    weight, share = 32.0, 8  # K = 32 on 4 ranks, 32 samples per task
+    even_share = 10.0e-3  # seconds for 8 tasks in one call, on every rank
+    fits = [CostModel(0.0, even_share / (share * weight)), CostModel(5.0e-3, 5.0e-3 / (share * weight))]
+    shared = [
+        Measurement(WorkerProfile(0.0, 1.0e-3, 0.2e-3), 0.02, 64, fits[r % 2], task_weight=weight) for r in range(4)
+    ]
+    out = harmonize(shared, num_tasks=32)
+    assert len({m.profile for m in out}) == 1
+    policy = ReplanPolicy()
+    assert policy.decide(GUESS, False, 32, shared) == ("switch", tuple(m.profile for m in out))

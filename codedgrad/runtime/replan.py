@@ -113,6 +113,8 @@ class Measurement:
         whole_calls: the profile's mean is the time of whole one-task calls, each call's fixed cost
             included (the rank ran no chunk, so its fixed and per-sample parts could not be told
             apart); :func:`harmonize` splits it like the chunked ranks' profiles.
+        task_weight: the mean weight (samples) of the tasks measured, which turns ``cost`` into
+            seconds per task.
     """
 
     profile: WorkerProfile | None
@@ -120,6 +122,7 @@ class Measurement:
     samples: int = 0
     cost: CostModel | None = None
     whole_calls: bool = False
+    task_weight: float = 0.0
 
     def to_json(self) -> str:
         profile = profiles_to_dict([self.profile]) if self.profile is not None else None
@@ -131,6 +134,7 @@ class Measurement:
                 "samples": self.samples,
                 "cost": cost,
                 "whole_calls": self.whole_calls,
+                "task_weight": self.task_weight,
             }
         )
 
@@ -140,7 +144,8 @@ class Measurement:
         profile = profiles_from_dict(data["profile"])[0] if data["profile"] is not None else None
         cost = CostModel(*data["cost"]) if data.get("cost") is not None else None
         whole = bool(data.get("whole_calls", False))
-        return Measurement(profile, data["step_time"], int(data.get("samples", 0)), cost, whole)
+        weight = float(data.get("task_weight", 0.0))
+        return Measurement(profile, data["step_time"], int(data.get("samples", 0)), cost, whole, weight)
 
 
 #: :func:`harmonize` never reads more than this share of a one-task call as fixed cost (a fit's noise
@@ -160,33 +165,42 @@ def chunk_calls_shift(fixed: float, num_tasks: int, world_size: int) -> float:
 
 
 def harmonize(shared: Sequence[Measurement], num_tasks: int) -> list[Measurement]:
-    """Every rank's profile in the chunked form (per-task ``mean`` without a call's fixed cost, the
-    fixed costs in ``shift``), so that ranks compare alike.
+    """Every rank's profile from one cost shape shared by all ranks and the rank's own speed.
 
-    A rank that ran only one-task calls (a slow rank given a task or two) measures each call whole,
-    fixed cost included, and would look slower per task than a rank whose chunks spread that cost:
-    it would lose tasks, run smaller calls and look slower still. Its profile is split with the
-    fixed share of a one-task call that the chunked ranks measured (their median), which assumes
-    the ranks run the same model, their costs differing by a speed factor. Without a chunked rank
-    (every rank one task per call) the profiles already compare alike and stay as they are.
+    The ranks run the same model, so their costs differ by a speed factor: one ratio ``γ`` of a
+    call's fixed cost to a task's cost (the median over the ranks whose calls spanned several sizes)
+    describes every rank. Each rank's speed is read where its measurements are precise, at its own
+    operating point: the time of an even share of tasks in one call, from its cost model, for a
+    chunked rank; the time of its one-task calls for a rank that ran only those (a slow rank given a
+    task or two). A single rank's split into fixed and per-task parts is noise where its calls had
+    nearly one size (a direct step runs one chunk per rank): judged alone, ranks as fast as each
+    other looked up to 50 % apart and re-plans chased that noise. A rank of one-task calls, judged
+    alone, looked slower per task than it is, lost tasks, kept its calls small and looked slower still.
+    Without a rank that has both parts (no chunked rank with a cost model) the profiles stay as they are.
     """
-    shares = [
-        m.cost.fixed / (m.cost.fixed + m.profile.mean)
+    share = num_tasks / len(shared)
+    ratios = [
+        m.cost.fixed / (m.cost.per_sample * m.task_weight)
         for m in shared
-        if not m.whole_calls and m.cost is not None and m.profile is not None
+        if not m.whole_calls and m.cost is not None and m.profile is not None and m.cost.per_sample * m.task_weight > 0
     ]
-    if not shares:
+    if not ratios:
         return list(shared)
-    fixed_share = min(float(np.median(shares)), MAX_FIXED_SHARE)
+    gamma = min(float(np.median(ratios)), MAX_FIXED_SHARE / (1.0 - MAX_FIXED_SHARE))
     out = []
     for m in shared:
-        if m.whole_calls and m.profile is not None:
-            fixed = fixed_share * m.profile.mean
-            mean = m.profile.mean - fixed
-            profile = WorkerProfile(
-                shift=chunk_calls_shift(fixed, num_tasks, len(shared)), mean=mean, std=min(m.profile.std, mean)
-            )
-            m = replace(m, profile=profile, whole_calls=False)
+        if m.profile is not None and m.cost is not None and (m.whole_calls or m.task_weight > 0):
+            if m.whole_calls:  # one task per call: the profile's mean is a whole call's time
+                per_task = m.profile.mean / (1.0 + gamma)
+            else:
+                per_task = m.cost.seconds(m.task_weight * share) / (gamma + share)
+            if per_task > 0:
+                profile = WorkerProfile(
+                    shift=chunk_calls_shift(gamma * per_task, num_tasks, len(shared)),
+                    mean=per_task,
+                    std=min(m.profile.std, per_task),
+                )
+                m = replace(m, profile=profile, whole_calls=False)
         out.append(m)
     return out
 
@@ -428,16 +442,17 @@ class Planner:
         fixed = cost.fixed if cost is not None and chunked else 0.0
         tasks = [max(0.0, seconds - fixed) / n for n, _, seconds in calls for _ in range(n)]
         profile = fit_profile(tasks) if len(tasks) >= MIN_SAMPLES else None
+        task_weight = sum(w for _, w, _ in calls) / sum(n for n, _, _ in calls) if calls else 0.0
         if profile is not None and cost is not None and chunked:
             num_tasks = self.plan.num_tasks if self.plan is not None else self._world_size
             shift = chunk_calls_shift(fixed, num_tasks, self._world_size)
-            task_weight = sum(w for _, w, _ in calls) / sum(n for n, _, _ in calls)
             mean = cost.per_sample * task_weight
             if mean > 0:
                 profile = WorkerProfile(shift=shift, mean=mean, std=min(profile.std, mean))
         steps = list(self._step_seconds)
         step_time = float(np.median(steps)) if steps else None
-        return Measurement(profile, step_time, len(tasks), cost, whole_calls=cost is not None and not chunked)
+        whole = cost is not None and not chunked
+        return Measurement(profile, step_time, len(tasks), cost, whole_calls=whole, task_weight=task_weight)
 
     def _adopt(self, num_tasks: int, profiles: tuple[WorkerProfile, ...], measured: bool, step: int) -> None:
         """Build the plan, agree its fingerprint with every rank, and only then make it current."""
