@@ -49,6 +49,23 @@ CODES_FP64 = [
 ]
 
 
+@pytest.mark.parametrize("name", ["direct", "direct_sync"])
+def test_a_plan_with_nothing_to_decide_runs_direct_and_exact(exact, name):
+    """Ω = 1 and no spare work: once task times are measured every step runs direct,
+    with task_loss and batch_loss, exact; a new K starts from a guess (coded steps, the release thread
+    taking over after the direct steps it skipped) and turns direct again once measured."""
+    for rank, result in enumerate(exact):
+        runs = result[name]
+        for part, run in runs.items():
+            assert run["max_error"] <= 1e-12 and run["identical"], (rank, part, run["max_error"])
+            assert run["unused_grad_none"], (rank, part)
+        for part in ("first", "other_k"):  # coded until measured (8 task times per rank), then direct
+            flags = runs[part]["direct"]
+            assert flags[0] is False and flags[-1] is True and flags == sorted(flags), (rank, part, flags)
+            assert flags == exact[0][name][part]["direct"], (rank, part, flags)
+        assert runs["batched"]["direct"] == [True, True], (rank, runs["batched"]["direct"])
+
+
 @pytest.mark.parametrize("name", CODES_FP64)
 def test_float64_gradient_equals_single_process(exact, name):
     for rank, result in enumerate(exact):
@@ -109,15 +126,16 @@ def test_a_stall_is_covered_once_task_times_are_measured(exact):
         assert sum(exact[rank][name]["spare"][7] for rank in (0, 2, 3)) > 0, name  # they did cover it
 
 
-def test_spare_work_auto_is_off_where_ranks_share_cores(exact):
-    """spare_work="auto": off when the ranks' threads outnumber the cores (this test's 4 ranks with
-    one thread each on a machine of fewer than 4 cores), on otherwise, and on with sleep emulation
-    (a sleep takes nothing from the others); every rank resolves the same."""
+def test_auto_redundant_work_is_off_where_ranks_share_cores(exact):
+    """spare_work="auto" and redundancy="auto": off (Ω = 1) when the ranks' threads outnumber the cores
+    (this test's 4 ranks with one thread each on a machine of fewer than 4 cores), on otherwise, and on
+    with sleep emulation (a sleep takes nothing from the others); every rank resolves the same."""
     shared = 4 > len(os.sched_getaffinity(0))  # OMP_NUM_THREADS=1: one thread per rank
     for result in exact:
         for name in ("none", "compute", "sleep"):
             entry = result[f"spare_auto_{name}"]
             assert entry["spare_work"] is (name == "sleep" or not shared), (name, entry)
+            assert entry["redundancy"] == ("auto" if name == "sleep" or not shared else 1.0), (name, entry)
             assert bool(entry["shared"]) is shared, (name, entry)
         if shared:
             assert "run 4 threads on" in result["spare_auto_none"]["shared"][0]
@@ -208,6 +226,24 @@ def test_an_exception_in_one_rank_fails_that_step_everywhere_and_training_goes_o
             assert result[name]["step"] == 4, (name, rank, result[name])
             # The failed step's keys went with the next successful step's clean-up.
             assert result[name]["new_keys"] == 0, (name, rank, result[name])
+
+
+def test_a_direct_step_fails_everywhere_on_one_ranks_error_or_other_weights(failures):
+    """A plan with nothing to decide runs direct (the all-reduce is the agreement): rank 1's task error
+    fails that step on every rank at once, naming rank 1; rank 0's other task weights are refused on
+    every rank; the steps after either are exact and identical everywhere."""
+    for rank, result in enumerate(failures):
+        run = result["direct_task_error"]
+        assert run["warm_direct"], (rank, run)
+        outcomes = run["outcomes"]
+        assert outcomes[0] == outcomes[2] == outcomes[3] == "ok", (rank, outcomes)
+        assert outcomes[1] == ("ValueError" if rank == 1 else "CodedStepTimeout"), (rank, outcomes)
+        assert all(run["identical"]) and run["step"] == 14, (rank, run)
+        mismatch = result["direct_mismatch"]
+        assert mismatch["type"] == "StepMismatchError", (rank, mismatch)
+        assert ("ranks [0]" if rank != 0 else "ranks [1, 2]") in mismatch["message"], mismatch
+        after = mismatch["after"]
+        assert after["direct"] == [True, True] and after["max_error"] <= 1e-12 and after["identical"], after
 
 
 def test_an_exception_after_the_decision_completes_the_step_on_every_rank(failures):

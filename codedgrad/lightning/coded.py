@@ -239,7 +239,8 @@ class CodedStrategy(CodedgradStrategy):
             A batch smaller than K (a ragged last batch) gets trailing empty tasks.
         redundancy: ``"auto"`` (default, repetition code): the planner chooses Ω for each plan from
             the measured profiles (the least Ω within 2 % of the best simulated step), starting at
-            1.25 until task times are measured. Or a number: Ω ≥ 1, the share of extra task slots
+            1.25 until task times are measured; 1 where ranks share a compute device (see
+            ``spare_work``). Or a number: Ω ≥ 1, the share of extra task slots
             (``repetition``; useful range 1.05–1.3 on a noisy cluster, see ``codedgrad plan``), or
             s + 1 (``frc``, ``cyclic``).
         code: ``"repetition"`` (default), ``"uncoded"``, ``"frc"`` or ``"cyclic"``.

@@ -227,6 +227,35 @@ class TaskRunner:
                 record.compute_busy = False
         self._spare_work(record, channel, loss)
 
+    def run_direct(self, record: StepRecord, loss: StepLoss) -> None:
+        """A plan with nothing to decide (:mod:`~codedgrad.runtime.direct`): this rank's queue, all of it
+        primaries, accumulated without commits.
+
+        With ``batch_loss`` the tasks run in as few, as equal chunks as an even share (DDP's batch
+        per rank, what the user sized memory for) allows; with ``task_loss`` one call per task.
+        """
+        plan: Plan = record.plan  # type: ignore[assignment]
+        tasks = [work.result for work in plan.queue]
+        code = plan.code
+        calls = math.ceil(len(tasks) / math.ceil(code.num_tasks / code.num_ranks)) if loss.batched else len(tasks)
+        base, extra = divmod(len(tasks), max(1, calls))
+        begin = 0
+        for i in range(calls):
+            chunk = tuple(tasks[begin : begin + base + (i < extra)])
+            begin += len(chunk)
+            computed = self._compute(record, None, Work(chunk[0], chunk, (1.0,) * len(chunk)), loss)
+            assert computed is not None  # a direct step is never decided or released while it computes
+            record.accumulator.add_(computed.grads, computed.loss_sum, computed.values)
+            record.accumulated.extend(computed.results)
+            end = time.perf_counter()
+            record.report.computed += len(chunk)
+            record.report.used += len(chunk)
+            record.report.chunk_sizes.append(len(chunk))
+            record.report.task_seconds.append(end - computed.start)
+            for result in computed.results:
+                record.report.timeline.append((result, computed.start - record.start, end - record.start, True))
+        record.report.time_to_decision = time.perf_counter() - record.start
+
     def _chunked_queue(
         self, record: StepRecord, channel: StepChannel, loss: StepLoss, committer: _Committer | None
     ) -> bool:
@@ -340,7 +369,7 @@ class TaskRunner:
             self._commit(record, channel, computed)
             record.report.commit_exposed += time.perf_counter() - begin  # on this thread: all exposed
 
-    def _compute(self, record: StepRecord, channel: StepChannel, work: Work, loss: StepLoss) -> _Computed | None:
+    def _compute(self, record: StepRecord, channel: StepChannel | None, work: Work, loss: StepLoss) -> _Computed | None:
         """``work``'s gradient, scaled by its weight share; None when the step no longer needs it.
 
         A chunk of a repetition code (several tasks, all with coefficient 1) is one call of the
@@ -425,8 +454,8 @@ class TaskRunner:
             record.report.timeline.append((result, computed.start - record.start, end - record.start, used))
         return used
 
-    def _decided_meanwhile(self, record: StepRecord, channel: StepChannel) -> bool:
-        if self._no_wait:
+    def _decided_meanwhile(self, record: StepRecord, channel: StepChannel | None) -> bool:
+        if self._no_wait or channel is None:
             return record.phase is not StepPhase.RUNNING  # the release watches the Store; no round trip
         return channel.refresh().decided
 

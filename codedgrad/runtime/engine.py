@@ -45,7 +45,8 @@ from codedgrad.runtime.config import AUTO, ConfigurationError, EngineConfig, agr
 from codedgrad.runtime.coordinator import StepChannel, StepMismatchError, StoreCoordinator
 from codedgrad.runtime.coordinator import weights_digest as _digest
 from codedgrad.runtime.devices import DeviceSeat, SeatError, shared_devices
-from codedgrad.runtime.release import BufferShare, Releaser, reduce_step
+from codedgrad.runtime.direct import has_nothing_to_decide, reduce_direct, step_key
+from codedgrad.runtime.release import BufferShare, CollectiveFailed, Releaser, reduce_step
 from codedgrad.runtime.replan import Plan, Planner
 from codedgrad.runtime.step import NonFiniteGradientError, StepPhase, StepRecord, StepReport
 
@@ -84,7 +85,9 @@ class CodedDataParallel(nn.Module):
         redundancy: Ω ≥ 1, the share of extra task slots (repetition), or s+1 for ``frc``/``cyclic``.
             1.05–1.3 is the useful range for repetition on a noisy cluster (see ``codedgrad plan``).
             ``"auto"`` lets the planner choose Ω for each plan from the measured profiles (the least
-            one within 2 % of the best simulated step), starting at 1.25.
+            one within 2 % of the best simulated step), starting at 1.25; where ranks share a compute
+            device (see ``spare_work``) it resolves to 1: a backup's compute would be taken from the
+            rank it covers. The resolved setting is ``cdp.config.redundancy``.
         gamma: weight of the second moment in the planner's cost (0 balances means only).
         code: ``"repetition"`` (default), ``"uncoded"``, ``"frc"`` or ``"cyclic"``.
         profiles: one :class:`WorkerProfile` per rank to start from; None starts homogeneous and
@@ -199,13 +202,18 @@ class CodedDataParallel(nn.Module):
             values.update(describe_module(module))
         agree(self._coordinator, "config", values, error)
         assert config is not None
-        # What ranks share a device (one Store gather); spare_work="auto" is off where any do, unless
-        # the emulation sleeps: then a task's time is mostly a sleep that takes nothing from the others.
+        # What ranks share a device (one Store gather). Redundant work only pays with capacity that
+        # would otherwise sit idle: where ranks share a device, a backup's or a helper's compute is
+        # taken from the rank it covers, so spare_work="auto" is off and redundancy="auto" is Ω = 1
+        # there, unless the emulation sleeps (a sleep takes nothing from the others).
         assert seat is not None
         self.shared_devices = self._find_shared_devices(seat)
+        sleeps = config.emulate is not None and config.emulate.mode is EmulationMode.SLEEP
+        idle_capacity = sleeps or not self.shared_devices
         if config.spare_work == AUTO:
-            sleeps = config.emulate is not None and config.emulate.mode is EmulationMode.SLEEP
-            config = replace(config, spare_work=sleeps or not self.shared_devices)
+            config = replace(config, spare_work=idle_capacity)
+        if config.redundancy == AUTO and not idle_capacity:
+            config = replace(config, redundancy=1.0)
         self.config = config
         self._no_wait = bool(values["no_wait"])
         _warn_about_batch_statistics(module)
@@ -382,8 +390,15 @@ class CodedDataParallel(nn.Module):
         plan = self._planner.plan_for(len(weights), self._step)
         digest = _digest(weights)
         step = self._step
+        if has_nothing_to_decide(plan, self.config.spare_work):
+            return self._direct_step(plan, weights, digest, loss, start)
         fresh = self._new_record(step, plan, weights, digest, start)
-        record = self._releaser_for(step).claim(step, lambda: fresh) if self._no_wait else fresh
+        if self._no_wait:
+            releaser = self._releaser_for(step)
+            releaser.skip_to(step)  # past the direct steps it did not serve
+            record = releaser.claim(step, lambda: fresh)
+        else:
+            record = fresh
         if record is not fresh:
             self._release_accumulator(fresh.accumulator)
         channel = self._coordinator.channel(step, plan.code, plan.version, digest, wait=False)
@@ -458,6 +473,34 @@ class CodedDataParallel(nn.Module):
         self._snapshot_buffers()
 
     # ----------------------------------------------------------------- the compute thread's step
+    def _direct_step(
+        self, plan: Plan, weights: tuple[float, ...], digest: bytes, loss: StepLoss, start: float
+    ) -> StepReport:
+        """A step whose plan leaves nothing to decide: compute, then the all-reduce is the agreement.
+
+        The release thread is idle meanwhile (no step was handed to it), so its process group, whose
+        timeout is the engine's, carries the collective; without one, the engine's group does.
+        """
+        record = self._new_record(self._step, plan, weights, digest, start)
+        record.report.direct = True
+        group = self._release_group if self._release_group is not None else self._group
+        error: BaseException | None = None
+        try:
+            self._tasks.run_direct(record, loss)
+        except BaseException as exc:  # take part in the collective anyway: the others fail at once
+            error = exc
+        key = step_key(record.step, plan.version, plan.fingerprint, digest)
+        try:
+            reduce_direct(record, group, self._rank, self._world_size, key, error, self._buffer_share)
+        except BaseException as failure:
+            record.finish(StepPhase.FAILED, failure)
+            if isinstance(failure, CollectiveFailed):
+                self._broken = failure  # the group may be unusable: this engine cannot go on
+            self._leave(record, failed=True, in_store=False)
+            raise
+        record.finish(StepPhase.REDUCED)
+        return self._apply(record, start)
+
     def _wait_for_release(self, record: StepRecord, channel: StepChannel) -> None:
         """The step's reduction: on the release thread (wait for it), or here (synchronous step)."""
         begin = time.perf_counter()
@@ -549,8 +592,8 @@ class CodedDataParallel(nn.Module):
             )
         return report
 
-    def _leave(self, record: StepRecord, failed: bool) -> None:
-        if failed:
+    def _leave(self, record: StepRecord, failed: bool, in_store: bool = True) -> None:
+        if failed and in_store:  # a direct step (in_store=False) has no keys to clean up
             self._coordinator.step_failed(record.step)
         self._planner.step_ended(None if failed or record.report.ahead else record.report.step_time)
         self._step = record.step + 1

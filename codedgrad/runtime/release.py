@@ -36,7 +36,7 @@ from codedgrad.runtime.coordinator import StepChannel, StoreCoordinator
 from codedgrad.runtime.hooks import coded_allreduce_
 from codedgrad.runtime.step import StepPhase, StepRecord
 
-__all__ = ["BufferShare", "CollectiveFailed", "Releaser", "ServedStep", "StepRelease", "reduce_step"]
+__all__ = ["BufferShare", "CollectiveFailed", "Releaser", "ServedStep", "StepRelease", "read_decoded", "reduce_step"]
 
 
 class CollectiveFailed(RuntimeError):
@@ -172,6 +172,11 @@ def _reduce_buckets(
 ) -> None:
     for bucket in record.accumulator:
         coded_allreduce_(bucket, coefficient, group)
+    read_decoded(record, group, buffers)
+
+
+def read_decoded(record: StepRecord, group: dist.ProcessGroup | None, buffers: BufferShare | None) -> None:
+    """After the all-reduce: the decoded loss, values and finiteness into the report; rank 0's buffers."""
     # The same values on every rank after the all-reduce, so every rank reaches the same verdict.
     record.report.finite = record.accumulator.is_finite()
     record.report.loss = float(record.accumulator.loss)
@@ -242,6 +247,15 @@ class StepRelease(Generic[R]):
             self._records.pop(step, None)
             self._compute_step = max(self._compute_step, step + 1)
             self._cond.notify_all()
+
+    def skip_to(self, step: int) -> None:
+        """The compute thread ran the steps before ``step`` without this thread (direct steps, see
+        :mod:`~codedgrad.runtime.direct`): serve ``step`` next. Nothing changes while a record is held."""
+        with self._cond:
+            if self._next < step and not self._records:
+                self._next = step
+                self._compute_step = max(self._compute_step, step)
+                self._cond.notify_all()
 
     def holds_steps(self) -> bool:
         """Whether records of steps the compute thread has not left are held (e.g. served ahead)."""

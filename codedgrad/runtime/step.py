@@ -78,6 +78,8 @@ class StepReport:
             (primaries in shrinking chunks, then backups as 1).
         emulated_seconds: delay added by :mod:`codedgrad.emulate` (0 in production).
         timeline: ``(result, start, end, used)`` of each computed result, seconds since the step's start.
+        direct: the plan left nothing to decide (every task on one rank, no spare work), so the step
+            ran without the Store: its all-reduce was the agreement (:mod:`~codedgrad.runtime.direct`).
         late_error: an exception on this rank that came after the step was decided without this
             rank's remaining work: the step completed exactly on every rank, so the error is reported
             here and as a ``RuntimeWarning`` instead of being raised on one rank only.
@@ -109,6 +111,7 @@ class StepReport:
     chunk_sizes: list[int] = field(default_factory=list)
     emulated_seconds: float = 0.0
     timeline: list[tuple[int, float, float, bool]] = field(default_factory=list)
+    direct: bool = False
     late_error: str | None = None
 
     @property

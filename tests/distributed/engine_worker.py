@@ -31,7 +31,7 @@ from torch import nn
 from codedgrad import CodedDataParallel
 from codedgrad.emulate import Heterogeneity
 from codedgrad.runtime import ConfigurationError
-from codedgrad.runtime.coordinator import CodedStepTimeout
+from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError
 
 SAMPLES_PER_TASK = 3
 FEATURES = 5
@@ -98,15 +98,23 @@ def identical_across_ranks(tensors: list[torch.Tensor]) -> bool:
     return all(torch.equal(gathered[0], g) for g in gathered)
 
 
-def run_steps(cdp: CodedDataParallel, steps: int, num_tasks: int, dtype: torch.dtype) -> dict:
-    """Run ``steps`` coded steps (fresh data each) and compare each with the reference."""
+def run_steps(cdp: CodedDataParallel, steps: int, num_tasks: int, dtype: torch.dtype, batched: bool = False) -> dict:
+    """Run ``steps`` coded steps (fresh data each) and compare each with the reference.
+
+    ``batched``: give the engine a ``batch_loss`` (the mean of the tasks' losses; equal task sizes).
+    """
     reference = make_model(dtype)
     reference.load_state_dict(cdp.module.state_dict())
     errors, reports = [], []
     for step in range(steps):
         x, y = make_data(num_tasks, dtype, step)
         cdp.module.zero_grad(set_to_none=True)
-        report = cdp.backward(task_loss_fn(cdp.module, x, y), num_tasks)
+        task_loss = task_loss_fn(cdp.module, x, y)
+        if batched:
+            batch_loss = lambda ids, task_loss=task_loss: sum(task_loss(j) for j in ids) / len(ids)  # noqa: E731
+            report = cdp.backward(tasks=num_tasks, batch_loss=batch_loss)
+        else:
+            report = cdp.backward(task_loss, num_tasks)
         want = reference_grads(reference, num_tasks, x, y)
         got = grads(cdp.module)
         errors.append(relative_error(got, want))
@@ -123,6 +131,7 @@ def run_steps(cdp: CodedDataParallel, steps: int, num_tasks: int, dtype: torch.d
         "step_time": [r.step_time for r in reports],
         "plan_version": [r.plan_version for r in reports],
         "commit_seconds": [c for r in reports for c in r.commit_seconds],
+        "direct": [r.direct for r in reports],
     }
 
 
@@ -141,11 +150,27 @@ def scenario_exact(rank: int, world: int) -> dict:
     for name, kwargs in configs.items():
         cdp = CodedDataParallel(make_model(torch.float64), emulate=noisy, timeout=30, **kwargs)
         results[name] = run_steps(cdp, steps=3, num_tasks=12, dtype=torch.float64)
-    # spare_work="auto", resolved: without emulation, with compute emulation, and with sleeps.
+    # spare_work="auto" and redundancy="auto", resolved: without emulation, with compute emulation, and with sleeps.
     os.environ.pop("CODEDGRAD_EMULATE", None)  # emulate=None reads it: a developer's setting must not leak in
     for name, emulate in (("none", None), ("compute", replace(noisy, mode="compute")), ("sleep", noisy)):
-        with CodedDataParallel(make_model(torch.float64), emulate=emulate, timeout=30) as cdp:
-            results[f"spare_auto_{name}"] = {"spare_work": cdp.config.spare_work, "shared": cdp.shared_devices}
+        with CodedDataParallel(make_model(torch.float64), redundancy="auto", emulate=emulate, timeout=30) as cdp:
+            results[f"spare_auto_{name}"] = {
+                "spare_work": cdp.config.spare_work,
+                "redundancy": cdp.config.redundancy,
+                "shared": cdp.shared_devices,
+            }
+    # A plan with nothing to decide (Ω = 1, no spare work) runs direct once measured (3 tasks per rank
+    # and step: the exchange at step 6, read at step 8): the all-reduce is the agreement. Then another
+    # K: a plan from a guess again, so coded steps (the release thread serves them after the direct
+    # ones it skipped), then direct again.
+    direct = dict(redundancy=1.0, spare_work=False, replan_every=2, warmup_steps=2, max_steps_ahead=1, timeout=30)
+    for name, no_wait in (("direct", True), ("direct_sync", False)):
+        with CodedDataParallel(make_model(torch.float64), no_wait=no_wait, **direct) as cdp:
+            results[name] = {
+                "first": run_steps(cdp, steps=10, num_tasks=12, dtype=torch.float64),
+                "batched": run_steps(cdp, steps=2, num_tasks=12, dtype=torch.float64, batched=True),
+                "other_k": run_steps(cdp, steps=10, num_tasks=10, dtype=torch.float64, batched=True),
+            }
     for dtype in (torch.float32, torch.bfloat16):
         cdp = CodedDataParallel(make_model(dtype), redundancy=1.25, emulate=noisy, timeout=30)
         results[f"repetition_1.25_{str(dtype)[6:]}"] = run_steps(cdp, steps=2, num_tasks=12, dtype=dtype)
@@ -326,6 +351,25 @@ def scenario_failures(rank: int, world: int) -> dict:
     for name, no_wait in (("task_error", True), ("task_error_sync", False)):
         cdp = CodedDataParallel(model, redundancy=1.0, no_wait=no_wait, spare_work=False, replan_every=0, timeout=10.0)
         results[name] = run_with_task_error(cdp, rank, delay=0.0)
+    # The same in a direct step (Ω = 1, no spare work, measured: nothing to decide): every rank fails it
+    # at the all-reduce, which carries each rank's status; then a step where rank 0 passes other task
+    # weights, refused on every rank by the keys the all-reduce carries too; training goes on.
+    cdp = CodedDataParallel(
+        model, redundancy=1.0, spare_work=False, replan_every=2, warmup_steps=2, max_steps_ahead=1, timeout=10.0
+    )
+    warm = run_steps(cdp, steps=10, num_tasks=8, dtype=torch.float64)
+    results["direct_task_error"] = run_with_task_error(cdp, rank, delay=0.0)
+    results["direct_task_error"]["warm_direct"] = warm["direct"][-1]
+    x, y = make_data(8, torch.float64)
+    weights = [1.0] * 7 + [2.0 if rank == 0 else 1.0]
+    try:
+        cdp.backward(task_loss_fn(cdp.module, x, y), weights)
+        results["direct_mismatch"] = {"type": None, "message": ""}
+    except StepMismatchError as error:
+        results["direct_mismatch"] = {"type": type(error).__name__, "message": str(error)}
+    results["direct_mismatch"]["after"] = run_steps(cdp, steps=2, num_tasks=8, dtype=torch.float64)
+    cdp.close()
+
     # The same error after the step was decided without it: rank 1's first task of step 1 runs 1.5 s,
     # the others cover its work (spare work), the release reduces the step on every rank, and only
     # then does the task raise. The step completed everywhere, so every rank must go on as "ok".

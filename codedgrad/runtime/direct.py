@@ -1,0 +1,113 @@
+"""The direct step: a plan with nothing to decide runs without the Store (see docs/design.md).
+
+When every task has exactly one holder (task-level repetition with Ω = 1: no backups) and spare
+work is off, a step's decision is known before it begins: every task's result comes from its
+primary rank. Commits, the decision and the arrival gate in the Store would only add round trips
+to every step (about a third of a step on a quiet homogeneous cluster, measured). So each rank
+computes its primaries into its accumulator and enters the SUM all-reduce at once, as DDP does:
+the collective is the agreement.
+
+Nothing is given up for it. Beside the gradient buckets, a small float64 vector is reduced in the
+same round: each rank writes, in its own two slots, whether its tasks succeeded and a key of what
+it computed (step, plan, task weights). After the SUM every rank holds every rank's entries, so a
+rank whose task raised, or one that ran other tasks or another step, fails the step on every rank
+before anything is applied, with a message that names it. The exact gradient is the same sum as in
+the coded step (each rank's results scaled by their weight share, coefficient 1).
+
+The difference a user can see: a rank waits for the others' compute inside the collective, so the
+collective's timeout (the engine's ``timeout``, on the release's process group) bounds that wait,
+as with DDP. That is why the first plans (from a guess, with a first step that may compile for
+minutes) always run the coded step, whose waits count only time without progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import torch
+import torch.distributed as dist
+
+from codedgrad.codes.repetition import RepetitionCode
+from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError
+from codedgrad.runtime.release import BufferShare, CollectiveFailed, read_decoded
+from codedgrad.runtime.step import StepRecord
+
+__all__ = ["has_nothing_to_decide", "reduce_direct", "step_key"]
+
+_OK, _FAILED = 1.0, 2.0  # a rank's status slot (0 would mean it never wrote one: impossible in a SUM)
+
+
+def has_nothing_to_decide(plan: object, spare_work: bool) -> bool:
+    """Whether ``plan`` (an engine :class:`~codedgrad.runtime.replan.Plan`) runs as a direct step.
+
+    Every task on exactly one rank, no spare work, and measured task times (see the module docstring).
+    """
+    code = getattr(plan, "code", None)
+    return (
+        not spare_work
+        and bool(getattr(plan, "measured", False))
+        and isinstance(code, RepetitionCode)
+        and not any(len(backups) for backups in code.backups)
+    )
+
+
+def step_key(step: int, plan_version: int, fingerprint: str, digest: bytes) -> int:
+    """A 48-bit key of what a rank computes in a step: exact in a float64, equal on ranks that agree."""
+    text = f"{step}/{plan_version}/{fingerprint}/".encode() + digest
+    return int.from_bytes(hashlib.sha256(text).digest()[:6], "little")
+
+
+def reduce_direct(
+    record: StepRecord,
+    group: dist.ProcessGroup | None,
+    rank: int,
+    world_size: int,
+    key: int,
+    error: BaseException | None,
+    buffers: BufferShare | None = None,
+) -> None:
+    """The direct step's all-reduce and agreement, on the calling thread; raises if the step failed.
+
+    Every rank calls it, also one whose tasks raised (``error``): it takes part with a failed status,
+    so the others fail at once instead of waiting out a timeout, then re-raises its own error.
+
+    Raises:
+        CollectiveFailed: the collective itself failed (a rank died or hung past the group's timeout).
+        CodedStepTimeout: another rank's tasks failed (the step is abandoned on every rank).
+        StepMismatchError: ranks computed different steps, plans or task weights.
+    """
+    accumulator = record.accumulator
+    agreement = torch.zeros(2 * world_size, dtype=torch.float64, device=accumulator.buckets[0].device)
+    agreement[rank] = _OK if error is None else _FAILED
+    agreement[world_size + rank] = float(key)
+    start = time.perf_counter()
+    try:
+        works = [dist.all_reduce(agreement, group=group, async_op=True)]
+        works += [dist.all_reduce(bucket, group=group, async_op=True) for bucket in accumulator]
+        for work in works:
+            work.wait()
+    except Exception as failure:
+        raise CollectiveFailed(
+            f"codedgrad: rank {rank}: the all-reduce of step {record.step} (a direct step: the plan leaves "
+            f"nothing to decide) failed; a rank died, hung, or computed past the group's timeout: {failure}"
+        ) from failure
+    record.report.allreduce_time = time.perf_counter() - start
+    record.report.release_lag = record.report.allreduce_time
+    status = agreement.tolist()
+    if error is not None:
+        raise error
+    failed = [r for r in range(world_size) if status[r] != _OK]
+    if failed:
+        raise CodedStepTimeout(
+            f"codedgrad: rank {rank}: step {record.step} was abandoned by rank(s) {failed}: their tasks failed "
+            "(each raises its own error); no rank applies the step"
+        )
+    keys = status[world_size:]
+    differ = [r for r in range(world_size) if keys[r] != keys[rank]]
+    if differ:
+        raise StepMismatchError(
+            f"codedgrad: rank {rank}: ranks {differ} computed another step, plan or task weights than this rank "
+            f"in step {record.step}; every rank must pass the same tasks to the same number of backward() calls"
+        )
+    read_decoded(record, group, buffers)
