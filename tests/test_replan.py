@@ -12,7 +12,7 @@ import math
 import pytest
 
 from codedgrad.profile import CostModel, WorkerProfile
-from codedgrad.runtime.replan import MIN_SAMPLES_REPLAN, Measurement, ReplanPolicy, harmonize
+from codedgrad.runtime.replan import MIN_SAMPLES_REPLAN, Measurement, ReplanPolicy, harmonize, pool_equal_speeds
 
 GUESS = (WorkerProfile(0.0, 1.0, 1.0),) * 4
 TRUE = (
@@ -23,8 +23,8 @@ TRUE = (
 )
 
 
-def shared(profiles, step_time=0.1, samples=100):
-    return [Measurement(p, step_time, samples) for p in profiles]
+def shared(profiles, step_time=0.1, samples=100, speed_error=None):
+    return [Measurement(p, step_time, samples, speed_error=speed_error) for p in profiles]
 
 
 def test_the_first_measurement_replaces_the_guess():
@@ -41,8 +41,27 @@ def test_an_even_guess_stays_even_when_measured_differences_are_noise():
     assert action == "switch" and len(set(profiles)) == 1  # one pooled profile: an even split
     assert profiles[0].mean == pytest.approx(0.0100) and profiles[0].shift == pytest.approx(0.0010)
     assert profiles[0].std == pytest.approx(0.002)
-    # The same fits with a lower threshold pay for an uneven split.
-    assert ReplanPolicy(threshold=0.003).decide(GUESS, False, 32, shared(noisy, samples=8)) == ("switch", noisy)
+    # Wider differences measured precisely (errors at the 2 % floor) with a lower threshold pay for an
+    # uneven split: ranks 0 and 1 apart, ranks 2 and 3 (2 % apart) pooled.
+    wider = tuple(WorkerProfile(0.001 * f, 0.010 * f, 0.002) for f in (1.15, 0.8, 1.0, 1.02))
+    action, profiles = ReplanPolicy(threshold=0.003).decide(GUESS, False, 32, shared(wider, 8, speed_error=0.001))
+    assert action == "switch" and profiles[:2] == wider[:2] and profiles[2] == profiles[3] != wider[2]
+    # Measured with 5 % error, the window cannot tell the ranks apart: even, whatever the threshold.
+    action, profiles = ReplanPolicy(threshold=0.003).decide(GUESS, False, 32, shared(noisy, 8, speed_error=0.05))
+    assert action == "switch" and len(set(profiles)) == 1
+
+
+def test_ranks_the_window_cannot_tell_apart_share_a_pooled_profile():
+    """Equal ranks measured with noise are pooled; a rank 4x slower stays apart even with 20 % error."""
+    fast = [WorkerProfile(0.0, 0.010 * f, 0.002) for f in (1.0, 1.1, 0.95)]
+    slow = WorkerProfile(0.0, 0.040, 0.008)
+    out = pool_equal_speeds([Measurement(p, 0.1, 50, speed_error=0.2) for p in [*fast, slow]])
+    assert out[0] == out[1] == out[2] != out[3] and out[3] == slow
+    assert out[0].mean == pytest.approx(0.010 * (1.0 + 1.1 + 0.95) / 3)
+    # Precise windows (errors at the 2 % floor): the rank 10 % slower is a group of its own, the two 5 %
+    # apart (1.8 combined errors) are pooled.
+    out = pool_equal_speeds([Measurement(p, 0.1, 50, speed_error=0.001) for p in [*fast, slow]])
+    assert out[0] == out[2] != out[1] and len(set(out)) == 3
 
 
 def test_a_rank_without_a_fit_keeps_the_plan():
@@ -198,3 +217,47 @@ def test_ranks_of_one_speed_look_alike_whatever_their_fits_split():
     assert len({m.profile for m in out}) == 1
     policy = ReplanPolicy()
     assert policy.decide(GUESS, False, 32, shared) == ("switch", tuple(m.profile for m in out))
+
+
+def test_a_rank_that_slowed_down_is_measured_at_its_new_speed_at_once():
+    """The cost model is fitted to the newest 256 calls, which a rank's earlier speed outvotes; the
+    even-share time a measurement publishes follows the window (its calls against the model)."""
+    from codedgrad.runtime.config import EngineConfig
+    from codedgrad.runtime.replan import Planner
+
+    fixed, per_task = 0.004, 0.001
+    planner = Planner(None, EngineConfig(), rank=0, world_size=2)  # type: ignore[arg-type]
+    planner.step_ended(None)  # past the warm-up step
+    for _ in range(40):  # 200 calls at the old speed
+        for n in (8, 4, 2, 1, 1):
+            planner.record_task(n, 3.0 * n, fixed + per_task * n)
+        planner.step_ended(0.1)
+    planner._windows.append([])  # an exchange: a new window
+    for _ in range(4):  # 20 calls three times slower
+        for n in (8, 4, 2, 1, 1):
+            planner.record_task(n, 3.0 * n, 3 * (fixed + per_task * n))
+        planner.step_ended(0.3)
+    measured = planner._measure()
+    even = fixed + per_task * 1  # K = P = 2 without a plan: an even share is one task
+    assert measured.cost.seconds(3.0) == pytest.approx(even, rel=0.05)  # the fit still sees the old speed
+    assert measured.even_share_seconds == pytest.approx(3 * even, rel=0.05)
+    assert Measurement.from_json(measured.to_json()) == measured
+
+
+def test_speeds_that_wander_between_windows_count_as_noise():
+    """Each window alone looks precise (0.1 % errors), but the ranks' speeds move by about 20 % from one
+    window to the next: the policy takes that as the windows' noise and keeps an equal cluster even."""
+    policy = ReplanPolicy(threshold=0.05)
+    first = tuple(WorkerProfile(0.0, 0.010 * f, 0.001) for f in (1.0, 1.2, 0.85, 1.0))
+    second = tuple(WorkerProfile(0.0, 0.010 * f, 0.001) for f in (1.2, 0.95, 1.0, 0.8))
+    action, profiles = policy.decide(GUESS, False, 32, shared(first, speed_error=0.001))
+    assert action == "switch" and len(set(profiles)) > 1  # the first window alone: told apart
+    action, profiles = policy.decide(profiles, True, 32, shared(second, speed_error=0.001))
+    assert action == "keep" or len(set(profiles)) == 1, (action, profiles)
+    # A rank that really slows down (4x) while the others hold still is not noise.
+    policy = ReplanPolicy(threshold=0.05)
+    steady = tuple(WorkerProfile(0.0, 0.010, 0.001) for _ in range(4))
+    policy.decide(GUESS, False, 32, shared(steady, speed_error=0.01))
+    slowed = (*steady[:3], WorkerProfile(0.0, 0.040, 0.004))
+    action, profiles = policy.decide(steady, True, 32, shared(slowed, speed_error=0.01))
+    assert action == "switch" and profiles[3].mean == pytest.approx(0.040) and len(set(profiles[:3])) == 1

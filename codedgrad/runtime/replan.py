@@ -50,12 +50,15 @@ __all__ = [
     "MAX_WINDOWS",
     "MIN_SAMPLES",
     "MIN_SAMPLES_REPLAN",
+    "MIN_SPEED_ERROR",
+    "SAME_SPEED_Z",
     "Measurement",
     "Plan",
     "Planner",
     "ReplanPolicy",
     "chunk_calls_shift",
     "harmonize",
+    "pool_equal_speeds",
 ]
 
 #: Task times every rank must have measured (since its last fit was used) before measured profiles
@@ -115,6 +118,13 @@ class Measurement:
             apart); :func:`harmonize` splits it like the chunked ranks' profiles.
         task_weight: the mean weight (samples) of the tasks measured, which turns ``cost`` into
             seconds per task.
+        even_share_seconds: the window's estimate of one call on an even share of tasks: the median
+            of its calls' times over what ``cost`` predicts for them, times ``cost``'s even-share
+            call. ``cost`` is fitted to the newest few hundred calls, which a rank that slowed
+            down a few steps ago outvotes; this follows the window. None without a cost model.
+        speed_error: the relative standard error of the rank's speed in this window (of
+            ``even_share_seconds``, or of the profile's mean without a cost model), for
+            :func:`pool_equal_speeds`; None when unknown.
     """
 
     profile: WorkerProfile | None
@@ -123,6 +133,8 @@ class Measurement:
     cost: CostModel | None = None
     whole_calls: bool = False
     task_weight: float = 0.0
+    even_share_seconds: float | None = None
+    speed_error: float | None = None
 
     def to_json(self) -> str:
         profile = profiles_to_dict([self.profile]) if self.profile is not None else None
@@ -135,6 +147,8 @@ class Measurement:
                 "cost": cost,
                 "whole_calls": self.whole_calls,
                 "task_weight": self.task_weight,
+                "even_share_seconds": self.even_share_seconds,
+                "speed_error": self.speed_error,
             }
         )
 
@@ -145,7 +159,11 @@ class Measurement:
         cost = CostModel(*data["cost"]) if data.get("cost") is not None else None
         whole = bool(data.get("whole_calls", False))
         weight = float(data.get("task_weight", 0.0))
-        return Measurement(profile, data["step_time"], int(data.get("samples", 0)), cost, whole, weight)
+        even, error = data.get("even_share_seconds"), data.get("speed_error")
+        return Measurement(
+            profile, data["step_time"], int(data.get("samples", 0)), cost, whole, weight,
+            float(even) if even is not None else None, float(error) if error is not None else None,
+        )  # fmt: skip
 
 
 #: :func:`harmonize` never reads more than this share of a one-task call as fixed cost (a fit's noise
@@ -193,7 +211,8 @@ def harmonize(shared: Sequence[Measurement], num_tasks: int) -> list[Measurement
             if m.whole_calls:  # one task per call: the profile's mean is a whole call's time
                 per_task = m.profile.mean / (1.0 + gamma)
             else:
-                per_task = m.cost.seconds(m.task_weight * share) / (gamma + share)
+                even = m.even_share_seconds
+                per_task = (even if even is not None else m.cost.seconds(m.task_weight * share)) / (gamma + share)
             if per_task > 0:
                 profile = WorkerProfile(
                     shift=chunk_calls_shift(gamma * per_task, num_tasks, len(shared)),
@@ -203,6 +222,43 @@ def harmonize(shared: Sequence[Measurement], num_tasks: int) -> list[Measurement
                 m = replace(m, profile=profile, whole_calls=False)
         out.append(m)
     return out
+
+
+#: Ranks whose speeds differ by less than this many standard errors are planned as equally fast.
+SAME_SPEED_Z = 2.0
+#: The least relative error a speed is taken to have (a window of identical times is not exact).
+MIN_SPEED_ERROR = 0.02
+
+
+def pool_equal_speeds(shared: Sequence[Measurement], error_floor: float = MIN_SPEED_ERROR) -> tuple[WorkerProfile, ...]:
+    """Every rank's profile, ranks that the window cannot tell apart sharing one pooled profile.
+
+    Ranks are taken from the fastest; a rank joins the group of the rank that opened it when their
+    per-task means differ by less than :data:`SAME_SPEED_Z` times their combined relative error
+    (:attr:`Measurement.speed_error`, at least ``error_floor``). Without this an equal cluster is
+    split by noise: on shared cores a rank's window speed wanders by 10–50 %, more than the
+    threshold a re-plan must beat, and the uneven split then costs real time every step.
+    """
+    profiles = [m.profile for m in shared]
+    assert all(p is not None for p in profiles)
+    errors = [max(error_floor, m.speed_error if m.speed_error is not None else 0.0) for m in shared]
+    order = sorted(range(len(shared)), key=lambda r: profiles[r].mean)  # type: ignore[union-attr]
+    groups: list[list[int]] = []
+    for r in order:
+        if groups:
+            anchor = groups[-1][0]
+            gap = math.log(profiles[r].mean / profiles[anchor].mean)  # type: ignore[union-attr]
+            if gap <= SAME_SPEED_Z * math.hypot(errors[r], errors[anchor]):
+                groups[-1].append(r)
+                continue
+        groups.append([r])
+    out = list(profiles)
+    for group in groups:
+        if len(group) > 1:
+            pooled = _pooled([profiles[r] for r in group])  # type: ignore[misc]
+            for r in group:
+                out[r] = pooled
+    return tuple(out)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -222,6 +278,7 @@ class ReplanPolicy:
     _window_before: float | None = field(default=None, repr=False)  # its measured step time
     _switched_to: tuple[WorkerProfile, ...] | None = field(default=None, repr=False)  # the fits switched on
     _hold: int = field(default=0, repr=False)
+    _speeds: tuple[float, ...] | None = field(default=None, repr=False)  # each rank's mean at the last exchange
 
     def decide(
         self, current: Sequence[WorkerProfile], measured_before: bool, num_tasks: int, shared: Sequence[Measurement]
@@ -251,7 +308,7 @@ class ReplanPolicy:
             return "keep", None
         if any(m.profile is None for m in shared):
             return "keep", None  # a rank has too few samples (e.g. everything purged): its fit is noise
-        measured = tuple(m.profile for m in shared if m.profile is not None)
+        measured = pool_equal_speeds(shared, self._window_noise(shared))
         if not measured_before:  # a guess, perhaps not even in seconds: always replace it
             even = (_pooled(measured),) * len(measured)
             if len(set(current)) == 1 and not self._pays(measured, even, num_tasks):
@@ -265,6 +322,21 @@ class ReplanPolicy:
             self._previous, self._window_before, self._switched_to = tuple(current), window, measured
             return "switch", measured
         return "keep", None
+
+    def _window_noise(self, shared: Sequence[Measurement]) -> float:
+        """How far a rank's speed moves from one exchange to the next (relative, one window's error).
+
+        A window's own spread misses what moves a whole window (on shared cores, which rank the
+        scheduler favours for a while): the ranks' changes since the last exchange show it. The
+        median over ranks, so that one rank really changing speed does not count as noise.
+        """
+        speeds = tuple(m.profile.mean for m in shared if m.profile is not None and m.profile.mean > 0)
+        previous, self._speeds = self._speeds, speeds if len(speeds) == len(shared) else None
+        if previous is None or self._speeds is None or len(previous) != len(speeds):
+            return MIN_SPEED_ERROR
+        changes = [abs(math.log(now / before)) for now, before in zip(speeds, previous)]
+        # σ of one window from the median absolute change of two: 1.4826 · median / √2.
+        return max(MIN_SPEED_ERROR, 1.4826 * float(np.median(changes)) / math.sqrt(2.0))
 
     def _pays(self, measured: Sequence[WorkerProfile], current: Sequence[WorkerProfile], num_tasks: int) -> bool:
         """Whether the split from ``measured`` beats ``current``'s split by more than the threshold (both
@@ -452,7 +524,18 @@ class Planner:
         steps = list(self._step_seconds)
         step_time = float(np.median(steps)) if steps else None
         whole = cost is not None and not chunked
-        return Measurement(profile, step_time, len(tasks), cost, whole_calls=whole, task_weight=task_weight)
+        even_share, error = None, None
+        if cost is not None and calls:
+            num_tasks = self.plan.num_tasks if self.plan is not None else self._world_size
+            ratios = np.array([seconds / cost.seconds(w) for _, w, seconds in calls if cost.seconds(w) > 0])
+            if ratios.size:
+                middle = float(np.median(ratios))
+                even_share = middle * cost.seconds(task_weight * num_tasks / self._world_size)
+                if ratios.size >= 2 and middle > 0:  # the median's error, from the spread (MAD)
+                    error = 1.4826 * float(np.median(np.abs(ratios - middle))) / middle / math.sqrt(ratios.size)
+        elif profile is not None and profile.mean > 0:
+            error = profile.std / profile.mean / math.sqrt(len(tasks))
+        return Measurement(profile, step_time, len(tasks), cost, whole, task_weight, even_share, error)
 
     def _adopt(self, num_tasks: int, profiles: tuple[WorkerProfile, ...], measured: bool, step: int) -> None:
         """Build the plan, agree its fingerprint with every rank, and only then make it current."""
