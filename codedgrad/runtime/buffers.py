@@ -34,7 +34,11 @@ class FlatGradients:
     """
 
     def __init__(
-        self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = 25 * 2**20, value_slots: int = 0
+        self,
+        params: Sequence[torch.nn.Parameter],
+        bucket_bytes: int = 25 * 2**20,
+        value_slots: int = 0,
+        agreement_slots: int = 0,
     ) -> None:
         self.params = list(params)
         if not self.params:
@@ -51,17 +55,20 @@ class FlatGradients:
                 specs.append([device, dtype, 0])
             layout.append((index, specs[index][2]))
             specs[index][2] += p.numel()
-        extra = 1 + 2 * value_slots + len(self.params)
-        specs[0][2] += extra  # the loss, (Σ weight·value, Σ weight) per value slot, a use count per parameter
+        extra = 1 + 2 * value_slots + agreement_slots + len(self.params)
+        # the loss, (Σ weight·value, Σ weight) per value slot, the direct step's agreement, a use count per parameter
+        specs[0][2] += extra
         self.buckets = [torch.zeros(size, device=device, dtype=dtype) for device, dtype, size in specs]
         for p, (index, offset) in zip(self.params, layout):
             self.views.append(self.buckets[index][offset : offset + p.numel()].view_as(p))
         tail = self.buckets[0][self.buckets[0].numel() - extra :]
         self.loss = tail[:1]  # a view: the weighted sum of the tasks' losses
         self.values = tail[1 : 1 + 2 * value_slots].view(value_slots, 2)  # logged scalars, decoded like the loss
+        end = 1 + 2 * value_slots + agreement_slots
+        self.agreement = tail[1 + 2 * value_slots : end]  # zero but in a direct step (runtime/direct.py)
         # How many results gave each parameter a gradient; summed by the all-reduce, so every rank knows
         # which parameters no task used anywhere (their p.grad is left alone, as DDP does).
-        self.uses = tail[1 + 2 * value_slots :]
+        self.uses = tail[end:]
         self.dtypes = [view.dtype for view in self.views]  # accumulation dtype of each parameter
 
     def __iter__(self) -> Iterator[torch.Tensor]:

@@ -7,9 +7,10 @@ to every step (about a third of a step on a quiet homogeneous cluster, measured)
 computes its primaries into its accumulator and enters the SUM all-reduce at once, as DDP does:
 the collective is the agreement.
 
-Nothing is given up for it. Beside the gradient buckets, a small float64 vector is reduced in the
-same round: each rank writes, in its own two slots, whether its tasks succeeded and a key of what
-it computed (step, plan, task weights). After the SUM every rank holds every rank's entries, so a
+Nothing is given up for it. The first gradient bucket carries a few more elements: each rank
+writes, in its own slots, whether its tasks succeeded and a key of what it computed (step, plan,
+task weights; two 24-bit halves, exact in the bucket's float32 or float64, which the SUM of the
+others' zeros keeps exact). After the SUM every rank holds every rank's entries, so a
 rank whose task raised, or one that ran other tasks or another step, fails the step on every rank
 before anything is applied, with a message that names it. The exact gradient is the same sum as in
 the coded step (each rank's results scaled by their weight share, coefficient 1).
@@ -33,9 +34,12 @@ from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError
 from codedgrad.runtime.release import BufferShare, CollectiveFailed, read_decoded
 from codedgrad.runtime.step import StepRecord
 
-__all__ = ["has_nothing_to_decide", "reduce_direct", "step_key"]
+__all__ = ["AGREEMENT_SLOTS", "has_nothing_to_decide", "reduce_direct", "step_key"]
 
+#: Elements per rank in the first bucket: its status and the two halves of its step key.
+AGREEMENT_SLOTS = 3
 _OK, _FAILED = 1.0, 2.0  # a rank's status slot (0 would mean it never wrote one: impossible in a SUM)
+_HALF = 2**24  # integers below this are exact in float32
 
 
 def has_nothing_to_decide(plan: object, spare_work: bool) -> bool:
@@ -53,7 +57,7 @@ def has_nothing_to_decide(plan: object, spare_work: bool) -> bool:
 
 
 def step_key(step: int, plan_version: int, fingerprint: str, digest: bytes) -> int:
-    """A 48-bit key of what a rank computes in a step: exact in a float64, equal on ranks that agree."""
+    """A 48-bit key of what a rank computes in a step, equal on ranks that agree (sent as two 24-bit halves)."""
     text = f"{step}/{plan_version}/{fingerprint}/".encode() + digest
     return int.from_bytes(hashlib.sha256(text).digest()[:6], "little")
 
@@ -78,13 +82,11 @@ def reduce_direct(
         StepMismatchError: ranks computed different steps, plans or task weights.
     """
     accumulator = record.accumulator
-    agreement = torch.zeros(2 * world_size, dtype=torch.float64, device=accumulator.buckets[0].device)
-    agreement[rank] = _OK if error is None else _FAILED
-    agreement[world_size + rank] = float(key)
+    agreement = accumulator.agreement.view(AGREEMENT_SLOTS, world_size)
+    agreement[:, rank] = torch.tensor([_OK if error is None else _FAILED, key // _HALF, key % _HALF])
     start = time.perf_counter()
     try:
-        works = [dist.all_reduce(agreement, group=group, async_op=True)]
-        works += [dist.all_reduce(bucket, group=group, async_op=True) for bucket in accumulator]
+        works = [dist.all_reduce(bucket, group=group, async_op=True) for bucket in accumulator]
         for work in works:
             work.wait()
     except Exception as failure:
@@ -94,7 +96,7 @@ def reduce_direct(
         ) from failure
     record.report.allreduce_time = time.perf_counter() - start
     record.report.release_lag = record.report.allreduce_time
-    status = agreement.tolist()
+    status, high, low = agreement.tolist()
     if error is not None:
         raise error
     failed = [r for r in range(world_size) if status[r] != _OK]
@@ -103,7 +105,7 @@ def reduce_direct(
             f"codedgrad: rank {rank}: step {record.step} was abandoned by rank(s) {failed}: their tasks failed "
             "(each raises its own error); no rank applies the step"
         )
-    keys = status[world_size:]
+    keys = [(h, lo) for h, lo in zip(high, low)]
     differ = [r for r in range(world_size) if keys[r] != keys[rank]]
     if differ:
         raise StepMismatchError(

@@ -45,7 +45,7 @@ from codedgrad.runtime.config import AUTO, ConfigurationError, EngineConfig, agr
 from codedgrad.runtime.coordinator import StepChannel, StepMismatchError, StoreCoordinator
 from codedgrad.runtime.coordinator import weights_digest as _digest
 from codedgrad.runtime.devices import DeviceSeat, SeatError, shared_devices
-from codedgrad.runtime.direct import has_nothing_to_decide, reduce_direct, step_key
+from codedgrad.runtime.direct import AGREEMENT_SLOTS, has_nothing_to_decide, reduce_direct, step_key
 from codedgrad.runtime.release import BufferShare, CollectiveFailed, Releaser, reduce_step
 from codedgrad.runtime.replan import Plan, Planner
 from codedgrad.runtime.step import NonFiniteGradientError, StepPhase, StepRecord, StepReport
@@ -666,7 +666,9 @@ class CodedDataParallel(nn.Module):
         with self._free_lock:
             accumulator = self._free.pop() if self._free else None
         if accumulator is None:
-            accumulator = FlatGradients(self._params, self._bucket_bytes, self.config.value_slots)
+            accumulator = FlatGradients(
+                self._params, self._bucket_bytes, self.config.value_slots, AGREEMENT_SLOTS * self._world_size
+            )
         else:
             accumulator.zero_()
         return accumulator
