@@ -43,6 +43,7 @@ from codedgrad.profile import (
 )
 from codedgrad.runtime.config import AUTO, AUTO_START, ConfigurationError, EngineConfig, agree
 from codedgrad.runtime.coordinator import StoreCoordinator
+from codedgrad.runtime.direct import has_nothing_to_decide
 
 __all__ = [
     "COST_SAMPLES",
@@ -390,7 +391,8 @@ class Planner:
         world_size: number of ranks.
         lag: steps between publishing this rank's measurements and reading everyone's. With the
             no-wait release a rank's compute thread may be up to ``max_steps_ahead`` steps behind
-            the others; a lag beyond that means an exchange never waits for a stalled rank.
+            the others; a lag beyond that means an exchange never waits for a stalled rank. A plan
+            that runs direct steps (lockstep) reads its exchanges at once.
     """
 
     def __init__(
@@ -453,7 +455,7 @@ class Planner:
             self._collect(step)
         elif self._pending is None and self._exchange_due():
             self._publish(step)
-            if self._lag == 0:
+            if self._pending is not None and self._pending[1] == step:
                 self._collect(step)
         return self._plan_checked()
 
@@ -470,8 +472,11 @@ class Planner:
 
     def _publish(self, step: int) -> None:
         """Publish this rank's measurements of the window that ends here; read them at ``step + lag``."""
-        prefix = self._coordinator.publish("profiles", self._measure().to_json().encode(), step + self._lag)
-        self._pending = (prefix, step + self._lag)
+        # Direct steps run in lockstep (each ends in an all-reduce of every rank), so no rank's compute
+        # thread can be steps behind the others: read the exchange at once.
+        lag = 0 if has_nothing_to_decide(self.plan, self._config.spare_work) else self._lag
+        prefix = self._coordinator.publish("profiles", self._measure().to_json().encode(), step + lag)
+        self._pending = (prefix, step + lag)
         self._steps_since_exchange = 0
         self._windows.append([])
         self._step_seconds.clear()
