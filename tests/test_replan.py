@@ -41,9 +41,9 @@ def test_an_even_guess_stays_even_when_measured_differences_are_noise():
     assert action == "switch" and len(set(profiles)) == 1  # one pooled profile: an even split
     assert profiles[0].mean == pytest.approx(0.0100) and profiles[0].shift == pytest.approx(0.0010)
     assert profiles[0].std == pytest.approx(0.002)
-    # Wider differences measured precisely (errors at the 2 % floor) with a lower threshold pay for an
-    # uneven split: ranks 0 and 1 apart, ranks 2 and 3 (2 % apart) pooled.
-    wider = tuple(WorkerProfile(0.001 * f, 0.010 * f, 0.002) for f in (1.15, 0.8, 1.0, 1.02))
+    # Wider differences measured precisely with a lower threshold pay for an uneven split: ranks 0 and 1
+    # apart, ranks 2 and 3 (2 % apart) pooled (a first window is taken to be uncertain by 10 %).
+    wider = tuple(WorkerProfile(0.001 * f, 0.010 * f, 0.002) for f in (1.5, 0.6, 1.0, 1.02))
     action, profiles = ReplanPolicy(threshold=0.003).decide(GUESS, False, 32, shared(wider, 8, speed_error=0.001))
     assert action == "switch" and profiles[:2] == wider[:2] and profiles[2] == profiles[3] != wider[2]
     # Measured with 5 % error, the window cannot tell the ranks apart: even, whatever the threshold.

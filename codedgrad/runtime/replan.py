@@ -47,6 +47,7 @@ from codedgrad.runtime.direct import has_nothing_to_decide
 
 __all__ = [
     "COST_SAMPLES",
+    "FIRST_WINDOW_ERROR",
     "MAX_FIXED_SHARE",
     "MAX_WINDOWS",
     "MIN_SAMPLES",
@@ -229,6 +230,9 @@ def harmonize(shared: Sequence[Measurement], num_tasks: int) -> list[Measurement
 SAME_SPEED_Z = 2.0
 #: The least relative error a speed is taken to have (a window of identical times is not exact).
 MIN_SPEED_ERROR = 0.02
+#: ... and at the first exchange, before the windows' wander can be seen: ranks less than about 28 %
+#: apart (2 · √2 · 10 %) start even; the next exchange tells them apart if they really differ.
+FIRST_WINDOW_ERROR = 0.1
 
 
 def pool_equal_speeds(shared: Sequence[Measurement], error_floor: float = MIN_SPEED_ERROR) -> tuple[WorkerProfile, ...]:
@@ -334,7 +338,7 @@ class ReplanPolicy:
         speeds = tuple(m.profile.mean for m in shared if m.profile is not None and m.profile.mean > 0)
         previous, self._speeds = self._speeds, speeds if len(speeds) == len(shared) else None
         if previous is None or self._speeds is None or len(previous) != len(speeds):
-            return MIN_SPEED_ERROR
+            return FIRST_WINDOW_ERROR  # one window (the first, warm-up's noisiest) cannot show its wander
         changes = [abs(math.log(now / before)) for now, before in zip(speeds, previous)]
         # σ of one window from the median absolute change of two: 1.4826 · median / √2.
         return max(MIN_SPEED_ERROR, 1.4826 * float(np.median(changes)) / math.sqrt(2.0))
