@@ -12,7 +12,13 @@ import math
 import pytest
 
 from codedgrad.profile import CostModel, WorkerProfile
-from codedgrad.runtime.replan import MIN_SAMPLES_REPLAN, Measurement, ReplanPolicy, harmonize, pool_equal_speeds
+from codedgrad.runtime.replan import (
+    FEW_SAMPLES_ERROR,
+    Measurement,
+    ReplanPolicy,
+    harmonize,
+    pool_equal_speeds,
+)
 
 GUESS = (WorkerProfile(0.0, 1.0, 1.0),) * 4
 TRUE = (
@@ -77,11 +83,23 @@ def test_the_same_speeds_measured_again_keep_the_plan():
     assert policy.decide(TRUE, True, 32, shared(noisy))[0] == "keep"
 
 
-def test_few_samples_never_move_a_measured_plan():
-    policy = ReplanPolicy(threshold=0.1)
+def test_few_samples_move_a_measured_plan_only_beyond_their_error():
+    """A window of a few task times (30 % error) moves the plan for a fourfold change, not for noise."""
     reversed_speeds = TRUE[::-1]
-    assert policy.decide(TRUE, True, 32, shared(reversed_speeds, samples=MIN_SAMPLES_REPLAN - 1))[0] == "keep"
-    assert policy.decide(TRUE, True, 32, shared(reversed_speeds, samples=MIN_SAMPLES_REPLAN))[0] == "switch"
+    few = shared(reversed_speeds, samples=3, speed_error=FEW_SAMPLES_ERROR)
+    assert ReplanPolicy(threshold=0.1).decide(TRUE, True, 32, few)[0] == "switch"
+    wobbly = tuple(WorkerProfile(0.0, p.mean * f, p.std) for p, f in zip(TRUE, (1.3, 0.8, 1.25, 0.8)))
+    few = shared(wobbly, samples=3, speed_error=FEW_SAMPLES_ERROR)
+    assert ReplanPolicy(threshold=0.1).decide(TRUE, True, 32, few)[0] == "keep"
+
+
+def test_a_rank_without_task_times_keeps_its_profile_while_the_others_move_the_plan():
+    """A rank given no task in the window (or all purged) cannot hold up the others' news: the policy
+    plans it with its current profile, and a rank that became fast gets tasks again."""
+    drifted = list(shared(TRUE[::-1], speed_error=0.05))
+    drifted[3] = Measurement(None, 0.1, 0)
+    action, profiles = ReplanPolicy(threshold=0.1).decide(TRUE, True, 32, drifted)
+    assert action == "switch" and profiles[3] == TRUE[3] and profiles[0].mean == pytest.approx(TRUE[3].mean)
 
 
 def test_a_switch_that_made_steps_slower_is_reverted_and_held():

@@ -47,9 +47,11 @@ from codedgrad.runtime.direct import has_nothing_to_decide
 
 __all__ = [
     "COST_SAMPLES",
+    "FEW_SAMPLES_ERROR",
     "FIRST_WINDOW_ERROR",
     "MAX_FIXED_SHARE",
     "MAX_WINDOWS",
+    "MAX_WINDOW_NOISE",
     "MIN_SAMPLES",
     "MIN_SAMPLES_REPLAN",
     "MIN_SPEED_ERROR",
@@ -66,8 +68,8 @@ __all__ = [
 #: Task times every rank must have measured (since its last fit was used) before measured profiles
 #: replace a starting guess: any measurement beats a guess that may not even be in seconds.
 MIN_SAMPLES = 8
-#: ... and before they replace measured profiles: a fit from few noisy tasks is off by as much as
-#: the gains a re-plan looks for (about ±16 % (1σ) for the mean at 16 exponential-jitter tasks).
+#: A measurement gathers the newest windows until it holds this many task times (or :data:`MAX_WINDOWS`);
+#: with fewer, its speed error says how far to trust it (:func:`pool_equal_speeds`).
 MIN_SAMPLES_REPLAN = 16
 #: A fit uses the newest exchange windows that together hold enough samples, at most this many:
 #: a rank that computes few tasks per step still gets a fit, and none older than this.
@@ -111,7 +113,7 @@ class Measurement:
     """What one rank measured since the last exchange (published at the exchange).
 
     Attributes:
-        profile: the rank's fitted task-time profile, or None with fewer than :data:`MIN_SAMPLES` tasks.
+        profile: the rank's fitted task-time profile, or None without task times.
         step_time: the rank's median step time over the window (seconds), or None.
         samples: how many task times the fit used.
         cost: the rank's fitted compute cost per call (fixed + per sample), or None.
@@ -230,6 +232,10 @@ def harmonize(shared: Sequence[Measurement], num_tasks: int) -> list[Measurement
 SAME_SPEED_Z = 2.0
 #: The least relative error a speed is taken to have (a window of identical times is not exact).
 MIN_SPEED_ERROR = 0.02
+#: ... of a window with fewer than 3 calls (or task times without a cost model): its spread says little.
+FEW_SAMPLES_ERROR = 0.3
+#: The most a window's speeds are taken to wander: ranks about 1.5x apart are always told apart.
+MAX_WINDOW_NOISE = 0.15
 #: ... and at the first exchange, before the windows' wander can be seen: ranks less than about 28 %
 #: apart (2 · √2 · 10 %) start even; the next exchange tells them apart if they really differ.
 FIRST_WINDOW_ERROR = 0.1
@@ -311,9 +317,23 @@ class ReplanPolicy:
         if self._hold > 0:
             self._hold -= 1
             return "keep", None
-        if any(m.profile is None for m in shared):
-            return "keep", None  # a rank has too few samples (e.g. everything purged): its fit is noise
-        measured = pool_equal_speeds(shared, self._window_noise(shared))
+        if not measured_before and any(m.profile is None or m.samples < MIN_SAMPLES for m in shared):
+            return "keep", None  # replacing the guess needs a few task times from every rank
+        # A rank without task times in its windows (given none, or everything purged) keeps the profile
+        # it is planned with, as uncertain as a guess: the others' news must not wait for it, and a
+        # rank given almost nothing still reports what its few tasks show (pool_equal_speeds weighs
+        # them by their error), so a rank that became fast is not starved of the tasks that show it.
+        shared = [
+            m if m.profile is not None else replace(m, profile=c, speed_error=FEW_SAMPLES_ERROR)
+            for m, c in zip(shared, current)
+        ]
+        noise = self._window_noise(shared)
+        if measured_before:
+            # A rank whose window does not show a change beyond its error keeps the profile it is
+            # planned with: what earlier windows established is not lost to one noisy window.
+            kept = [_same_speed(m, c, noise) for m, c in zip(shared, current)]
+            shared = [replace(m, profile=c, speed_error=None) if k else m for m, c, k in zip(shared, current, kept)]
+        measured = pool_equal_speeds(shared, noise)
         if not measured_before:  # a guess, perhaps not even in seconds: always replace it
             even = (_pooled(measured),) * len(measured)
             if len(set(current)) == 1 and not self._pays(measured, even, num_tasks):
@@ -321,8 +341,6 @@ class ReplanPolicy:
                 # (noise, on a homogeneous cluster) stay even: one pooled profile, in measured units.
                 return "switch", even
             return "switch", measured
-        if any(m.samples < MIN_SAMPLES_REPLAN for m in shared):
-            return "keep", None  # not yet precise enough to tell a real gain from noise
         if self._pays(measured, current, num_tasks):
             self._previous, self._window_before, self._switched_to = tuple(current), window, measured
             return "switch", measured
@@ -340,8 +358,11 @@ class ReplanPolicy:
         if previous is None or self._speeds is None or len(previous) != len(speeds):
             return FIRST_WINDOW_ERROR  # one window (the first, warm-up's noisiest) cannot show its wander
         changes = [abs(math.log(now / before)) for now, before in zip(speeds, previous)]
-        # σ of one window from the median absolute change of two: 1.4826 · median / √2.
-        return max(MIN_SPEED_ERROR, 1.4826 * float(np.median(changes)) / math.sqrt(2.0))
+        # σ of one window from the median absolute change of two: 1.4826 · median / √2; at most
+        # MAX_WINDOW_NOISE, since a change of plan moves the measured speeds too (on shared cores a
+        # rank given more tasks runs longer alone), and that is not noise.
+        wander = 1.4826 * float(np.median(changes)) / math.sqrt(2.0)
+        return min(MAX_WINDOW_NOISE, max(MIN_SPEED_ERROR, wander))
 
     def _pays(self, measured: Sequence[WorkerProfile], current: Sequence[WorkerProfile], num_tasks: int) -> bool:
         """Whether the split from ``measured`` beats ``current``'s split by more than the threshold (both
@@ -355,6 +376,15 @@ class ReplanPolicy:
 
     def load_state_dict(self, state: dict) -> None:
         self._hold = int(state.get("hold", 0))
+
+
+def _same_speed(measurement: Measurement, planned: WorkerProfile, noise: float) -> bool:
+    """Whether a rank's new window is consistent with the profile it is planned with (both uncertain)."""
+    assert measurement.profile is not None
+    error = max(noise, measurement.speed_error if measurement.speed_error is not None else 0.0)
+    if measurement.profile.mean <= 0 or planned.mean <= 0:
+        return False
+    return abs(math.log(measurement.profile.mean / planned.mean)) <= SAME_SPEED_Z * math.sqrt(2.0) * error
 
 
 def _pooled(profiles: Sequence[WorkerProfile]) -> WorkerProfile:
@@ -522,7 +552,7 @@ class Planner:
         chunked = cost is not None and any(n > 1 for n, _, _ in calls)
         fixed = cost.fixed if cost is not None and chunked else 0.0
         tasks = [max(0.0, seconds - fixed) / n for n, _, seconds in calls for _ in range(n)]
-        profile = fit_profile(tasks) if len(tasks) >= MIN_SAMPLES else None
+        profile = fit_profile(tasks) if tasks else None  # the policy weighs a few by their error
         task_weight = sum(w for _, w, _ in calls) / sum(n for n, _, _ in calls) if calls else 0.0
         if profile is not None and cost is not None and chunked:
             num_tasks = self.plan.num_tasks if self.plan is not None else self._world_size
@@ -540,10 +570,12 @@ class Planner:
             if ratios.size:
                 middle = float(np.median(ratios))
                 even_share = middle * cost.seconds(task_weight * num_tasks / self._world_size)
-                if ratios.size >= 2 and middle > 0:  # the median's error, from the spread (MAD)
+                if ratios.size >= 3 and middle > 0:  # the median's error, from the spread (MAD)
                     error = 1.4826 * float(np.median(np.abs(ratios - middle))) / middle / math.sqrt(ratios.size)
+                else:
+                    error = FEW_SAMPLES_ERROR
         elif profile is not None and profile.mean > 0:
-            error = profile.std / profile.mean / math.sqrt(len(tasks))
+            error = profile.std / profile.mean / math.sqrt(len(tasks)) if len(tasks) >= 3 else FEW_SAMPLES_ERROR
         return Measurement(profile, step_time, len(tasks), cost, whole, task_weight, even_share, error)
 
     def _adopt(self, num_tasks: int, profiles: tuple[WorkerProfile, ...], measured: bool, step: int) -> None:
