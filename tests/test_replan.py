@@ -279,3 +279,16 @@ def test_speeds_that_wander_between_windows_count_as_noise():
     slowed = (*steady[:3], WorkerProfile(0.0, 0.040, 0.004))
     action, profiles = policy.decide(steady, True, 32, shared(slowed, speed_error=0.01))
     assert action == "switch" and profiles[3].mean == pytest.approx(0.040) and len(set(profiles[:3])) == 1
+
+
+def test_redundancy_defaults_to_auto_and_says_what_the_rank_level_codes_need():
+    """The engine's default is the planner's choice (as the Lightning strategy's); "uncoded" has nothing
+    to choose, and frc/cyclic need an integer s + 1, which the error says."""
+    from codedgrad.runtime.config import AUTO, ConfigurationError, EngineConfig
+
+    assert EngineConfig().redundancy == AUTO
+    assert EngineConfig(code="uncoded").redundancy == 1.0
+    for code in ("frc", "cyclic"):
+        with pytest.raises(ConfigurationError, match=r"^redundancy: .*integer s \+ 1.*redundancy=2"):
+            EngineConfig(code=code)
+        assert EngineConfig(code=code, redundancy=2).redundancy == 2.0

@@ -68,8 +68,8 @@ class EngineConfig:
     """Settings of the coded step (see :class:`~codedgrad.runtime.engine.CodedDataParallel` for each).
 
     Attributes:
-        redundancy: Ω ≥ 1 (repetition; or ``"auto"``: chosen by the planner from measured profiles);
-            an integer s + 1 for ``frc`` and ``cyclic``.
+        redundancy: ``"auto"`` (default: chosen by the planner from measured profiles; 1 for
+            ``uncoded``) or Ω ≥ 1 (repetition); an integer s + 1 for ``frc`` and ``cyclic``.
         gamma: weight of the second moment in the planner's cost (≥ 0).
         code: one of :data:`codedgrad.codes.CODE_NAMES`.
         profiles: a starting :class:`WorkerProfile` per rank, or None (homogeneous, then measured).
@@ -90,7 +90,7 @@ class EngineConfig:
             (decoded with the gradient, e.g. a logged metric; see ``CodedDataParallel.value_slot``).
     """
 
-    redundancy: float | str = 1.25
+    redundancy: float | str = AUTO
     gamma: float = 1.0
     code: str = "repetition"
     profiles: tuple[WorkerProfile, ...] | None = None
@@ -114,8 +114,13 @@ class EngineConfig:
         if isinstance(self.redundancy, str):
             if self.redundancy != AUTO:
                 raise ConfigurationError(f"redundancy: must be a number >= 1 or {AUTO!r}, got {self.redundancy!r}")
-            if self.code != "repetition":
-                raise ConfigurationError(f"redundancy: {AUTO!r} is for the repetition code, not {self.code!r}")
+            if self.code == "uncoded":  # nothing to choose: no redundancy
+                set_(self, "redundancy", 1.0)
+            elif self.code != "repetition":
+                raise ConfigurationError(
+                    f"redundancy: {AUTO!r} is for the repetition code; {self.code!r} needs an integer s + 1 "
+                    "(each partition computed s + 1 times, any s ranks may straggle), e.g. redundancy=2"
+                )
             self._check_rest()
             return
         redundancy = _number("redundancy", self.redundancy)

@@ -82,12 +82,13 @@ class CodedDataParallel(nn.Module):
 
     Args:
         module: the model (its parameters and buffers are broadcast from rank 0 at construction).
-        redundancy: Ω ≥ 1, the share of extra task slots (repetition), or s+1 for ``frc``/``cyclic``.
-            1.05–1.3 is the useful range for repetition on a noisy cluster (see ``codedgrad plan``).
-            ``"auto"`` lets the planner choose Ω for each plan from the measured profiles (the least
-            one within 2 % of the best simulated step), starting at 1.25; where ranks share a compute
-            device (see ``spare_work``) it resolves to 1: a backup's compute would be taken from the
-            rank it covers. The resolved setting is ``cdp.config.redundancy``.
+        redundancy: ``"auto"`` (default) lets the planner choose Ω for each plan from the measured
+            profiles (the least one within 2 % of the best simulated step), starting at 1.25; where
+            ranks share a compute device (see ``spare_work``) it resolves to 1: a backup's compute
+            would be taken from the rank it covers. The resolved setting is
+            ``cdp.config.redundancy``. Or a number: Ω ≥ 1, the
+            share of extra task slots (repetition; 1.05–1.3 is the useful range on a noisy cluster,
+            see ``codedgrad plan``), or s + 1 for ``frc``/``cyclic`` (required there).
         gamma: weight of the second moment in the planner's cost (0 balances means only).
         code: ``"repetition"`` (default), ``"uncoded"``, ``"frc"`` or ``"cyclic"``.
         profiles: one :class:`WorkerProfile` per rank to start from; None starts homogeneous and
@@ -131,7 +132,7 @@ class CodedDataParallel(nn.Module):
     def __init__(
         self,
         module: nn.Module,
-        redundancy: float | str = 1.25,
+        redundancy: float | str = "auto",
         gamma: float = 1.0,
         code: str = "repetition",
         profiles: Sequence[WorkerProfile] | None = None,

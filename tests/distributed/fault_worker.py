@@ -91,7 +91,10 @@ def main() -> None:
     emulate = Heterogeneity(speeds=(1.0, 2.0, 3.0)[:world], base=0.002, jitter=0.3, seed=1)
     result: dict = {"rank": rank, "errors": [], "steps": []}
     engines = {
-        name: CodedDataParallel(make_model(torch.float64), emulate=emulate, timeout=TIMEOUT, store=shared)
+        # Ω fixed: the kill points are the coded protocol's (commits, the arrival, the coded all-reduce).
+        name: CodedDataParallel(
+            make_model(torch.float64), redundancy=1.25, emulate=emulate, timeout=TIMEOUT, store=shared
+        )
         for name in ("A", "B")
     }
     references = {name: make_model(torch.float64) for name in engines}
