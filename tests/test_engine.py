@@ -53,17 +53,26 @@ CODES_FP64 = [
 def test_a_plan_with_nothing_to_decide_runs_direct_and_exact(exact, name):
     """Ω = 1 and no spare work: once task times are measured every step runs direct,
     with task_loss and batch_loss, exact; a new K starts from a guess (coded steps, the release thread
-    taking over after the direct steps it skipped) and turns direct again once measured."""
+    taking over after the direct steps it skipped) and turns direct again once measured. Direct steps
+    do not pile up Store keys; a plan restored from a checkpoint runs its first step coded."""
     for rank, result in enumerate(exact):
         runs = result[name]
-        for part, run in runs.items():
+        for part in ("first", "batched", "other_k", "restored"):
+            run = runs[part]
             assert run["max_error"] <= 1e-12 and run["identical"], (rank, part, run["max_error"])
             assert run["unused_grad_none"], (rank, part)
-        for part in ("first", "other_k"):  # coded until measured (8 task times per rank), then direct
+        # Coded until measured (8 task times per rank), then direct but for the first step under each
+        # new plan (a re-plan may switch at any exchange); the same steps on every rank.
+        for part in ("first", "batched", "other_k", "restored"):
+            assert runs[part]["direct"] == exact[0][name][part]["direct"], (rank, part, runs[part]["direct"])
+        for part in ("first", "other_k"):
             flags = runs[part]["direct"]
-            assert flags[0] is False and flags[-1] is True and flags == sorted(flags), (rank, part, flags)
-            assert flags == exact[0][name][part]["direct"], (rank, part, flags)
-        assert runs["batched"]["direct"] == [True, True], (rank, runs["batched"]["direct"])
+            assert flags[0] is False and sum(flags[-4:]) >= 2, (rank, part, flags)
+        assert any(runs["batched"]["direct"]), (rank, runs["batched"]["direct"])
+        counts = runs["key_counts"]  # over 24 steps, 12 exchanges: bounded, not growing with them
+        assert max(counts) - min(counts) <= 2 * (WORLD + 1), (rank, counts)
+        restored = runs["restored"]["direct"]
+        assert restored[0] is False and any(restored), (rank, restored)
 
 
 @pytest.mark.parametrize("name", CODES_FP64)

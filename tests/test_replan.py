@@ -95,7 +95,7 @@ def test_few_samples_move_a_measured_plan_only_beyond_their_error():
 
 def test_a_rank_without_task_times_keeps_its_profile_while_the_others_move_the_plan():
     """A rank given no task in the window (or all purged) cannot hold up the others' news: the policy
-    plans it with its current profile, and a rank that became fast gets tasks again."""
+    plans it with its current profile."""
     drifted = list(shared(TRUE[::-1], speed_error=0.05))
     drifted[3] = Measurement(None, 0.1, 0)
     action, profiles = ReplanPolicy(threshold=0.1).decide(TRUE, True, 32, drifted)
@@ -292,3 +292,16 @@ def test_redundancy_defaults_to_auto_and_says_what_the_rank_level_codes_need():
         with pytest.raises(ConfigurationError, match=r"^redundancy: .*integer s \+ 1.*redundancy=2"):
             EngineConfig(code=code)
         assert EngineConfig(code=code, redundancy=2).redundancy == 2.0
+
+
+def test_a_rank_planned_with_no_task_is_pooled_now_and_then_to_be_measured_again():
+    """A direct plan has no spare work, so a rank given no task is never measured. Its error doubles
+    with every exchange without task times, until it is pooled with the faster ranks and gets tasks."""
+    policy = ReplanPolicy(threshold=0.1)
+    fast = WorkerProfile(0.0, 0.010, 0.001)
+    current = (fast, fast, fast, WorkerProfile(0.0, 0.040, 0.004))  # [11, 11, 10, 0] of 32 tasks
+    window = [*shared((fast,) * 3, speed_error=0.01), Measurement(None, 0.1, 0)]
+    outcomes = [policy.decide(current, True, 32, window) for _ in range(3)]
+    assert outcomes[0] == ("keep", None)
+    switched = [profiles for action, profiles in outcomes if action == "switch"]
+    assert switched and len(set(switched[0])) == 1  # pooled: every rank gets tasks again

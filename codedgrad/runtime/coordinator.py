@@ -156,16 +156,27 @@ class StoreCoordinator:
         # Each rank's compute thread has at least claimed step - steps_behind (and so passed the
         # gathers before it); without a release running ahead, it is in this very step.
         horizon = step - self.steps_behind - 1 if self.steps_behind else step
+        keys = [*self._take_deferred(horizon), f"s{step}/arrived/{self.rank}"]
+        if self.rank == 0:
+            keys += [f"s{step}/{what}" for what in ("state", "decided", "gate")]
+        for key in keys:
+            self.wait_store.delete_key(key)
+
+    def direct_step_done(self, step: int) -> None:
+        """A direct step (it has no keys of its own) completed on every rank: delete the deferred keys
+        (gathers, agreements) every rank is past. Every rank's compute thread is in this step (each
+        direct step ends in an all-reduce of every rank), so no Store round trip when there are none."""
+        for key in self._take_deferred(step):
+            self.store.delete_key(key)
+
+    def _take_deferred(self, horizon: int) -> list[str]:
+        """The deferred keys last needed at or before ``horizon`` that this rank deletes (rank 0: shared ones too)."""
         with self._lock:
             own = [key for when, key in self._own_deferred if when <= horizon]
             shared = [key for when, key in self._shared_deferred if when <= horizon]
             self._own_deferred = [(w, k) for w, k in self._own_deferred if w > horizon]
             self._shared_deferred = [(w, k) for w, k in self._shared_deferred if w > horizon]
-        keys = [*own, f"s{step}/arrived/{self.rank}"]
-        if self.rank == 0:
-            keys += shared + [f"s{step}/{what}" for what in ("state", "decided", "gate")]
-        for key in keys:
-            self.wait_store.delete_key(key)
+        return own + shared if self.rank == 0 else own
 
     def defer_until_close(self, key: str) -> None:
         """A key of all ranks that lives as long as the engine (deleted by the last rank to close)."""

@@ -16,9 +16,12 @@ before anything is applied, with a message that names it. The exact gradient is 
 the coded step (each rank's results scaled by their weight share, coefficient 1).
 
 The difference a user can see: a rank waits for the others' compute inside the collective, so the
-collective's timeout (the engine's ``timeout``, on the release's process group) bounds that wait,
-as with DDP. That is why the first plans (from a guess, with a first step that may compile for
-minutes) always run the coded step, whose waits count only time without progress.
+collective's timeout bounds that wait, as with DDP: the engine's ``timeout`` on the release's
+process group (with ``no_wait=False``, the engine's own group and its timeout). That is why the first
+step under every plan (adopted from a guess, switched to, or restored from a checkpoint, when a first
+step may compile for minutes) runs the coded step, whose waits count only time without progress. On
+NCCL a collective that times out is torn down by NCCL's watchdog, which ends the process, rather
+than raised as :class:`CollectiveFailed`.
 """
 
 from __future__ import annotations
@@ -70,30 +73,40 @@ def reduce_direct(
     key: int,
     error: BaseException | None,
     buffers: BufferShare | None = None,
-) -> None:
+) -> KeyboardInterrupt | None:
     """The direct step's all-reduce and agreement, on the calling thread; raises if the step failed.
 
     Every rank calls it, also one whose tasks raised (``error``): it takes part with a failed status,
-    so the others fail at once instead of waiting out a timeout, then re-raises its own error.
+    so the others fail at once instead of waiting out a timeout, then re-raises its own error. A
+    Ctrl-C while the collective is in flight does not leave it half done (the others are in it too,
+    and this rank's buffers would still be written): the step is finished and the interrupt returned,
+    for the caller to raise once the step is applied, as a coded step does after its decision.
 
     Raises:
-        CollectiveFailed: the collective itself failed (a rank died or hung past the group's timeout).
+        CollectiveFailed: a collective failed (a rank died or hung past the group's timeout).
         CodedStepTimeout: another rank's tasks failed (the step is abandoned on every rank).
         StepMismatchError: ranks computed different steps, plans or task weights.
     """
     accumulator = record.accumulator
     agreement = accumulator.agreement.view(AGREEMENT_SLOTS, world_size)
-    agreement[:, rank] = torch.tensor([_OK if error is None else _FAILED, key // _HALF, key % _HALF])
+    try:  # in the buckets' own dtype (float32 or float64 for gradients), never the default dtype
+        entry = [_OK if error is None else _FAILED, key // _HALF, key % _HALF]
+        agreement[:, rank] = torch.tensor(entry, dtype=agreement.dtype, device=agreement.device)
+    except Exception as failure:  # the status stays 0: the others read this rank as failed
+        error = error or failure
     start = time.perf_counter()
+    interrupted: KeyboardInterrupt | None = None
     try:
         works = [dist.all_reduce(bucket, group=group, async_op=True) for bucket in accumulator]
         for work in works:
-            work.wait()
-    except Exception as failure:
-        raise CollectiveFailed(
-            f"codedgrad: rank {rank}: the all-reduce of step {record.step} (a direct step: the plan leaves "
-            f"nothing to decide) failed; a rank died, hung, or computed past the group's timeout: {failure}"
-        ) from failure
+            while True:
+                try:
+                    work.wait()
+                    break
+                except KeyboardInterrupt as stop:  # bounded by the group's timeout
+                    interrupted = stop
+    except BaseException as failure:  # a failed collective, or Ctrl-C while they were being issued
+        raise CollectiveFailed(_collective_failed(rank, record.step, failure)) from failure
     record.report.allreduce_time = time.perf_counter() - start
     record.report.release_lag = record.report.allreduce_time
     status, high, low = agreement.tolist()
@@ -112,4 +125,15 @@ def reduce_direct(
             f"codedgrad: rank {rank}: ranks {differ} computed another step, plan or task weights than this rank "
             f"in step {record.step}; every rank must pass the same tasks to the same number of backward() calls"
         )
-    read_decoded(record, group, buffers)
+    try:  # every rank got here (the same verdicts above): the buffers' broadcast is everyone's
+        read_decoded(record, group, buffers)
+    except Exception as failure:
+        raise CollectiveFailed(_collective_failed(rank, record.step, failure)) from failure
+    return interrupted
+
+
+def _collective_failed(rank: int, step: int, failure: BaseException) -> str:
+    return (
+        f"codedgrad: rank {rank}: the all-reduce of step {step} (a direct step: the plan leaves nothing to "
+        f"decide) failed; a rank died, hung, or computed past the group's timeout: {failure}"
+    )

@@ -45,7 +45,7 @@ from codedgrad.runtime.config import AUTO, ConfigurationError, EngineConfig, agr
 from codedgrad.runtime.coordinator import StepChannel, StepMismatchError, StoreCoordinator
 from codedgrad.runtime.coordinator import weights_digest as _digest
 from codedgrad.runtime.devices import DeviceSeat, SeatError, shared_devices
-from codedgrad.runtime.direct import AGREEMENT_SLOTS, has_nothing_to_decide, reduce_direct, step_key
+from codedgrad.runtime.direct import AGREEMENT_SLOTS, reduce_direct, step_key
 from codedgrad.runtime.release import BufferShare, CollectiveFailed, Releaser, reduce_step
 from codedgrad.runtime.replan import Plan, Planner
 from codedgrad.runtime.step import NonFiniteGradientError, StepPhase, StepRecord, StepReport
@@ -391,7 +391,7 @@ class CodedDataParallel(nn.Module):
         plan = self._planner.plan_for(len(weights), self._step)
         digest = _digest(weights)
         step = self._step
-        if has_nothing_to_decide(plan, self.config.spare_work):
+        if self._planner.direct_ready:
             return self._direct_step(plan, weights, digest, loss, start)
         fresh = self._new_record(step, plan, weights, digest, start)
         if self._no_wait:
@@ -480,7 +480,8 @@ class CodedDataParallel(nn.Module):
         """A step whose plan leaves nothing to decide: compute, then the all-reduce is the agreement.
 
         The release thread is idle meanwhile (no step was handed to it), so its process group, whose
-        timeout is the engine's, carries the collective; without one, the engine's group does.
+        timeout is the engine's, carries the collective; without one (``no_wait=False``, or a custom
+        process group), the engine's group does, with that group's timeout.
         """
         record = self._new_record(self._step, plan, weights, digest, start)
         record.report.direct = True
@@ -492,15 +493,19 @@ class CodedDataParallel(nn.Module):
             error = exc
         key = step_key(record.step, plan.version, plan.fingerprint, digest)
         try:
-            reduce_direct(record, group, self._rank, self._world_size, key, error, self._buffer_share)
+            interrupted = reduce_direct(record, group, self._rank, self._world_size, key, error, self._buffer_share)
         except BaseException as failure:
             record.finish(StepPhase.FAILED, failure)
             if isinstance(failure, CollectiveFailed):
-                self._broken = failure  # the group may be unusable: this engine cannot go on
+                self._broken = failure  # the group (or the buffers in its hands) may be unusable: stop here
             self._leave(record, failed=True, in_store=False)
             raise
         record.finish(StepPhase.REDUCED)
-        return self._apply(record, start)
+        self._coordinator.direct_step_done(record.step)
+        report = self._apply(record, start)
+        if interrupted is not None:  # Ctrl-C during the collective: stop, after the step every rank applied
+            raise interrupted
+        return report
 
     def _wait_for_release(self, record: StepRecord, channel: StepChannel) -> None:
         """The step's reduction: on the release thread (wait for it), or here (synchronous step)."""
@@ -596,7 +601,9 @@ class CodedDataParallel(nn.Module):
     def _leave(self, record: StepRecord, failed: bool, in_store: bool = True) -> None:
         if failed and in_store:  # a direct step (in_store=False) has no keys to clean up
             self._coordinator.step_failed(record.step)
-        self._planner.step_ended(None if failed or record.report.ahead else record.report.step_time)
+        self._planner.step_ended(
+            None if failed or record.report.ahead else record.report.step_time, direct=record.report.direct
+        )
         self._step = record.step + 1
         if self._releaser is not None:
             self._releaser.left(record.step)

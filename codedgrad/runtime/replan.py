@@ -14,8 +14,9 @@ Why the policy compares *measured* step times: the planner predicts a step from 
 task times, but the real step also depends on backups, spare work and stalls that the prediction
 leaves out. A switch that the prediction favours can make the real step slower; so after a switch
 the next window's measured step time is compared with the window before it, and a switch that made
-things slower is reverted and the plan held for a while. A switch also needs enough samples from
-every rank: a fit from a handful of tasks is noise.
+things slower is reverted and the plan held for a while. And what the policy plans with is filtered
+for noise: ranks it cannot tell apart share one pooled profile, and a rank keeps its planned profile
+unless its window shows a change beyond its error (see :func:`pool_equal_speeds`).
 """
 
 from __future__ import annotations
@@ -290,6 +291,7 @@ class ReplanPolicy:
     _switched_to: tuple[WorkerProfile, ...] | None = field(default=None, repr=False)  # the fits switched on
     _hold: int = field(default=0, repr=False)
     _speeds: tuple[float, ...] | None = field(default=None, repr=False)  # each rank's mean at the last exchange
+    _unmeasured: tuple[int, ...] = field(default=(), repr=False)  # per rank: exchanges in a row without task times
 
     def decide(
         self, current: Sequence[WorkerProfile], measured_before: bool, num_tasks: int, shared: Sequence[Measurement]
@@ -323,15 +325,20 @@ class ReplanPolicy:
         # it is planned with, as uncertain as a guess: the others' news must not wait for it, and a
         # rank given almost nothing still reports what its few tasks show (pool_equal_speeds weighs
         # them by their error), so a rank that became fast is not starved of the tasks that show it.
+        # The error doubles with every exchange it goes without, so that a rank planned with no task
+        # at all (a direct plan has no spare work to measure it) is pooled with faster ranks now and
+        # then, and shows whether it became fast.
+        before = self._unmeasured if len(self._unmeasured) == len(shared) else (0,) * len(shared)
+        self._unmeasured = tuple(n + 1 if m.profile is None else 0 for n, m in zip(before, shared))
         shared = [
-            m if m.profile is not None else replace(m, profile=c, speed_error=FEW_SAMPLES_ERROR)
-            for m, c in zip(shared, current)
+            m if m.profile is not None else replace(m, profile=c, speed_error=FEW_SAMPLES_ERROR * 2 ** (n - 1))
+            for m, c, n in zip(shared, current, self._unmeasured)
         ]
         noise = self._window_noise(shared)
         if measured_before:
             # A rank whose window does not show a change beyond its error keeps the profile it is
             # planned with: what earlier windows established is not lost to one noisy window.
-            kept = [_same_speed(m, c, noise) for m, c in zip(shared, current)]
+            kept = [n == 0 and _same_speed(m, c, noise) for m, c, n in zip(shared, current, self._unmeasured)]
             shared = [replace(m, profile=c, speed_error=None) if k else m for m, c, k in zip(shared, current, kept)]
         measured = pool_equal_speeds(shared, noise)
         if not measured_before:  # a guess, perhaps not even in seconds: always replace it
@@ -376,6 +383,9 @@ class ReplanPolicy:
 
     def load_state_dict(self, state: dict) -> None:
         self._hold = int(state.get("hold", 0))
+        # What the windows since showed belongs to the run that was replaced.
+        self._previous = self._window_before = self._switched_to = self._speeds = None
+        self._unmeasured = ()
 
 
 def _same_speed(measurement: Measurement, planned: WorkerProfile, noise: float) -> bool:
@@ -452,6 +462,7 @@ class Planner:
         self._lag = lag
         self._pending: tuple[str, int] | None = None  # an exchange published: (its gather, the step to read it)
         self._skip_step = True  # the first step under a new plan: warm-up (allocations, caches) is not speed
+        self._last_direct = False  # whether the last step ran direct (every rank alike)
         # (summed task weight, compute seconds) of the newest calls, for the cost model; kept across
         # plans (a call's cost does not depend on the plan), refitted lazily.
         self._calls: deque[tuple[float, float]] = deque(maxlen=COST_SAMPLES)
@@ -506,9 +517,9 @@ class Planner:
 
     def _publish(self, step: int) -> None:
         """Publish this rank's measurements of the window that ends here; read them at ``step + lag``."""
-        # Direct steps run in lockstep (each ends in an all-reduce of every rank), so no rank's compute
-        # thread can be steps behind the others: read the exchange at once.
-        lag = 0 if has_nothing_to_decide(self.plan, self._config.spare_work) else self._lag
+        # After a direct step every rank's compute thread is in this step (each direct step ends in an
+        # all-reduce of every rank): read the exchange at once. After a coded step a rank may be behind.
+        lag = 0 if self._last_direct and self.direct_ready else self._lag
         prefix = self._coordinator.publish("profiles", self._measure().to_json().encode(), step + lag)
         self._pending = (prefix, step + lag)
         self._steps_since_exchange = 0
@@ -587,7 +598,12 @@ class Planner:
             error = (
                 f"{type(exc).__name__}: {exc}" if not isinstance(exc, (CodeError, PlanError, ValueError)) else str(exc)
             )
-        values = {"num_tasks": num_tasks, "version": self._next_version, "plan": plan.fingerprint if plan else None}
+        values = {
+            "num_tasks": num_tasks,
+            "version": self._next_version,
+            "plan": plan.fingerprint if plan else None,
+            "measured": measured,  # decides, with the plan, whether steps run direct: every rank alike
+        }
         agree(self._coordinator, "plan", values, error, step)  # raises on every rank alike; nothing changed then
         assert plan is not None
         self.plan = plan
@@ -650,8 +666,18 @@ class Planner:
         cost = self.cost_model()
         return 0.0 if cost is None else cost.min_samples(overhead_share)
 
-    def step_ended(self, step_seconds: float | None) -> None:
-        """Count a step of the current plan (and its time, when this rank computed it)."""
+    @property
+    def direct_ready(self) -> bool:
+        """Whether the next step runs direct (:mod:`~codedgrad.runtime.direct`): the plan leaves nothing
+        to decide and a step under it already finished in this process. The first step under a plan
+        (adopted, switched to or restored) runs the coded step: its warm-up (a compile, allocations)
+        may take longer than ``timeout``, which bounds a direct step's wait for the others' compute.
+        The same on every rank: plans are adopted, and steps counted, at the same steps everywhere."""
+        return has_nothing_to_decide(self.plan, self._config.spare_work) and not self._skip_step
+
+    def step_ended(self, step_seconds: float | None, direct: bool = False) -> None:
+        """Count a step of the current plan (and its time, when this rank computed it; ``direct``: it ran direct)."""
+        self._last_direct = direct
         self._steps_since_exchange += 1
         if step_seconds is not None and not self._skip_step:
             self._step_seconds.append(step_seconds)

@@ -164,6 +164,9 @@ def scenario_exact(rank: int, world: int) -> dict:
     # K: a plan from a guess again, so coded steps (the release thread serves them after the direct
     # ones it skipped), then direct again.
     direct = dict(redundancy=1.0, spare_work=False, replan_every=2, warmup_steps=2, max_steps_ahead=1, timeout=30)
+    # Direct steps leave no Store keys behind (the exchanges' go with the steps), and a plan restored
+    # from a checkpoint runs its first step coded (a first step may compile for longer than timeout).
+    store = dist.distributed_c10d._get_default_store()
     for name, no_wait in (("direct", True), ("direct_sync", False)):
         with CodedDataParallel(make_model(torch.float64), no_wait=no_wait, **direct) as cdp:
             results[name] = {
@@ -171,6 +174,19 @@ def scenario_exact(rank: int, world: int) -> dict:
                 "batched": run_steps(cdp, steps=2, num_tasks=12, dtype=torch.float64, batched=True),
                 "other_k": run_steps(cdp, steps=10, num_tasks=10, dtype=torch.float64, batched=True),
             }
+            keys = []
+            for _ in range(4):
+                dist.barrier()  # quiescent: every rank is between steps while the keys are counted
+                keys.append(store.num_keys())
+                dist.barrier()
+                run_steps(cdp, steps=6, num_tasks=10, dtype=torch.float64)  # three exchanges
+            # An exchange's keys live until every rank is past it, so the count depends on where the
+            # exchanges fall; 12 exchanges that each left their P + 1 keys would add 60.
+            results[name]["key_counts"] = keys
+            saved = cdp.state_dict()
+        with CodedDataParallel(make_model(torch.float64), no_wait=no_wait, **direct) as cdp:
+            cdp.load_state_dict(saved)
+            results[name]["restored"] = run_steps(cdp, steps=3, num_tasks=10, dtype=torch.float64)
     for dtype in (torch.float32, torch.bfloat16):
         cdp = CodedDataParallel(make_model(dtype), redundancy=1.25, emulate=noisy, timeout=30)
         results[f"repetition_1.25_{str(dtype)[6:]}"] = run_steps(cdp, steps=2, num_tasks=12, dtype=dtype)
