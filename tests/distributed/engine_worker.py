@@ -370,8 +370,10 @@ def scenario_failures(rank: int, world: int) -> dict:
     # The same in a direct step (Ω = 1, no spare work, measured: nothing to decide): every rank fails it
     # at the all-reduce, which carries each rank's status; then a step where rank 0 passes other task
     # weights, refused on every rank by the keys the all-reduce carries too; training goes on.
+    # Measured after the warm-up exchanges (every 2 steps until 8 task times per rank), then no exchange
+    # for 50 steps: no plan switch (whose first step runs coded) can fall on the steps checked here.
     cdp = CodedDataParallel(
-        model, redundancy=1.0, spare_work=False, replan_every=2, warmup_steps=2, max_steps_ahead=1, timeout=10.0
+        model, redundancy=1.0, spare_work=False, replan_every=50, warmup_steps=2, max_steps_ahead=1, timeout=10.0
     )
     warm = run_steps(cdp, steps=10, num_tasks=8, dtype=torch.float64)
     results["direct_task_error"] = run_with_task_error(cdp, rank, delay=0.0)
