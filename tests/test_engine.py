@@ -67,7 +67,7 @@ def test_a_plan_with_nothing_to_decide_runs_direct_and_exact(exact, name):
             assert runs[part]["direct"] == exact[0][name][part]["direct"], (rank, part, runs[part]["direct"])
         for part in ("first", "other_k"):
             flags = runs[part]["direct"]
-            assert flags[0] is False and sum(flags[-4:]) >= 2, (rank, part, flags)
+            assert flags[0] is False and any(flags[-4:]), (rank, part, flags)
         assert any(runs["batched"]["direct"]), (rank, runs["batched"]["direct"])
         counts = runs["key_counts"]  # over 24 steps, 12 exchanges: bounded, not growing with them
         assert max(counts) - min(counts) <= 2 * (WORLD + 1), (rank, counts)

@@ -305,3 +305,23 @@ def test_a_rank_planned_with_no_task_is_pooled_now_and_then_to_be_measured_again
     assert outcomes[0] == ("keep", None)
     switched = [profiles for action, profiles in outcomes if action == "switch"]
     assert switched and len(set(switched[0])) == 1  # pooled: every rank gets tasks again
+
+
+def test_a_guess_waits_for_task_times_but_not_for_ever():
+    """A rank the guess gives one task per step may never gather 8 task times in the windows a fit may
+    use: after MAX_WINDOWS exchanges of waiting the guess is replaced with what there is."""
+    from codedgrad.runtime.replan import MAX_WINDOWS
+
+    policy = ReplanPolicy(threshold=0.1)
+    window = [*shared(TRUE[:3], samples=20, speed_error=0.02), Measurement(TRUE[3], 0.1, 3, speed_error=0.3)]
+    for _ in range(MAX_WINDOWS):
+        assert policy.decide(GUESS, False, 32, window) == ("keep", None)
+    action, profiles = policy.decide(GUESS, False, 32, window)
+    assert action == "switch" and profiles[0] == TRUE[0] and profiles[3].mean < profiles[0].mean
+    # A rank with no task time at all is planned like the others, then measured under the new plan.
+    policy = ReplanPolicy(threshold=0.1)
+    window[3] = Measurement(None, 0.1, 0)
+    for _ in range(MAX_WINDOWS):
+        assert policy.decide(GUESS, False, 32, window)[0] == "keep"
+    action, profiles = policy.decide(GUESS, False, 32, window)
+    assert action == "switch" and profiles[3] is not None

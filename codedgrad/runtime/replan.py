@@ -292,6 +292,7 @@ class ReplanPolicy:
     _hold: int = field(default=0, repr=False)
     _speeds: tuple[float, ...] | None = field(default=None, repr=False)  # each rank's mean at the last exchange
     _unmeasured: tuple[int, ...] = field(default=(), repr=False)  # per rank: exchanges in a row without task times
+    _waited: int = field(default=0, repr=False)  # exchanges a guess has waited for enough task times
 
     def decide(
         self, current: Sequence[WorkerProfile], measured_before: bool, num_tasks: int, shared: Sequence[Measurement]
@@ -319,8 +320,21 @@ class ReplanPolicy:
         if self._hold > 0:
             self._hold -= 1
             return "keep", None
-        if not measured_before and any(m.profile is None or m.samples < MIN_SAMPLES for m in shared):
-            return "keep", None  # replacing the guess needs a few task times from every rank
+        if not measured_before:
+            # Replacing the guess needs a few task times from every rank, but a rank the guess gives one
+            # task per step (or none) may never gather them: after MAX_WINDOWS exchanges of waiting,
+            # go with what there is (few task times are weighed by their error; a rank with none is
+            # planned like the others, as uncertain as a guess, and measured under the new plan).
+            short = any(m.profile is None or m.samples < MIN_SAMPLES for m in shared)
+            if all(m.profile is None for m in shared) or (short and self._waited < MAX_WINDOWS):
+                self._waited += 1
+                return "keep", None
+            self._waited = 0
+            pooled = _pooled([m.profile for m in shared if m.profile is not None])
+            shared = [
+                m if m.profile is not None else replace(m, profile=pooled, speed_error=FEW_SAMPLES_ERROR)
+                for m in shared
+            ]
         # A rank without task times in its windows (given none, or everything purged) keeps the profile
         # it is planned with, as uncertain as a guess: the others' news must not wait for it, and a
         # rank given almost nothing still reports what its few tasks show (pool_equal_speeds weighs
@@ -386,6 +400,7 @@ class ReplanPolicy:
         # What the windows since showed belongs to the run that was replaced.
         self._previous = self._window_before = self._switched_to = self._speeds = None
         self._unmeasured = ()
+        self._waited = 0
 
 
 def _same_speed(measurement: Measurement, planned: WorkerProfile, noise: float) -> bool:
