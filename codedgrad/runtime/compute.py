@@ -247,13 +247,8 @@ class TaskRunner:
             assert computed is not None  # a direct step is never decided or released while it computes
             record.accumulator.add_(computed.grads, computed.loss_sum, computed.values)
             record.accumulated.extend(computed.results)
-            end = time.perf_counter()
-            record.report.computed += len(chunk)
-            record.report.used += len(chunk)
             record.report.chunk_sizes.append(len(chunk))
-            record.report.task_seconds.append(end - computed.start)
-            for result in computed.results:
-                record.report.timeline.append((result, computed.start - record.start, end - record.start, True))
+            _report_result(record, computed, used=True)
         record.report.time_to_decision = time.perf_counter() - record.start
 
     def _chunked_queue(
@@ -445,19 +440,24 @@ class TaskRunner:
                     record.accumulator.add_(computed.grads, computed.loss_sum, computed.values)
                     record.accumulated.extend(computed.results)  # after the addition completed
                     self._mark_accumulated(record)
-        end = time.perf_counter()
-        count = len(computed.results)
-        record.report.computed += count
-        record.report.used += count if used else 0
-        record.report.task_seconds.append(end - computed.start)
-        for result in computed.results:
-            record.report.timeline.append((result, computed.start - record.start, end - record.start, used))
+        _report_result(record, computed, used)
         return used
 
     def _decided_meanwhile(self, record: StepRecord, channel: StepChannel | None) -> bool:
         if self._no_wait or channel is None:
             return record.phase is not StepPhase.RUNNING  # the release watches the Store; no round trip
         return channel.refresh().decided
+
+
+def _report_result(record: StepRecord, computed: _Computed, used: bool) -> None:
+    """A computed result (or chunk) in the step's report: counts, its time (commit included) and timeline."""
+    end = time.perf_counter()
+    count = len(computed.results)
+    record.report.computed += count
+    record.report.used += count if used else 0
+    record.report.task_seconds.append(end - computed.start)
+    for result in computed.results:
+        record.report.timeline.append((result, computed.start - record.start, end - record.start, used))
 
 
 def _sole_prefix(code: RepetitionCode, rank: int, open_ids: Sequence[int]) -> int:

@@ -330,11 +330,12 @@ class ReplanPolicy:
                 self._waited += 1
                 return "keep", None
             self._waited = 0
-            pooled = _pooled([m.profile for m in shared if m.profile is not None])
-            shared = [
-                m if m.profile is not None else replace(m, profile=pooled, speed_error=FEW_SAMPLES_ERROR)
-                for m in shared
-            ]
+            if short:  # waited long enough: a rank with no task time is planned like the others
+                pooled = _pooled([m.profile for m in shared if m.profile is not None])
+                shared = [
+                    m if m.profile is not None else replace(m, profile=pooled, speed_error=FEW_SAMPLES_ERROR)
+                    for m in shared
+                ]
         # A rank without task times in its windows (given none, or everything purged) keeps the profile
         # it is planned with, as uncertain as a guess: the others' news must not wait for it, and a
         # rank given almost nothing still reports what its few tasks show (pool_equal_speeds weighs
