@@ -6,13 +6,13 @@ The planner, simulators and codes need only numpy; the torch runtime is imported
 
 from codedgrad.profile import WorkerProfile
 
-__all__ = ["CodedDataParallel", "StepReport", "WorkerProfile"]
+__all__ = ["CodedDataParallel", "CodedStepError", "StepReport", "WorkerProfile"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in ("CodedDataParallel", "StepReport"):
-        from codedgrad.runtime import engine
+    if name in ("CodedDataParallel", "CodedStepError", "StepReport"):
+        from codedgrad import runtime
 
-        return getattr(engine, name)
+        return getattr(runtime, name)
     raise AttributeError(f"module 'codedgrad' has no attribute {name!r}")

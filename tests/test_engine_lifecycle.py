@@ -79,11 +79,13 @@ def test_an_error_between_commit_and_accumulation_fails_the_step_everywhere(resu
     fail that step too, by whichever of two designed paths comes first: rank 1's compute thread
     abandons the step (CodedStepTimeout, naming rank 1), or its release thread arrives with an
     accumulator that lacks the committed result and the accounts check refuses the step
-    (StepMismatchError, naming the task). Never a gradient without the task."""
+    (StepMismatchError, naming the task). Both are a CodedStepError, the one type a loop catches;
+    rank 1's own error is not. Never a gradient without the task."""
     for rank, result in enumerate(results):
         for key in ("commit_then_fail", "commit_then_fail_chunks"):  # task_loss; batch_loss (helper thread)
             run = result[key]
             kind, message = run["outcomes"][1], run["messages"][1]
+            assert run["step_errors"][1] is (rank != 1), (key, run)
             if rank == 1:
                 assert kind == "RuntimeError" and "injected" in message, (key, run)
             elif kind == "CodedStepTimeout":
@@ -113,6 +115,7 @@ def test_a_failed_plan_agreement_leaves_every_rank_on_one_plan(results):
     for _rank, result in enumerate(results):
         outcome = result["different_weights"]
         assert outcome["type"] in ("StepMismatchError", "CodedStepTimeout"), outcome
+        assert outcome["step_error"], outcome
         assert "task weights different" in outcome["message"], outcome
 
 
@@ -139,6 +142,7 @@ def test_task_loss_returning_no_scalar_tensor_is_named(results):
             assert "task_loss(" in outcome["message"] and "must return a scalar tensor" in outcome["message"], outcome
             assert "on rank 3" in outcome["message"], outcome
             assert outcome["type"] == ("TypeError" if rank == 3 else "CodedStepTimeout"), (kind, outcome)
+            assert outcome["step_error"] is (rank != 3), (kind, outcome)  # its own error is not a step error
             assert outcome["then"] is None, (kind, outcome)  # the next step works
 
 
@@ -151,6 +155,7 @@ def test_mixed_precision_and_non_finite_gradients(results):
     for result in results:
         assert result["autocast_error"] <= 1e-2  # bf16 forward per task against bf16 on the whole batch
         assert result["nan_raise"]["type"] == "NonFiniteGradientError", result["nan_raise"]
+        assert result["nan_raise"]["step_error"], result["nan_raise"]
         assert result["nan_grads_untouched"]
         assert result["scaler"]["skipped"] == [False, True, False], result["scaler"]  # every rank skips step 1
         assert result["scaler"]["identical"]

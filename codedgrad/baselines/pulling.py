@@ -44,7 +44,8 @@ from codedgrad.baselines._common import (
 from codedgrad.emulate import Heterogeneity
 from codedgrad.runtime.buffers import FlatGradients
 from codedgrad.runtime.config import ConfigurationError
-from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError, wait_all, weights_digest
+from codedgrad.runtime.coordinator import wait_all, weights_digest
+from codedgrad.runtime.step import CodedStepError
 
 __all__ = ["DynamicPulling", "PullReport", "default_chunk"]
 
@@ -263,7 +264,7 @@ class DynamicPulling:
             values = wait_all(
                 self._store, keys, f"{step}/gate", self.timeout, self._rank, f"at the end of step {step}", audit
             )
-        except (CodedStepTimeout, StepMismatchError) as exc:
+        except CodedStepError as exc:
             if self._rank == 0:
                 self._stale.append(step)
             raise BaselineStepError(f"DynamicPulling: step {step} failed on every rank: {exc}") from None

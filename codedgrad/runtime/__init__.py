@@ -16,11 +16,12 @@ from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError, S
 from codedgrad.runtime.engine import CodedDataParallel
 from codedgrad.runtime.hooks import CodedHookState, coded_allreduce_, coded_allreduce_hook
 from codedgrad.runtime.release import CollectiveFailed
-from codedgrad.runtime.step import NonFiniteGradientError, StepPhase, StepReport
+from codedgrad.runtime.step import CodedStepError, NonFiniteGradientError, StepPhase, StepReport
 
 __all__ = [
     "CodedDataParallel",
     "CodedHookState",
+    "CodedStepError",
     "CodedStepTimeout",
     "CollectiveFailed",
     "ConfigurationError",

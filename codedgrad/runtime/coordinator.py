@@ -51,6 +51,7 @@ import torch.distributed as dist
 
 from codedgrad.codes.accounting import check_accumulated, decode_results, encode_results
 from codedgrad.codes.base import CodeError, DecoderState, GradientCode, RankLevelCode
+from codedgrad.runtime.step import CodedStepError
 
 __all__ = [
     "CodedStepTimeout",
@@ -68,11 +69,12 @@ _LAST_SEQUENCE = 2**32 - 1  # the header's sequence number is an unsigned 32-bit
 _ANY_STEP = -(2**62)  # a deferred key's "last needed at" that any later success is past
 
 
-class CodedStepTimeout(TimeoutError):
-    """A wait of the coded step ran past its timeout; the message names what was missing."""
+class CodedStepTimeout(CodedStepError, TimeoutError):
+    """A rank stalled, died or abandoned the step: a wait ran past its timeout or found the step
+    abandoned. The message names the rank and what was missing (or the abandoning rank's error)."""
 
 
-class StepMismatchError(RuntimeError):
+class StepMismatchError(CodedStepError):
     """Ranks began one step with different plans or task weights; the step fails on every rank."""
 
 

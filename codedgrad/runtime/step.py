@@ -28,10 +28,22 @@ import torch
 from codedgrad.codes.base import DecoderState
 from codedgrad.runtime.buffers import FlatGradients
 
-__all__ = ["NonFiniteGradientError", "StepPhase", "StepRecord", "StepReport"]
+__all__ = ["CodedStepError", "NonFiniteGradientError", "StepPhase", "StepRecord", "StepReport"]
 
 
-class NonFiniteGradientError(FloatingPointError):
+class CodedStepError(RuntimeError):
+    """A step failed on every rank and nothing was applied: catch this one type to skip the step.
+
+    Every rank raises a subclass in the same step, the parameters' gradients are left as they were,
+    and the engine is ready for the next step, so a loop that catches it stays in step with the
+    others. The subclass and the message say why (a rank's task raised or stalled, the ranks
+    disagreed, the gradient was not finite). Two failures are not step errors: the rank whose own
+    task raised re-raises that exception, and a collective that failed
+    (:class:`~codedgrad.runtime.release.CollectiveFailed`) leaves the engine unusable.
+    """
+
+
+class NonFiniteGradientError(CodedStepError, FloatingPointError):
     """The decoded gradient of a step is not finite; raised on every rank alike (it is the same everywhere)."""
 
 

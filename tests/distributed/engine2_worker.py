@@ -25,6 +25,7 @@ from torch import nn
 
 from codedgrad import CodedDataParallel
 from codedgrad.emulate import Heterogeneity
+from codedgrad.runtime import CodedStepError
 from codedgrad.runtime.buffers import FlatGradients
 from codedgrad.runtime.coordinator import StoreCoordinator
 from tests.distributed.engine_worker import (
@@ -176,8 +177,10 @@ def outcome(fn) -> dict:
     try:
         fn()
     except Exception as error:
-        return {"type": type(error).__name__, "message": str(error), "seconds": time.perf_counter() - start}
-    return {"type": None, "message": "", "seconds": time.perf_counter() - start}
+        seconds = time.perf_counter() - start
+        step_error = isinstance(error, CodedStepError)  # the one type a loop catches to skip a failed step
+        return {"type": type(error).__name__, "message": str(error), "seconds": seconds, "step_error": step_error}
+    return {"type": None, "message": "", "seconds": time.perf_counter() - start, "step_error": False}
 
 
 def scenario_defects(rank: int, world: int, results: dict) -> None:
@@ -190,7 +193,7 @@ def scenario_defects(rank: int, world: int, results: dict) -> None:
     for key, batched in (("commit_then_fail", False), ("commit_then_fail_chunks", True)):
         model = make_model(torch.float64)
         reference = make_model(torch.float64)
-        outcomes, messages, errors = [], [], []
+        outcomes, messages, errors, step_errors = [], [], [], []
         with CodedDataParallel(model, redundancy=1.0, spare_work=False, timeout=10) as cdp:
             per_task = task_loss_fn(cdp.module, x, y)
 
@@ -216,10 +219,11 @@ def scenario_defects(rank: int, world: int, results: dict) -> None:
                     FlatGradients.add_ = original_add
                 outcomes.append(result["type"])
                 messages.append(result["message"])
+                step_errors.append(result["step_error"])
                 if result["type"] is None:
                     want = reference_grads(reference, 8, x, y)
                     errors.append(relative_error(grads(model), want))
-        results[key] = {"outcomes": outcomes, "messages": messages, "errors": errors}
+        results[key] = {"outcomes": outcomes, "messages": messages, "errors": errors, "step_errors": step_errors}
 
     # 2. A first step of 2 s of every rank's own work under timeout=1 (like torch.compile): fine.
     long_first = {}
