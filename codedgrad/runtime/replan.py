@@ -64,6 +64,7 @@ __all__ = [
     "chunk_calls_shift",
     "harmonize",
     "pool_equal_speeds",
+    "share_seconds",
 ]
 
 #: Task times every rank must have measured (since its last fit was used) before measured profiles
@@ -176,18 +177,22 @@ class Measurement:
 MAX_FIXED_SHARE = 0.9
 
 
-def chunk_calls_shift(fixed: float, num_tasks: int, world_size: int) -> float:
+def chunk_calls_shift(fixed: float, num_tasks: int, world_size: int, direct: bool = False) -> float:
     """The fixed cost a rank's primaries pay per step: ``fixed`` times the calls of an even share.
 
     Guided self-scheduling halves what is open, so an even share of K/P tasks takes about
-    log2(K/P) + 1 calls. The same rule for every rank: counting a rank's own calls would feed back
-    (spare work adds calls, a larger shift loses primaries, which makes more spare work).
+    log2(K/P) + 1 calls; a direct step runs it as one call. The same rule for every rank: counting a
+    rank's own calls would feed back (spare work adds calls, a larger shift loses primaries, which
+    makes more spare work). Charging a direct plan the coded step's calls took tasks from every slow
+    rank: on hetero4 it gave the fastest rank 28 of 32 tasks where its measured cost curve gives 15.
     """
+    if direct:
+        return fixed
     share = num_tasks / world_size
     return fixed * (math.log2(max(1.0, share)) + 1.0)
 
 
-def harmonize(shared: Sequence[Measurement], num_tasks: int) -> list[Measurement]:
+def harmonize(shared: Sequence[Measurement], num_tasks: int, direct: bool = False) -> list[Measurement]:
     """Every rank's profile from one cost shape shared by all ranks and the rank's own speed.
 
     The ranks run the same model, so their costs differ by a speed factor: one ratio ``γ`` of a
@@ -200,6 +205,7 @@ def harmonize(shared: Sequence[Measurement], num_tasks: int) -> list[Measurement
     other looked up to 50 % apart and re-plans chased that noise. A rank of one-task calls, judged
     alone, looked slower per task than it is, lost tasks, kept its calls small and looked slower still.
     Without a rank that has both parts (no chunked rank with a cost model) the profiles stay as they are.
+    ``direct``: the plans run direct steps (see :func:`chunk_calls_shift`).
     """
     share = num_tasks / len(shared)
     ratios = [
@@ -220,7 +226,7 @@ def harmonize(shared: Sequence[Measurement], num_tasks: int) -> list[Measurement
                 per_task = (even if even is not None else m.cost.seconds(m.task_weight * share)) / (gamma + share)
             if per_task > 0:
                 profile = WorkerProfile(
-                    shift=chunk_calls_shift(gamma * per_task, num_tasks, len(shared)),
+                    shift=chunk_calls_shift(gamma * per_task, num_tasks, len(shared), direct),
                     mean=per_task,
                     std=min(m.profile.std, per_task),
                 )
@@ -281,11 +287,13 @@ class ReplanPolicy:
         threshold: switch only when the predicted step time improves by more than this share.
         hold_exchanges: after a revert, keep the plan for this many exchanges.
         gamma: the planner's γ.
+        direct: the measured plans run direct steps (each rank's share in one call).
     """
 
     threshold: float = 0.1
     hold_exchanges: int = 3
     gamma: float = 1.0
+    direct: bool = False
     _previous: tuple[WorkerProfile, ...] | None = field(default=None, repr=False)  # the plan before a switch
     _window_before: float | None = field(default=None, repr=False)  # its measured step time
     _switched_to: tuple[WorkerProfile, ...] | None = field(default=None, repr=False)  # the fits switched on
@@ -293,6 +301,7 @@ class ReplanPolicy:
     _speeds: tuple[float, ...] | None = field(default=None, repr=False)  # each rank's mean at the last exchange
     _unmeasured: tuple[int, ...] = field(default=(), repr=False)  # per rank: exchanges in a row without task times
     _waited: int = field(default=0, repr=False)  # exchanges a guess has waited for enough task times
+    _deviations: tuple[int, ...] = field(default=(), repr=False)  # per rank: the last window's _deviation
 
     def decide(
         self, current: Sequence[WorkerProfile], measured_before: bool, num_tasks: int, shared: Sequence[Measurement]
@@ -306,7 +315,7 @@ class ReplanPolicy:
             num_tasks: K.
             shared: every rank's measurement, in rank order.
         """
-        shared = harmonize(shared, num_tasks)
+        shared = harmonize(shared, num_tasks, self.direct)
         times = [m.step_time for m in shared if m.step_time is not None]
         window = float(np.median(times)) if len(times) == len(shared) else None
         if self._previous is not None and window is not None and self._window_before is not None:
@@ -351,10 +360,24 @@ class ReplanPolicy:
         ]
         noise = self._window_noise(shared)
         if measured_before:
-            # A rank whose window does not show a change beyond its error keeps the profile it is
-            # planned with: what earlier windows established is not lost to one noisy window.
-            kept = [n == 0 and _same_speed(m, c, noise) for m, c, n in zip(shared, current, self._unmeasured)]
-            shared = [replace(m, profile=c, speed_error=None) if k else m for m, c, k in zip(shared, current, kept)]
+            # A rank keeps the speed it is planned with unless its window shows a change beyond its
+            # error, far beyond it or in the same direction as in the window before: on shared cores
+            # the scheduler slows a rank by up to 2x for a window or two, and each plan switch costs a
+            # coded step. What earlier windows established is not lost to one noisy window.
+            share = num_tasks / len(shared)
+            deviations = [
+                _deviation(m, c, noise, share) if n == 0 else 0 for m, c, n in zip(shared, current, self._unmeasured)
+            ]
+            before = self._deviations if len(self._deviations) == len(shared) else (0,) * len(shared)
+            self._deviations = tuple(deviations)
+            kept = [
+                n == 0 and abs(d) < 2 and (d == 0 or d * b <= 0)
+                for d, b, n in zip(deviations, before, self._unmeasured)
+            ]
+            shared = [
+                replace(m, profile=_at_speed_of(m.profile, c, share), speed_error=None) if k else m
+                for m, c, k in zip(shared, current, kept)
+            ]
         measured = pool_equal_speeds(shared, noise)
         if not measured_before:  # a guess, perhaps not even in seconds: always replace it
             even = (_pooled(measured),) * len(measured)
@@ -400,17 +423,43 @@ class ReplanPolicy:
         self._hold = int(state.get("hold", 0))
         # What the windows since showed belongs to the run that was replaced.
         self._previous = self._window_before = self._switched_to = self._speeds = None
-        self._unmeasured = ()
+        self._unmeasured = self._deviations = ()
         self._waited = 0
 
 
-def _same_speed(measurement: Measurement, planned: WorkerProfile, noise: float) -> bool:
-    """Whether a rank's new window is consistent with the profile it is planned with (both uncertain)."""
+def share_seconds(profile: WorkerProfile, share: float) -> float:
+    """A profile's expected time for ``share`` tasks: what its speed is compared in.
+
+    Not the per-task mean: a window's cost shape (how much of a call is fixed, γ) is re-fitted at
+    every exchange, and a rank that ran one-task calls carries the fixed cost in its mean. Two
+    profiles of the same speed in different shapes have different means but nearly the same time
+    for the share they are planned around.
+    """
+    return profile.shift + share * profile.mean
+
+
+def _deviation(measurement: Measurement, planned: WorkerProfile, noise: float, share: float) -> int:
+    """How a rank's window compares with the profile it is planned with (both uncertain): 0 within
+    :data:`SAME_SPEED_Z` combined errors, +1 / -1 slower / faster beyond them, +2 / -2 beyond twice that."""
     assert measurement.profile is not None
     error = max(noise, measurement.speed_error if measurement.speed_error is not None else 0.0)
-    if measurement.profile.mean <= 0 or planned.mean <= 0:
-        return False
-    return abs(math.log(measurement.profile.mean / planned.mean)) <= SAME_SPEED_Z * math.sqrt(2.0) * error
+    now, planned_seconds = share_seconds(measurement.profile, share), share_seconds(planned, share)
+    if now <= 0 or planned_seconds <= 0:
+        return 2
+    gap = math.log(now / planned_seconds)
+    bound = SAME_SPEED_Z * math.sqrt(2.0) * error
+    if abs(gap) <= bound:
+        return 0
+    return int(math.copysign(2 if abs(gap) > 2 * bound else 1, gap))
+
+
+def _at_speed_of(window: WorkerProfile | None, planned: WorkerProfile, share: float) -> WorkerProfile:
+    """The window's profile (its cost shape) scaled to the planned speed: a kept rank is planned in the
+    same shape as the ranks measured anew, so that only speeds, not shapes, tell ranks apart."""
+    if window is None or share_seconds(window, share) <= 0:
+        return planned
+    factor = share_seconds(planned, share) / share_seconds(window, share)
+    return WorkerProfile(shift=window.shift * factor, mean=window.mean * factor, std=window.std * factor)
 
 
 def _pooled(profiles: Sequence[WorkerProfile]) -> WorkerProfile:
@@ -462,7 +511,9 @@ class Planner:
         self._config = config
         self._rank = rank
         self._world_size = world_size
-        self._policy = ReplanPolicy(threshold=config.replan_threshold, gamma=config.gamma)
+        # Measured plans run direct steps when nothing is left to decide (no backups, no spare work).
+        self._direct = config.code in ("repetition", "uncoded") and config.redundancy == 1.0 and not config.spare_work
+        self._policy = ReplanPolicy(threshold=config.replan_threshold, gamma=config.gamma, direct=self._direct)
         self._guess = tuple(config.profiles) if config.profiles is not None else None
         self._measured_given = config.profiles is not None  # given profiles count as a real start
         self.plan: Plan | None = None
@@ -583,7 +634,7 @@ class Planner:
         task_weight = sum(w for _, w, _ in calls) / sum(n for n, _, _ in calls) if calls else 0.0
         if profile is not None and cost is not None and chunked:
             num_tasks = self.plan.num_tasks if self.plan is not None else self._world_size
-            shift = chunk_calls_shift(fixed, num_tasks, self._world_size)
+            shift = chunk_calls_shift(fixed, num_tasks, self._world_size, self._direct)
             mean = cost.per_sample * task_weight
             if mean > 0:
                 profile = WorkerProfile(shift=shift, mean=mean, std=min(profile.std, mean))
