@@ -16,6 +16,7 @@ from codedgrad.runtime.replan import (
     FEW_SAMPLES_ERROR,
     Measurement,
     ReplanPolicy,
+    cost_shape,
     harmonize,
     pool_equal_speeds,
 )
@@ -263,7 +264,7 @@ def test_ranks_of_one_speed_look_alike_whatever_their_fits_split():
 
 def test_a_rank_that_slowed_down_is_measured_at_its_new_speed_at_once():
     """The cost model is fitted to the newest 256 calls, which a rank's earlier speed outvotes; the
-    even-share time a measurement publishes follows the window (its calls against the model)."""
+    typical call's time a measurement publishes follows the window (its calls against the model)."""
     from codedgrad.runtime.config import EngineConfig
     from codedgrad.runtime.replan import Planner
 
@@ -280,9 +281,11 @@ def test_a_rank_that_slowed_down_is_measured_at_its_new_speed_at_once():
             planner.record_task(n, 3.0 * n, 3 * (fixed + per_task * n))
         planner.step_ended(0.3)
     measured = planner._measure()
-    even = fixed + per_task * 1  # K = P = 2 without a plan: an even share is one task
-    assert measured.cost.seconds(3.0) == pytest.approx(even, rel=0.05)  # the fit still sees the old speed
-    assert measured.even_share_seconds == pytest.approx(3 * even, rel=0.05)
+    assert measured.call_tasks == pytest.approx((64 + 16 + 4 + 1 + 1) / 16)  # the average task's call size
+    typical = fixed + per_task * measured.call_tasks
+    assert measured.cost.seconds(3.0 * measured.call_tasks) == pytest.approx(typical, rel=0.05)  # the old speed
+    assert measured.call_seconds == pytest.approx(3 * typical, rel=0.05)
+    assert measured.shape_known  # calls of 1 to 8 tasks
     assert Measurement.from_json(measured.to_json()) == measured
 
 
@@ -381,3 +384,34 @@ def test_ranks_are_compared_in_the_time_of_a_share_not_in_their_per_task_mean():
     action, profiles = policy.decide(even, True, 32, shared((reshaped,) * 3 + (slowed,), speed_error=0.01))
     assert action == "switch" and profiles[3] == slowed
     assert profiles[0].shift == pytest.approx(0.032) and profiles[0].mean == pytest.approx(0.006)  # one shape
+
+
+def test_ranks_are_read_at_their_own_call_size_with_a_shape_remembered_from_spread_calls():
+    """Under a direct plan every rank runs calls of one size, whose fit reads no fixed cost; a rank given
+    one task per call is then mostly fixed cost and looked twice as slow as an equal rank running eight.
+    The shape (γ) comes from calls of spread sizes and is kept while the windows cannot show it."""
+    per_task, gamma = 1.0e-3, 1.5  # true cost of a call of n tasks: per_task · (γ + n)
+
+    def rank(n: float, known: bool) -> Measurement:
+        cost = CostModel(gamma * per_task, per_task / 10) if known else CostModel(0.0, per_task * (gamma + n) / n / 10)
+        seconds = per_task * (gamma + n)
+        profile = WorkerProfile(0.0, seconds / n, 0.1 * seconds / n)
+        return Measurement(
+            profile, 0.1, 64, cost, task_weight=10, call_tasks=n, call_seconds=seconds, shape_known=known
+        )
+
+    spread = [rank(8, True), rank(1, True), rank(8, True), rank(8, True)]
+    assert cost_shape(spread) == pytest.approx(gamma)
+    one_size = [rank(8, False), rank(1, False), rank(8, False), rank(8, False)]
+    assert cost_shape(one_size) is None and cost_shape(one_size, previous=gamma) == gamma
+    for window in (spread, one_size):
+        out = harmonize(window, 32, direct=True, gamma=gamma)
+        assert [m.profile.mean for m in out] == pytest.approx([per_task] * 4)  # equal ranks read equal
+    # What a one-size fit alone reads (γ = 0): the rank of one-task calls 2.2x slower per task.
+    alone = harmonize(one_size, 32, direct=True, gamma=0.0)
+    assert alone[1].profile.mean / alone[0].profile.mean == pytest.approx(2.5 / (9.5 / 8))
+    # Through the policy: a window of spread calls, then one of one-size calls; the plan stays even.
+    policy = ReplanPolicy(threshold=0.05, direct=True)
+    action, profiles = policy.decide(GUESS, False, 32, spread)
+    assert action == "switch" and len(set(profiles)) == 1
+    assert policy.decide(profiles, True, 32, one_size) == ("keep", None)

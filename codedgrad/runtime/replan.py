@@ -62,6 +62,7 @@ __all__ = [
     "Planner",
     "ReplanPolicy",
     "chunk_calls_shift",
+    "cost_shape",
     "harmonize",
     "pool_equal_speeds",
     "share_seconds",
@@ -124,13 +125,17 @@ class Measurement:
             apart); :func:`harmonize` splits it like the chunked ranks' profiles.
         task_weight: the mean weight (samples) of the tasks measured, which turns ``cost`` into
             seconds per task.
-        even_share_seconds: the window's estimate of one call on an even share of tasks: the median
-            of its calls' times over what ``cost`` predicts for them, times ``cost``'s even-share
-            call. ``cost`` is fitted to the newest few hundred calls, which a rank that slowed
-            down a few steps ago outvotes; this follows the window. None without a cost model.
+        call_tasks: the window's typical call size in tasks (the task-weighted mean: the size of
+            call the average task ran in), where its speed is read.
+        call_seconds: the window's estimate of one call of ``call_tasks`` tasks: the median of its
+            calls' times over what ``cost`` predicts for them, times ``cost``'s call of that size.
+            ``cost`` is fitted to the newest few hundred calls, which a rank that slowed down a few
+            steps ago outvotes; this follows the window. None without a cost model.
         speed_error: the relative standard error of the rank's speed in this window (of
-            ``even_share_seconds``, or of the profile's mean without a cost model), for
+            ``call_seconds``, or of the profile's mean without a cost model), for
             :func:`pool_equal_speeds`; None when unknown.
+        shape_known: ``cost``'s calls spanned sizes at least 2x apart, so its split into fixed and
+            per-sample parts means something (calls of one size are fitted as all per sample).
     """
 
     profile: WorkerProfile | None
@@ -139,8 +144,10 @@ class Measurement:
     cost: CostModel | None = None
     whole_calls: bool = False
     task_weight: float = 0.0
-    even_share_seconds: float | None = None
+    call_tasks: float = 0.0
+    call_seconds: float | None = None
     speed_error: float | None = None
+    shape_known: bool = True
 
     def to_json(self) -> str:
         profile = profiles_to_dict([self.profile]) if self.profile is not None else None
@@ -153,8 +160,10 @@ class Measurement:
                 "cost": cost,
                 "whole_calls": self.whole_calls,
                 "task_weight": self.task_weight,
-                "even_share_seconds": self.even_share_seconds,
+                "call_tasks": self.call_tasks,
+                "call_seconds": self.call_seconds,
                 "speed_error": self.speed_error,
+                "shape_known": self.shape_known,
             }
         )
 
@@ -165,10 +174,11 @@ class Measurement:
         cost = CostModel(*data["cost"]) if data.get("cost") is not None else None
         whole = bool(data.get("whole_calls", False))
         weight = float(data.get("task_weight", 0.0))
-        even, error = data.get("even_share_seconds"), data.get("speed_error")
+        call, error = data.get("call_seconds"), data.get("speed_error")
         return Measurement(
             profile, data["step_time"], int(data.get("samples", 0)), cost, whole, weight,
-            float(even) if even is not None else None, float(error) if error is not None else None,
+            float(data.get("call_tasks", 0.0)), float(call) if call is not None else None,
+            float(error) if error is not None else None, bool(data.get("shape_known", True)),
         )  # fmt: skip
 
 
@@ -192,38 +202,59 @@ def chunk_calls_shift(fixed: float, num_tasks: int, world_size: int, direct: boo
     return fixed * (math.log2(max(1.0, share)) + 1.0)
 
 
-def harmonize(shared: Sequence[Measurement], num_tasks: int, direct: bool = False) -> list[Measurement]:
-    """Every rank's profile from one cost shape shared by all ranks and the rank's own speed.
+def cost_shape(shared: Sequence[Measurement], previous: float | None = None) -> float | None:
+    """``γ``: a call's fixed cost in units of one task's cost, shared by every rank (same model).
 
-    The ranks run the same model, so their costs differ by a speed factor: one ratio ``γ`` of a
-    call's fixed cost to a task's cost (the median over the ranks whose calls spanned several sizes)
-    describes every rank. Each rank's speed is read where its measurements are precise, at its own
-    operating point: the time of an even share of tasks in one call, from its cost model, for a
-    chunked rank; the time of its one-task calls for a rank that ran only those (a slow rank given a
-    task or two). A single rank's split into fixed and per-task parts is noise where its calls had
-    nearly one size (a direct step runs one chunk per rank): judged alone, ranks as fast as each
-    other looked up to 50 % apart and re-plans chased that noise. A rank of one-task calls, judged
-    alone, looked slower per task than it is, lost tasks, kept its calls small and looked slower still.
-    Without a rank that has both parts (no chunked rank with a cost model) the profiles stay as they are.
-    ``direct``: the plans run direct steps (see :func:`chunk_calls_shift`).
+    The median over the ranks whose cost models can tell the parts apart (``shape_known``); without
+    one (a plan of direct steps runs calls of one size per rank), ``previous``: the shape does not
+    change with the plan, and a fit of one size reads it as 0, which made a rank given a task or two
+    look twice as slow per task as it was (its calls are mostly fixed cost).
     """
-    share = num_tasks / len(shared)
     ratios = [
         m.cost.fixed / (m.cost.per_sample * m.task_weight)
         for m in shared
-        if not m.whole_calls and m.cost is not None and m.profile is not None and m.cost.per_sample * m.task_weight > 0
+        if m.shape_known
+        and not m.whole_calls
+        and m.cost is not None
+        and m.profile is not None
+        and m.cost.per_sample * m.task_weight > 0
     ]
     if not ratios:
+        return previous
+    return min(float(np.median(ratios)), MAX_FIXED_SHARE / (1.0 - MAX_FIXED_SHARE))
+
+
+def harmonize(
+    shared: Sequence[Measurement], num_tasks: int, direct: bool = False, gamma: float | None = None
+) -> list[Measurement]:
+    """Every rank's profile from one cost shape shared by all ranks and the rank's own speed.
+
+    The ranks run the same model, so their costs differ by a speed factor: one ratio ``γ`` of a
+    call's fixed cost to a task's cost (``gamma``, or :func:`cost_shape` of ``shared``) describes
+    every rank. Each rank's speed is read where its measurements are precise, at its own operating
+    point: the time of its typical call (``call_seconds`` of ``call_tasks`` tasks), or of its
+    one-task calls for a rank that ran only those (a slow rank given a task or two), divided by
+    ``γ`` plus the call's tasks. A single rank's split into fixed and per-task parts is noise where
+    its calls had nearly one size (a direct step runs one chunk per rank): judged alone, ranks as
+    fast as each other looked up to 50 % apart and re-plans chased that noise. A rank of small calls,
+    judged alone or extrapolated to an even share by its own fit, looked slower per task than it
+    is, lost tasks, kept its calls small and looked slower still. Without a known shape the profiles
+    stay as they are. ``direct``: the plans run direct steps (see :func:`chunk_calls_shift`).
+    """
+    share = num_tasks / len(shared)
+    if gamma is None:
+        gamma = cost_shape(shared)
+    if gamma is None:
         return list(shared)
-    gamma = min(float(np.median(ratios)), MAX_FIXED_SHARE / (1.0 - MAX_FIXED_SHARE))
     out = []
     for m in shared:
         if m.profile is not None and m.cost is not None and (m.whole_calls or m.task_weight > 0):
             if m.whole_calls:  # one task per call: the profile's mean is a whole call's time
                 per_task = m.profile.mean / (1.0 + gamma)
+            elif m.call_seconds is not None and m.call_tasks > 0:
+                per_task = m.call_seconds / (gamma + m.call_tasks)
             else:
-                even = m.even_share_seconds
-                per_task = (even if even is not None else m.cost.seconds(m.task_weight * share)) / (gamma + share)
+                per_task = m.cost.seconds(m.task_weight * share) / (gamma + share)
             if per_task > 0:
                 profile = WorkerProfile(
                     shift=chunk_calls_shift(gamma * per_task, num_tasks, len(shared), direct),
@@ -302,6 +333,7 @@ class ReplanPolicy:
     _unmeasured: tuple[int, ...] = field(default=(), repr=False)  # per rank: exchanges in a row without task times
     _waited: int = field(default=0, repr=False)  # exchanges a guess has waited for enough task times
     _deviations: tuple[int, ...] = field(default=(), repr=False)  # per rank: the last window's _deviation
+    _cost_shape: float | None = field(default=None, repr=False)  # the last known cost_shape
 
     def decide(
         self, current: Sequence[WorkerProfile], measured_before: bool, num_tasks: int, shared: Sequence[Measurement]
@@ -315,7 +347,8 @@ class ReplanPolicy:
             num_tasks: K.
             shared: every rank's measurement, in rank order.
         """
-        shared = harmonize(shared, num_tasks, self.direct)
+        self._cost_shape = cost_shape(shared, self._cost_shape)
+        shared = harmonize(shared, num_tasks, self.direct, self._cost_shape)
         times = [m.step_time for m in shared if m.step_time is not None]
         window = float(np.median(times)) if len(times) == len(shared) else None
         if self._previous is not None and window is not None and self._window_before is not None:
@@ -425,6 +458,7 @@ class ReplanPolicy:
         self._previous = self._window_before = self._switched_to = self._speeds = None
         self._unmeasured = self._deviations = ()
         self._waited = 0
+        self._cost_shape = None
 
 
 def share_seconds(profile: WorkerProfile, share: float) -> float:
@@ -641,20 +675,24 @@ class Planner:
         steps = list(self._step_seconds)
         step_time = float(np.median(steps)) if steps else None
         whole = cost is not None and not chunked
-        even_share, error = None, None
+        call_tasks = sum(n * n for n, _, _ in calls) / sum(n for n, _, _ in calls) if calls else 0.0
+        call_seconds, error = None, None
         if cost is not None and calls:
-            num_tasks = self.plan.num_tasks if self.plan is not None else self._world_size
             ratios = np.array([seconds / cost.seconds(w) for _, w, seconds in calls if cost.seconds(w) > 0])
             if ratios.size:
                 middle = float(np.median(ratios))
-                even_share = middle * cost.seconds(task_weight * num_tasks / self._world_size)
+                call_seconds = middle * cost.seconds(task_weight * call_tasks)
                 if ratios.size >= 3 and middle > 0:  # the median's error, from the spread (MAD)
                     error = 1.4826 * float(np.median(np.abs(ratios - middle))) / middle / math.sqrt(ratios.size)
                 else:
                     error = FEW_SAMPLES_ERROR
         elif profile is not None and profile.mean > 0:
             error = profile.std / profile.mean / math.sqrt(len(tasks)) if len(tasks) >= 3 else FEW_SAMPLES_ERROR
-        return Measurement(profile, step_time, len(tasks), cost, whole, task_weight, even_share, error)
+        sizes = [w for w, _ in self._calls]
+        shape_known = bool(sizes) and max(sizes) >= 2 * min(sizes)
+        return Measurement(
+            profile, step_time, len(tasks), cost, whole, task_weight, call_tasks, call_seconds, error, shape_known
+        )
 
     def _adopt(self, num_tasks: int, profiles: tuple[WorkerProfile, ...], measured: bool, step: int) -> None:
         """Build the plan, agree its fingerprint with every rank, and only then make it current."""
