@@ -12,7 +12,7 @@ import math
 import pytest
 
 from codedgrad.profile import CostModel, WorkerProfile
-from codedgrad.runtime.replan import (
+from codedgrad.runtime.policy import (
     FEW_SAMPLES_ERROR,
     Measurement,
     ReplanPolicy,
@@ -337,7 +337,7 @@ def test_a_rank_planned_with_no_task_is_pooled_now_and_then_to_be_measured_again
 def test_a_guess_waits_for_task_times_but_not_for_ever():
     """A rank the guess gives one task per step may never gather 8 task times in the windows a fit may
     use: after MAX_WINDOWS exchanges of waiting the guess is replaced with what there is."""
-    from codedgrad.runtime.replan import MAX_WINDOWS
+    from codedgrad.runtime.policy import MAX_WINDOWS
 
     policy = ReplanPolicy(threshold=0.1)
     window = [*shared(TRUE[:3], samples=20, speed_error=0.02), Measurement(TRUE[3], 0.1, 3, speed_error=0.3)]

@@ -2,7 +2,8 @@
 
 * :mod:`~codedgrad.runtime.engine`: :class:`CodedDataParallel`, the module face that composes the rest;
 * :mod:`~codedgrad.runtime.config`: :class:`EngineConfig`, validated and agreed by every rank;
-* :mod:`~codedgrad.runtime.replan`: plans agreed by fingerprint, and re-planning from measurements;
+* :mod:`~codedgrad.runtime.replan`: plans agreed by fingerprint, and this rank's measurements;
+* :mod:`~codedgrad.runtime.policy`: whether an exchange of every rank's measurements switches plans;
 * :mod:`~codedgrad.runtime.coordinator`: the step protocol on the c10d Store (commits, decision, arrival);
 * :mod:`~codedgrad.runtime.step`: one step in flight, its phase and its :class:`StepReport`;
 * :mod:`~codedgrad.runtime.compute`: the compute thread's tasks of a step (queue, spare work, commits);

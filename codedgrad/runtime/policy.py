@@ -1,0 +1,470 @@
+"""The re-planning policy: from what every rank measured, whether to switch plans, and to what.
+
+Pure (no Store, no torch): its rules are unit-tested on their own, and every rank applies them to
+the same gathered bytes, so every rank decides the same. :class:`~codedgrad.runtime.replan.Planner`
+gathers the :class:`Measurement` of every rank at an exchange and asks :class:`ReplanPolicy`.
+
+Why the policy compares *measured* step times: the planner predicts a step from profiles fitted to
+task times, but the real step also depends on backups, spare work and stalls that the prediction
+leaves out. A switch that the prediction favours can make the real step slower; so after a switch
+the next window's measured step time is compared with the window before it, and a switch that made
+things slower is reverted and the plan held for a while.
+
+What the policy plans with is filtered for noise, because on shared cores a rank's window speed
+wanders by 10–50 %: :func:`harmonize` describes every rank in one cost shape and reads its speed at
+its own call size, ranks it cannot tell apart share one pooled profile (:func:`pool_equal_speeds`),
+and a rank keeps its planned speed unless its window shows a change beyond its error, far beyond it
+or twice in a row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from codedgrad.plan import optimal_split, split_statistics
+from codedgrad.profile import CostModel, WorkerProfile, profiles_from_dict, profiles_to_dict
+
+__all__ = [
+    "FEW_SAMPLES_ERROR",
+    "FIRST_WINDOW_ERROR",
+    "MAX_FIXED_SHARE",
+    "MAX_WINDOWS",
+    "MAX_WINDOW_NOISE",
+    "MIN_SAMPLES",
+    "MIN_SPEED_ERROR",
+    "SAME_SPEED_Z",
+    "Measurement",
+    "ReplanPolicy",
+    "chunk_calls_shift",
+    "cost_shape",
+    "harmonize",
+    "pool_equal_speeds",
+    "predicted_step_time",
+    "share_seconds",
+]
+
+#: Task times every rank must have measured (since its last fit was used) before measured profiles
+#: replace a starting guess: any measurement beats a guess that may not even be in seconds.
+MIN_SAMPLES = 8
+#: A fit uses the newest exchange windows that together hold enough samples, at most this many:
+#: a rank that computes few tasks per step still gets a fit, and none older than this. A guess waits
+#: this many exchanges for :data:`MIN_SAMPLES` task times from every rank.
+MAX_WINDOWS = 3
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one rank measured since the last exchange (published at the exchange).
+
+    Attributes:
+        profile: the rank's fitted task-time profile, or None without task times.
+        step_time: the rank's median step time over the window (seconds), or None.
+        samples: how many task times the fit used.
+        cost: the rank's fitted compute cost per call (fixed + per sample), or None.
+        whole_calls: the profile's mean is the time of whole one-task calls, each call's fixed cost
+            included (the rank ran no chunk, so its fixed and per-sample parts could not be told
+            apart); :func:`harmonize` splits it like the chunked ranks' profiles.
+        task_weight: the mean weight (samples) of the tasks measured, which turns ``cost`` into
+            seconds per task.
+        call_tasks: the window's typical call size in tasks (the task-weighted mean: the size of
+            call the average task ran in), where its speed is read.
+        call_seconds: the window's estimate of one call of ``call_tasks`` tasks: the median of its
+            calls' times over what ``cost`` predicts for them, times ``cost``'s call of that size.
+            ``cost`` is fitted to the newest few hundred calls, which a rank that slowed down a few
+            steps ago outvotes; this follows the window. None without a cost model.
+        speed_error: the relative standard error of the rank's speed in this window (of
+            ``call_seconds``, or of the profile's mean without a cost model), for
+            :func:`pool_equal_speeds`; None when unknown.
+        shape_known: ``cost``'s calls spanned sizes at least 2x apart, so its split into fixed and
+            per-sample parts means something (calls of one size are fitted as all per sample).
+    """
+
+    profile: WorkerProfile | None
+    step_time: float | None
+    samples: int = 0
+    cost: CostModel | None = None
+    whole_calls: bool = False
+    task_weight: float = 0.0
+    call_tasks: float = 0.0
+    call_seconds: float | None = None
+    speed_error: float | None = None
+    shape_known: bool = True
+
+    def to_json(self) -> str:
+        profile = profiles_to_dict([self.profile]) if self.profile is not None else None
+        cost = [self.cost.fixed, self.cost.per_sample, self.cost.fixed_stderr] if self.cost is not None else None
+        return json.dumps(
+            {
+                "profile": profile,
+                "step_time": self.step_time,
+                "samples": self.samples,
+                "cost": cost,
+                "whole_calls": self.whole_calls,
+                "task_weight": self.task_weight,
+                "call_tasks": self.call_tasks,
+                "call_seconds": self.call_seconds,
+                "speed_error": self.speed_error,
+                "shape_known": self.shape_known,
+            }
+        )
+
+    @staticmethod
+    def from_json(text: bytes | str) -> Measurement:
+        data = json.loads(text)
+        profile = profiles_from_dict(data["profile"])[0] if data["profile"] is not None else None
+        cost = CostModel(*data["cost"]) if data.get("cost") is not None else None
+        whole = bool(data.get("whole_calls", False))
+        weight = float(data.get("task_weight", 0.0))
+        call, error = data.get("call_seconds"), data.get("speed_error")
+        return Measurement(
+            profile, data["step_time"], int(data.get("samples", 0)), cost, whole, weight,
+            float(data.get("call_tasks", 0.0)), float(call) if call is not None else None,
+            float(error) if error is not None else None, bool(data.get("shape_known", True)),
+        )  # fmt: skip
+
+
+#: :func:`harmonize` never reads more than this share of a one-task call as fixed cost (a fit's noise
+#: must not leave a rank with a per-task time near zero).
+MAX_FIXED_SHARE = 0.9
+
+
+def chunk_calls_shift(fixed: float, num_tasks: int, world_size: int, direct: bool = False) -> float:
+    """The fixed cost a rank's primaries pay per step: ``fixed`` times the calls of an even share.
+
+    Guided self-scheduling halves what is open, so an even share of K/P tasks takes about
+    log2(K/P) + 1 calls; a direct step runs it as one call. The same rule for every rank: counting a
+    rank's own calls would feed back (spare work adds calls, a larger shift loses primaries, which
+    makes more spare work). Charging a direct plan the coded step's calls took tasks from every slow
+    rank: on hetero4 it gave the fastest rank 28 of 32 tasks where its measured cost curve gives 15.
+    """
+    if direct:
+        return fixed
+    share = num_tasks / world_size
+    return fixed * (math.log2(max(1.0, share)) + 1.0)
+
+
+def cost_shape(shared: Sequence[Measurement], previous: float | None = None) -> float | None:
+    """``γ``: a call's fixed cost in units of one task's cost, shared by every rank (same model).
+
+    The median over the ranks whose cost models can tell the parts apart (``shape_known``); without
+    one (a plan of direct steps runs calls of one size per rank), ``previous``: the shape does not
+    change with the plan, and a fit of one size reads it as 0, which made a rank given a task or two
+    look twice as slow per task as it was (its calls are mostly fixed cost).
+    """
+    ratios = [
+        m.cost.fixed / (m.cost.per_sample * m.task_weight)
+        for m in shared
+        if m.shape_known
+        and not m.whole_calls
+        and m.cost is not None
+        and m.profile is not None
+        and m.cost.per_sample * m.task_weight > 0
+    ]
+    if not ratios:
+        return previous
+    return min(float(np.median(ratios)), MAX_FIXED_SHARE / (1.0 - MAX_FIXED_SHARE))
+
+
+def harmonize(
+    shared: Sequence[Measurement], num_tasks: int, direct: bool = False, gamma: float | None = None
+) -> list[Measurement]:
+    """Every rank's profile from one cost shape shared by all ranks and the rank's own speed.
+
+    The ranks run the same model, so their costs differ by a speed factor: one ratio ``γ`` of a
+    call's fixed cost to a task's cost (``gamma``, or :func:`cost_shape` of ``shared``) describes
+    every rank. Each rank's speed is read where its measurements are precise, at its own operating
+    point: the time of its typical call (``call_seconds`` of ``call_tasks`` tasks), or of its
+    one-task calls for a rank that ran only those (a slow rank given a task or two), divided by
+    ``γ`` plus the call's tasks. A single rank's split into fixed and per-task parts is noise where
+    its calls had nearly one size (a direct step runs one chunk per rank): judged alone, ranks as
+    fast as each other looked up to 50 % apart and re-plans chased that noise. A rank of small calls,
+    judged alone or extrapolated to an even share by its own fit, looked slower per task than it
+    is, lost tasks, kept its calls small and looked slower still. Without a known shape the profiles
+    stay as they are. ``direct``: the plans run direct steps (see :func:`chunk_calls_shift`).
+    """
+    share = num_tasks / len(shared)
+    if gamma is None:
+        gamma = cost_shape(shared)
+    if gamma is None:
+        return list(shared)
+    out = []
+    for m in shared:
+        if m.profile is not None and m.cost is not None and (m.whole_calls or m.task_weight > 0):
+            if m.whole_calls:  # one task per call: the profile's mean is a whole call's time
+                per_task = m.profile.mean / (1.0 + gamma)
+            elif m.call_seconds is not None and m.call_tasks > 0:
+                per_task = m.call_seconds / (gamma + m.call_tasks)
+            else:
+                per_task = m.cost.seconds(m.task_weight * share) / (gamma + share)
+            if per_task > 0:
+                profile = WorkerProfile(
+                    shift=chunk_calls_shift(gamma * per_task, num_tasks, len(shared), direct),
+                    mean=per_task,
+                    std=min(m.profile.std, per_task),
+                )
+                m = replace(m, profile=profile, whole_calls=False)
+        out.append(m)
+    return out
+
+
+#: Ranks whose speeds differ by less than this many standard errors are planned as equally fast.
+SAME_SPEED_Z = 2.0
+#: The least relative error a speed is taken to have (a window of identical times is not exact).
+MIN_SPEED_ERROR = 0.02
+#: ... of a window with fewer than 3 calls (or task times without a cost model): its spread says little.
+FEW_SAMPLES_ERROR = 0.3
+#: The most a window's speeds are taken to wander: ranks about 1.5x apart are always told apart.
+MAX_WINDOW_NOISE = 0.15
+#: ... and at the first exchange, before the windows' wander can be seen: ranks less than about 28 %
+#: apart (2 · √2 · 10 %) start even; the next exchange tells them apart if they really differ.
+FIRST_WINDOW_ERROR = 0.1
+
+
+def pool_equal_speeds(shared: Sequence[Measurement], error_floor: float = MIN_SPEED_ERROR) -> tuple[WorkerProfile, ...]:
+    """Every rank's profile, ranks that the window cannot tell apart sharing one pooled profile.
+
+    Ranks are taken from the fastest; a rank joins the group of the rank that opened it when their
+    per-task means differ by less than :data:`SAME_SPEED_Z` times their combined relative error
+    (:attr:`Measurement.speed_error`, at least ``error_floor``). Without this an equal cluster is
+    split by noise: on shared cores a rank's window speed wanders by 10–50 %, more than the
+    threshold a re-plan must beat, and the uneven split then costs real time every step.
+    """
+    profiles = [m.profile for m in shared]
+    assert all(p is not None for p in profiles)
+    errors = [max(error_floor, m.speed_error if m.speed_error is not None else 0.0) for m in shared]
+    order = sorted(range(len(shared)), key=lambda r: profiles[r].mean)  # type: ignore[union-attr]
+    groups: list[list[int]] = []
+    for r in order:
+        if groups:
+            anchor = groups[-1][0]
+            gap = math.log(profiles[r].mean / profiles[anchor].mean)  # type: ignore[union-attr]
+            if gap <= SAME_SPEED_Z * math.hypot(errors[r], errors[anchor]):
+                groups[-1].append(r)
+                continue
+        groups.append([r])
+    out = list(profiles)
+    for group in groups:
+        if len(group) > 1:
+            pooled = _pooled([profiles[r] for r in group])  # type: ignore[misc]
+            for r in group:
+                out[r] = pooled
+    return tuple(out)  # type: ignore[arg-type]
+
+
+@dataclass
+class ReplanPolicy:
+    """When to switch plans, from every rank's measurements (the same decision on every rank).
+
+    Args:
+        threshold: switch only when the predicted step time improves by more than this share.
+        hold_exchanges: after a revert, keep the plan for this many exchanges.
+        gamma: the planner's γ.
+        direct: the measured plans run direct steps (each rank's share in one call).
+    """
+
+    threshold: float = 0.1
+    hold_exchanges: int = 3
+    gamma: float = 1.0
+    direct: bool = False
+    _previous: tuple[WorkerProfile, ...] | None = field(default=None, repr=False)  # the plan before a switch
+    _window_before: float | None = field(default=None, repr=False)  # its measured step time
+    _switched_to: tuple[WorkerProfile, ...] | None = field(default=None, repr=False)  # the fits switched on
+    _hold: int = field(default=0, repr=False)
+    _speeds: tuple[float, ...] | None = field(default=None, repr=False)  # each rank's mean at the last exchange
+    _unmeasured: tuple[int, ...] = field(default=(), repr=False)  # per rank: exchanges in a row without task times
+    _waited: int = field(default=0, repr=False)  # exchanges a guess has waited for enough task times
+    _deviations: tuple[int, ...] = field(default=(), repr=False)  # per rank: the last window's _deviation
+    _cost_shape: float | None = field(default=None, repr=False)  # the last known cost_shape
+
+    def decide(
+        self, current: Sequence[WorkerProfile], measured_before: bool, num_tasks: int, shared: Sequence[Measurement]
+    ) -> tuple[str, tuple[WorkerProfile, ...] | None]:
+        """What to do at an exchange: ``("keep", None)``, ``("switch", profiles)`` or ``("revert", profiles)``.
+
+        Args:
+            current: the profiles of the plan in use.
+            measured_before: whether those were measured (False: a starting guess, replaced as
+                soon as every rank has enough samples).
+            num_tasks: K.
+            shared: every rank's measurement, in rank order.
+        """
+        self._cost_shape = cost_shape(shared, self._cost_shape)
+        shared = harmonize(shared, num_tasks, self.direct, self._cost_shape)
+        times = [m.step_time for m in shared if m.step_time is not None]
+        window = float(np.median(times)) if len(times) == len(shared) else None
+        if self._previous is not None and window is not None and self._window_before is not None:
+            previous, before, switched_to = self._previous, self._window_before, self._switched_to
+            self._previous = self._window_before = self._switched_to = None
+            # The switch made real steps slower by more than half the threshold: go back, and hold.
+            # Unless the ranks' speeds changed since (the fits moved): then the windows do not compare.
+            if window > before * (1.0 + self.threshold / 2) and not _speeds_changed(switched_to, shared):
+                self._hold = self.hold_exchanges
+                return "revert", previous
+        if self._hold > 0:
+            self._hold -= 1
+            return "keep", None
+        if not measured_before:
+            # Replacing the guess needs a few task times from every rank, but a rank the guess gives one
+            # task per step (or none) may never gather them: after MAX_WINDOWS exchanges of waiting,
+            # go with what there is (few task times are weighed by their error; a rank with none is
+            # planned like the others, as uncertain as a guess, and measured under the new plan).
+            short = any(m.profile is None or m.samples < MIN_SAMPLES for m in shared)
+            if all(m.profile is None for m in shared) or (short and self._waited < MAX_WINDOWS):
+                self._waited += 1
+                return "keep", None
+            self._waited = 0
+            if short:  # waited long enough: a rank with no task time is planned like the others
+                pooled = _pooled([m.profile for m in shared if m.profile is not None])
+                shared = [
+                    m if m.profile is not None else replace(m, profile=pooled, speed_error=FEW_SAMPLES_ERROR)
+                    for m in shared
+                ]
+        # A rank without task times in its windows (given none, or everything purged) keeps the profile
+        # it is planned with, as uncertain as a guess: the others' news must not wait for it, and a
+        # rank given almost nothing still reports what its few tasks show (pool_equal_speeds weighs
+        # them by their error), so a rank that became fast is not starved of the tasks that show it.
+        # The error doubles with every exchange it goes without, so that a rank planned with no task
+        # at all (a direct plan has no spare work to measure it) is pooled with faster ranks now and
+        # then, and shows whether it became fast.
+        before = self._unmeasured if len(self._unmeasured) == len(shared) else (0,) * len(shared)
+        self._unmeasured = tuple(n + 1 if m.profile is None else 0 for n, m in zip(before, shared))
+        shared = [
+            m if m.profile is not None else replace(m, profile=c, speed_error=FEW_SAMPLES_ERROR * 2 ** (n - 1))
+            for m, c, n in zip(shared, current, self._unmeasured)
+        ]
+        noise = self._window_noise(shared)
+        if measured_before:
+            # A rank keeps the speed it is planned with unless its window shows a change beyond its
+            # error, far beyond it or in the same direction as in the window before: on shared cores
+            # the scheduler slows a rank by up to 2x for a window or two, and each plan switch costs a
+            # coded step. What earlier windows established is not lost to one noisy window.
+            share = num_tasks / len(shared)
+            deviations = [
+                _deviation(m, c, noise, share) if n == 0 else 0 for m, c, n in zip(shared, current, self._unmeasured)
+            ]
+            before = self._deviations if len(self._deviations) == len(shared) else (0,) * len(shared)
+            self._deviations = tuple(deviations)
+            kept = [
+                n == 0 and abs(d) < 2 and (d == 0 or d * b <= 0)
+                for d, b, n in zip(deviations, before, self._unmeasured)
+            ]
+            shared = [
+                replace(m, profile=_at_speed_of(m.profile, c, share), speed_error=None) if k else m
+                for m, c, k in zip(shared, current, kept)
+            ]
+        measured = pool_equal_speeds(shared, noise)
+        if not measured_before:  # a guess, perhaps not even in seconds: always replace it
+            even = (_pooled(measured),) * len(measured)
+            if len(set(current)) == 1 and not self._pays(measured, even, num_tasks):
+                # From an even guess, ranks whose measured differences do not pay for an uneven split
+                # (noise, on a homogeneous cluster) stay even: one pooled profile, in measured units.
+                return "switch", even
+            return "switch", measured
+        if self._pays(measured, current, num_tasks):
+            self._previous, self._window_before, self._switched_to = tuple(current), window, measured
+            return "switch", measured
+        return "keep", None
+
+    def _window_noise(self, shared: Sequence[Measurement]) -> float:
+        """How far a rank's speed moves from one exchange to the next (relative, one window's error).
+
+        A window's own spread misses what moves a whole window (on shared cores, which rank the
+        scheduler favours for a while): the ranks' changes since the last exchange show it. The
+        median over ranks, so that one rank really changing speed does not count as noise.
+        """
+        speeds = tuple(m.profile.mean for m in shared if m.profile is not None and m.profile.mean > 0)
+        previous, self._speeds = self._speeds, speeds if len(speeds) == len(shared) else None
+        if previous is None or self._speeds is None or len(previous) != len(speeds):
+            return FIRST_WINDOW_ERROR  # one window (the first, warm-up's noisiest) cannot show its wander
+        changes = [abs(math.log(now / before)) for now, before in zip(speeds, previous)]
+        # σ of one window from the median absolute change of two: 1.4826 · median / √2; at most
+        # MAX_WINDOW_NOISE, since a change of plan moves the measured speeds too (on shared cores a
+        # rank given more tasks runs longer alone), and that is not noise.
+        wander = 1.4826 * float(np.median(changes)) / math.sqrt(2.0)
+        return min(MAX_WINDOW_NOISE, max(MIN_SPEED_ERROR, wander))
+
+    def _pays(self, measured: Sequence[WorkerProfile], current: Sequence[WorkerProfile], num_tasks: int) -> bool:
+        """Whether the split from ``measured`` beats ``current``'s split by more than the threshold (both
+        predicted with the measured profiles)."""
+        now = predicted_step_time(measured, optimal_split(list(current), num_tasks, 1.0, self.gamma))
+        proposed = predicted_step_time(measured, optimal_split(list(measured), num_tasks, 1.0, self.gamma))
+        return proposed < (1.0 - self.threshold) * now
+
+    def state_dict(self) -> dict:
+        return {"hold": self._hold}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._hold = int(state.get("hold", 0))
+        # What the windows since showed belongs to the run that was replaced.
+        self._previous = self._window_before = self._switched_to = self._speeds = None
+        self._unmeasured = self._deviations = ()
+        self._waited = 0
+        self._cost_shape = None
+
+
+def share_seconds(profile: WorkerProfile, share: float) -> float:
+    """A profile's expected time for ``share`` tasks: what its speed is compared in.
+
+    Not the per-task mean: a window's cost shape (how much of a call is fixed, γ) is re-fitted at
+    every exchange, and a rank that ran one-task calls carries the fixed cost in its mean. Two
+    profiles of the same speed in different shapes have different means but nearly the same time
+    for the share they are planned around.
+    """
+    return profile.shift + share * profile.mean
+
+
+def _deviation(measurement: Measurement, planned: WorkerProfile, noise: float, share: float) -> int:
+    """How a rank's window compares with the profile it is planned with (both uncertain): 0 within
+    :data:`SAME_SPEED_Z` combined errors, +1 / -1 slower / faster beyond them, +2 / -2 beyond twice that."""
+    assert measurement.profile is not None
+    error = max(noise, measurement.speed_error if measurement.speed_error is not None else 0.0)
+    now, planned_seconds = share_seconds(measurement.profile, share), share_seconds(planned, share)
+    if now <= 0 or planned_seconds <= 0:
+        return 2
+    gap = math.log(now / planned_seconds)
+    bound = SAME_SPEED_Z * math.sqrt(2.0) * error
+    if abs(gap) <= bound:
+        return 0
+    return int(math.copysign(2 if abs(gap) > 2 * bound else 1, gap))
+
+
+def _at_speed_of(window: WorkerProfile | None, planned: WorkerProfile, share: float) -> WorkerProfile:
+    """The window's profile (its cost shape) scaled to the planned speed: a kept rank is planned in the
+    same shape as the ranks measured anew, so that only speeds, not shapes, tell ranks apart."""
+    if window is None or share_seconds(window, share) <= 0:
+        return planned
+    factor = share_seconds(planned, share) / share_seconds(window, share)
+    return WorkerProfile(shift=window.shift * factor, mean=window.mean * factor, std=window.std * factor)
+
+
+def _pooled(profiles: Sequence[WorkerProfile]) -> WorkerProfile:
+    """One profile for ranks planned as equal: the ranks' mean shift and mean, and their pooled std."""
+    return WorkerProfile(
+        shift=float(np.mean([p.shift for p in profiles])),
+        mean=float(np.mean([p.mean for p in profiles])),
+        std=float(np.sqrt(np.mean([p.std**2 for p in profiles]))),
+    )
+
+
+#: A rank's fitted mean moving by more than this share means its speed changed, not the plan's effect.
+SPEED_CHANGE = 0.25
+
+
+def _speeds_changed(before: Sequence[WorkerProfile] | None, shared: Sequence[Measurement]) -> bool:
+    """Whether some rank's fitted mean moved by more than :data:`SPEED_CHANGE` since ``before``."""
+    if before is None:
+        return False
+    for old, m in zip(before, shared):
+        if m.profile is not None and abs(m.profile.mean - old.mean) > SPEED_CHANGE * old.mean:
+            return True
+    return False
+
+
+def predicted_step_time(profiles: Sequence[WorkerProfile], split: Sequence[int]) -> float:
+    """The slowest rank's expected finish time under ``split`` (the planner's view of a step)."""
+    return float(split_statistics(profiles, split).mean_finish.max())
