@@ -96,6 +96,17 @@ def test_resume_restores_the_profiles_and_stays_exact(results: list[dict]) -> No
 
 
 @pytest.mark.distributed
+def test_resume_from_a_mid_epoch_checkpoint_continues_with_the_next_batch_and_stays_exact(results: list[dict]) -> None:
+    """A checkpoint after step 7 (the second epoch's batches 0 and 1 trained): the resumed fit starts
+    at batch 2 of that epoch, not at its first batch again, and ends where an unbroken fit does."""
+    for rank, result in enumerate(results):
+        positions = result["resume_mid"]["positions"]
+        assert positions[0] == [1, 2], f"rank {rank}: {positions[:3]}"
+        assert len(positions) == 3 * STEPS_PER_EPOCH - 7, f"rank {rank}"
+        assert result["resume_mid"]["max_abs_diff"] <= FP64_TOLERANCE, f"rank {rank}"
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ["val_loss", "test_loss"])
 def test_validation_and_test_loops_after_fit(results: list[dict], name: str) -> None:
     for rank, result in enumerate(results):

@@ -55,7 +55,13 @@ from codedgrad.emulate import EmulationMode, Heterogeneity
 from codedgrad.lightning._timed_hook import TimedHookState, timed_coded_hook
 from codedgrad.lightning.base import CodedgradStrategy, destroy_at_exit
 from codedgrad.lightning.checks import check_accumulation
-from codedgrad.lightning.sampling import CountsSchedule, Position, ShardBatchSampler, global_batches_of
+from codedgrad.lightning.sampling import (
+    CountsSchedule,
+    Position,
+    ResumableLoader,
+    ShardBatchSampler,
+    global_batches_of,
+)
 from codedgrad.lightning.speed import StepTimer
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime import CodedHookState
@@ -154,6 +160,7 @@ class BalancedStrategy(CodedgradStrategy):
         self._step_counts: list[int] | None = None  # the counts of the batch in training_step now
         self._last_batch: tuple[Position, list[int]] | None = None
         self._taken: tuple[Position, list[int]] | None = None  # this batch's (position, counts), once taken
+        self._trained: Position | None = None  # (epoch, global batches trained in it): a checkpoint's resume point
         self._steps = 0
         self._replans = 0
 
@@ -237,7 +244,11 @@ class BalancedStrategy(CodedgradStrategy):
         )
         assert self._schedule is not None, "setup() creates the schedule before the train dataloader"
         self._batch_sampler = ShardBatchSampler(global_batches, self.global_rank, self._schedule)
-        return _with_batch_sampler(dataloader, self._batch_sampler)
+        return _with_batch_sampler(dataloader, self._batch_sampler, self._train_progress)
+
+    def _train_progress(self) -> dict[str, int]:
+        """The train loader's state in a checkpoint: the global batches trained on in the current epoch."""
+        return {} if self._trained is None else {"epoch": self._trained[0], "done": self._trained[1]}
 
     # -- the training step ------------------------------------------------------------------------
 
@@ -269,6 +280,8 @@ class BalancedStrategy(CodedgradStrategy):
             step = self.lightning_module.trainer.global_step
             self._emulate.sleep_batch(self.global_rank, step, counts[self.global_rank])
         self._steps += 1
+        (epoch, index), _ = self._last_batch
+        self._trained = (epoch, index + 1)
         return output
 
     def _compute_delay(self, samples: int) -> Callable[[], float] | None:
@@ -389,14 +402,17 @@ def _is_mean(reduce_op: Any) -> bool:
     return reduce_op == dist.ReduceOp.AVG
 
 
-def _with_batch_sampler(dataloader: DataLoader, batch_sampler: ShardBatchSampler) -> DataLoader:
-    """A plain DataLoader with ``dataloader``'s settings, reading batches from ``batch_sampler``."""
+def _with_batch_sampler(
+    dataloader: DataLoader, batch_sampler: ShardBatchSampler, progress: Callable[[], dict[str, int]]
+) -> DataLoader:
+    """A DataLoader with ``dataloader``'s settings, reading batches from ``batch_sampler``, resumable."""
     workers = dataloader.num_workers
     kwargs: dict[str, Any] = {}
     if hasattr(dataloader, "in_order"):  # torch >= 2.6
         kwargs["in_order"] = dataloader.in_order
-    return DataLoader(
+    return ResumableLoader(
         dataloader.dataset,
+        progress=progress,
         batch_sampler=batch_sampler,
         num_workers=workers,
         collate_fn=dataloader.collate_fn,

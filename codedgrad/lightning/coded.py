@@ -67,7 +67,7 @@ import itertools
 import math
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -77,14 +77,13 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from codedgrad.data import GlobalBatchSampler, TaskData, split_tasks
 from codedgrad.emulate import EmulationError, Heterogeneity
 from codedgrad.lightning.base import CodedgradStrategy, destroy_at_exit
 from codedgrad.lightning.checks import check_accumulation, check_clock_triggers
-from codedgrad.lightning.sampling import global_batches_of
+from codedgrad.lightning.sampling import ResumableLoader, global_batches_of
 from codedgrad.profile import WorkerProfile
 from codedgrad.runtime import CodedDataParallel, ConfigurationError, EngineConfig, StepReport
 
@@ -174,25 +173,6 @@ class _GlobalBatches:
             if t >= skip:
                 self.positions.append((epoch, t))
                 yield batch
-
-
-class _TrainLoader(DataLoader):
-    """The index-only train DataLoader, resumable mid-epoch (Lightning's stateful loader interface).
-
-    ``state_dict`` says how many global batches of which epoch the strategy has trained on (not how
-    many were read ahead); ``load_state_dict`` makes the next pass over that epoch skip them.
-    """
-
-    def __init__(self, *args: Any, progress: Callable[[], dict[str, int]], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._progress = progress
-
-    def state_dict(self) -> dict[str, int]:
-        return self._progress()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if "epoch" in state and "done" in state:
-            self.batch_sampler.resume_at(int(state["epoch"]), int(state["done"]))  # type: ignore[union-attr]
 
 
 class _Indices:
@@ -512,7 +492,7 @@ class CodedStrategy(CodedgradStrategy):
         self._collate_fn = dataloader.collate_fn
         self._pin_memory = bool(dataloader.pin_memory) and self.root_device.type == "cuda"
         self._train_batches = _GlobalBatches(global_batches)
-        return _TrainLoader(
+        return ResumableLoader(
             _Indices(len(dataloader.dataset)),  # type: ignore[arg-type]
             batch_sampler=self._train_batches,
             collate_fn=self._open_batch,

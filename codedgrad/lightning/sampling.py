@@ -11,14 +11,15 @@ far the loader has read ahead.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
 
 from codedgrad.data import GlobalBatchSampler, balanced_counts, shard
 from codedgrad.profile import WorkerProfile
 
-__all__ = ["CountsSchedule", "ShardBatchSampler", "global_batches_of"]
+__all__ = ["CountsSchedule", "ResumableLoader", "ShardBatchSampler", "global_batches_of"]
 
 
 def global_batches_of(dataloader: object, world_size: int, rank: int, strategy: str, why: str) -> GlobalBatchSampler:
@@ -149,6 +150,7 @@ class ShardBatchSampler:
         self._next: Position = (global_batches.epoch, 0)
         # Counts of the batches yielded but not yet taken by a training step, oldest first.
         self._pending: deque[tuple[Position, list[int]]] = deque()
+        self._resume: Position | None = None  # (epoch, batches already trained in it)
 
     @property
     def next_position(self) -> Position:
@@ -159,15 +161,23 @@ class ShardBatchSampler:
         """Forward to the global batches (Lightning calls it on ``batch_sampler.sampler`` too)."""
         self.sampler.set_epoch(epoch)
 
+    def resume_at(self, epoch: int, done: int) -> None:
+        """Let the next pass over ``epoch`` start after its first ``done`` batches (a mid-epoch resume)."""
+        self._resume = (epoch, done)
+
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.sampler.epoch
+        resume, self._resume = self._resume, None
+        skip = resume[1] if resume is not None and resume[0] == epoch else 0
         # A new pass starts: batches read ahead by an abandoned pass will never be trained on.
         self._pending.clear()
-        self._next = (epoch, 0)
+        self._next = (epoch, skip)
         for t, batch in enumerate(self.sampler):
+            if t < skip:  # trained before the checkpoint this run resumed from
+                continue
             counts = self._schedule.counts((epoch, t), len(batch))
             self._pending.append(((epoch, t), counts))
             self._next = (epoch, t + 1)
@@ -185,3 +195,28 @@ class ShardBatchSampler:
                 "train DataLoader must be the one the strategy prepared (one train DataLoader, map-style)"
             )
         return self._pending.popleft()
+
+
+class ResumableLoader(DataLoader):
+    """A train DataLoader that resumes mid-epoch (Lightning's stateful loader interface).
+
+    ``state_dict`` says how many global batches of which epoch the strategy has trained on (not how
+    many were read ahead); ``load_state_dict`` makes the next pass of its ``batch_sampler`` over
+    that epoch skip them (``batch_sampler.resume_at``). Without it Lightning would start a resumed
+    epoch from its first batch again.
+
+    Args:
+        progress: the strategy's ``{"epoch": e, "done": n}`` (empty before its first step).
+        *args, **kwargs: :class:`~torch.utils.data.DataLoader`'s.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], dict[str, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        return self._progress()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if "epoch" in state and "done" in state:
+            self.batch_sampler.resume_at(int(state["epoch"]), int(state["done"]))  # type: ignore[union-attr]

@@ -9,6 +9,7 @@ Runs, in order, in one process group (created by the first Trainer, destroyed at
 
 1. fit, 2 epochs, 64-true, validation inside fit, a checkpoint at the end (``last.ckpt``);
 2. fit resumed from that checkpoint to 3 epochs, then ``validate`` and ``test`` on the same trainer;
+   and fit resumed to 3 epochs from a checkpoint of step 7 (mid-epoch, written during fit 1);
 3. fit 1 epoch with 32-true and with bf16-mixed;
 4. settings the strategy refuses (gradient accumulation, an iterable dataset).
 
@@ -38,6 +39,7 @@ from codedgrad.lightning import BalancedStrategy
 from tests.distributed.lightning_data import Recording, Stream, make_data, make_net, quiet_trainer
 
 N, EVAL_N, BATCH, WORLD = 100, 24, 8, 3
+MID_STEP = 7  # a checkpoint in the second epoch (5 global batches per epoch): its batch 2 comes next
 LR, MOMENTUM = 0.1, 0.9
 SPEEDS = (1.0, 2.0, 4.0)
 EMULATE = Heterogeneity(speeds=SPEEDS, base=0.01, jitter=0.2, seed=0)  # 10 ms per sample at speed 1
@@ -154,7 +156,8 @@ def run(out_dir: Path) -> None:
     train = Recording(N, 0)
     recorder = Recorder()
     checkpoint = ModelCheckpoint(dirpath=out_dir / "ckpt", save_last=True, save_top_k=0)
-    trainer = trainer_for(out_dir, "64-true", 2, [recorder, checkpoint], num_sanity_val_steps=2)
+    mid = ModelCheckpoint(dirpath=out_dir / "mid", filename="mid", every_n_train_steps=MID_STEP, save_top_k=-1)
+    trainer = trainer_for(out_dir, "64-true", 2, [recorder, checkpoint, mid], num_sanity_val_steps=2)
     model = Module()
     trainer.fit(model, *loaders(train))
     want, losses, batches = reference(2, torch.float64)
@@ -195,6 +198,17 @@ def run(out_dir: Path) -> None:
         "val_loss": validated[0]["val_loss"],
         "test_loss": tested[0]["test_loss"],
         "eval_reference": eval_reference,
+    }
+
+    # 2b. resume to 3 epochs from the mid-epoch checkpoint: the same parameters as without a break.
+    recorder_mid = Recorder()
+    model_mid = Module().double()
+    trainer_for(out_dir, "64-true", 3, [recorder_mid]).fit(
+        model_mid, *loaders(Recording(N, 0)), ckpt_path=str(out_dir / "mid" / "mid.ckpt")
+    )
+    result["resume_mid"] = {
+        "max_abs_diff": float((flat(model_mid) - want3).abs().max()),
+        "positions": recorder_mid.positions,
     }
 
     # 3. other precisions, one epoch each.
