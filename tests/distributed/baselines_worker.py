@@ -212,7 +212,9 @@ def run_failures(rank: int) -> dict:
         out["drop_loss_raises"] = expect_error((BaselineStepError,), lambda: baseline.backward(failing_first, 9))
         report = baseline.backward(loss, list(TASK_SIZES))
         out["drop_after_failure"] = len(report.contributors)
-    # After close() no key of these instances' steps is left in the Store.
+    # After close() on every rank no key of these instances' steps is left in the Store. Rank 0's
+    # close() deletes failed steps' keys; without the barrier a rank could look before it has.
+    dist.barrier()
     store = dist.distributed_c10d._get_default_store()
     left = []
     for kind, name, steps, keys in (
