@@ -377,6 +377,9 @@ class CodedDataParallel(nn.Module):
             This rank's :class:`StepReport`; ``report.loss`` is the decoded loss of the global batch.
 
         Raises:
+            CodedStepError: the base of the three below: the step failed on every rank, nothing was
+                applied, and the next ``backward`` may follow (catch this one to skip a failed step).
+                The rank whose own task raised re-raises that exception instead.
             CodedStepTimeout: a rank made no progress for ``timeout`` seconds (the step failed everywhere).
             StepMismatchError: ranks passed different tasks or ran different plans (the step failed everywhere).
             NonFiniteGradientError: the decoded gradient is not finite (``nonfinite="raise"``; on every rank).
