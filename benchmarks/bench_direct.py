@@ -7,8 +7,9 @@ The recipes' models fit one gradient bucket; this MLP (6 layers of 1024: 6.3 M p
 float32) fills one 100 MB bucket or seven of 4 MB, where DDP overlaps its all-reduce with the
 backward and the direct step (which reduces after its compute) does not. Both run the same global
 batch (32 tasks of 8 samples), alternating in blocks of 5 steps after 15 warm-up steps each (the
-engine's first plans run coded; its measured plan runs direct). Prints the median step times, their
-ratio, and the coded step's own breakdown (compute, all-reduce) from its ``StepReport``.
+engine's first plans run coded; its measured plan, with redundancy and spare work off, runs
+direct). Prints the median step times, their ratio, and the coded step's own breakdown (compute,
+all-reduce) from its ``StepReport``.
 """
 
 from __future__ import annotations
@@ -51,11 +52,21 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(TASKS * SAMPLES_PER_TASK, args.width, generator=generator).to(device)
     y = torch.randint(0, 10, (TASKS * SAMPLES_PER_TASK,), generator=generator).to(device)
+    if (TASKS * SAMPLES_PER_TASK) % world:
+        raise SystemExit(f"bench_direct: {world} ranks do not divide the global batch of {TASKS * SAMPLES_PER_TASK}")
     share = TASKS * SAMPLES_PER_TASK // world
 
     for cap in args.bucket_cap_mb:
         ddp = nn.parallel.DistributedDataParallel(make_mlp(args.width, args.depth, device), bucket_cap_mb=cap)
-        coded = CodedDataParallel(make_mlp(args.width, args.depth, device), replan_every=5, bucket_cap_mb=cap)
+        # Redundancy and spare work off, as "auto" resolves them where ranks share a device: the plan
+        # has nothing to decide, so its steps run direct also with a device per rank.
+        coded = CodedDataParallel(
+            make_mlp(args.width, args.depth, device),
+            replan_every=5,
+            bucket_cap_mb=cap,
+            redundancy=1.0,
+            spare_work=False,
+        )
 
         def ddp_step(ddp: nn.Module = ddp) -> None:
             ddp.zero_grad(set_to_none=True)

@@ -102,6 +102,7 @@ def test_resume_from_a_mid_epoch_checkpoint_continues_with_the_next_batch_and_st
     for rank, result in enumerate(results):
         positions = result["resume_mid"]["positions"]
         assert positions[0] == [1, 2], f"rank {rank}: {positions[:3]}"
+        assert result["resume_mid"]["saved_trained"] == [1, 2], f"rank {rank}"
         assert len(positions) == 3 * STEPS_PER_EPOCH - 7, f"rank {rank}"
         assert result["resume_mid"]["max_abs_diff"] <= FP64_TOLERANCE, f"rank {rank}"
 

@@ -415,3 +415,8 @@ def test_ranks_are_read_at_their_own_call_size_with_a_shape_remembered_from_spre
     action, profiles = policy.decide(GUESS, False, 32, spread)
     assert action == "switch" and len(set(profiles)) == 1
     assert policy.decide(profiles, True, 32, one_size) == ("keep", None)
+    # The shape survives a checkpoint: a restored run under a direct plan could not learn it again.
+    restored = ReplanPolicy(threshold=0.05, direct=True)
+    restored.load_state_dict(policy.state_dict())
+    assert restored.decide(profiles, True, 32, one_size) == ("keep", None)
+    assert ReplanPolicy(threshold=0.05, direct=True).decide(profiles, True, 32, one_size)[0] == "switch"

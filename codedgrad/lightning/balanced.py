@@ -375,10 +375,14 @@ class BalancedStrategy(CodedgradStrategy):
             "world_size": self.world_size,
             "profiles": None if profiles is None else [asdict(p) for p in profiles],
             "replans": self._replans,
+            "trained": self._trained,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s profiles (ignored, with a warning, for another world size)."""
+        progress = state.get("trained")
+        if progress is not None:  # a checkpoint saved before any new step still says where training is
+            self._trained = (int(progress[0]), int(progress[1]))
         if state.get("world_size") != self.world_size:
             rank_zero_warn(
                 f"strategy='balanced': the checkpoint's profiles are for {state.get('world_size')} ranks, this run "
@@ -393,6 +397,7 @@ class BalancedStrategy(CodedgradStrategy):
     @override
     def teardown(self) -> None:
         self._batch_sampler = None
+        self._trained = None  # not in setup: a checkpoint is restored before it
         super().teardown()
 
 

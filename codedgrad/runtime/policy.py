@@ -137,7 +137,9 @@ def chunk_calls_shift(fixed: float, num_tasks: int, world_size: int, direct: boo
     """The fixed cost a rank's primaries pay per step: ``fixed`` times the calls of an even share.
 
     Guided self-scheduling halves what is open, so an even share of K/P tasks takes about
-    log2(K/P) + 1 calls; a direct step runs it as one call. The same rule for every rank: counting a
+    log2(K/P) + 1 calls; a direct step runs a share up to an even one as one call (a rank given
+    more runs ceil(n / even) calls, which this per-step constant leaves out: it slightly favours
+    the fastest rank). The same rule for every rank: counting a
     rank's own calls would feed back (spare work adds calls, a larger shift loses primaries, which
     makes more spare work). Charging a direct plan the coded step's calls took tasks from every slow
     rank: on hetero4 it gave the fastest rank 28 of 32 tasks where its measured cost curve gives 15.
@@ -302,7 +304,8 @@ class ReplanPolicy:
             self._previous = self._window_before = self._switched_to = None
             # The switch made real steps slower by more than half the threshold: go back, and hold.
             # Unless the ranks' speeds changed since (the fits moved): then the windows do not compare.
-            if window > before * (1.0 + self.threshold / 2) and not _speeds_changed(switched_to, shared):
+            share = num_tasks / len(shared)
+            if window > before * (1.0 + self.threshold / 2) and not _speeds_changed(switched_to, shared, share):
                 self._hold = self.hold_exchanges
                 return "revert", previous
         if self._hold > 0:
@@ -337,7 +340,7 @@ class ReplanPolicy:
             m if m.profile is not None else replace(m, profile=c, speed_error=FEW_SAMPLES_ERROR * 2 ** (n - 1))
             for m, c, n in zip(shared, current, self._unmeasured)
         ]
-        noise = self._window_noise(shared)
+        noise = self._window_noise(shared, num_tasks / len(shared))
         if measured_before:
             # A rank keeps the speed it is planned with unless its window shows a change beyond its
             # error, far beyond it or in the same direction as in the window before: on shared cores
@@ -370,14 +373,20 @@ class ReplanPolicy:
             return "switch", measured
         return "keep", None
 
-    def _window_noise(self, shared: Sequence[Measurement]) -> float:
+    def _window_noise(self, shared: Sequence[Measurement], share: float) -> float:
         """How far a rank's speed moves from one exchange to the next (relative, one window's error).
 
         A window's own spread misses what moves a whole window (on shared cores, which rank the
         scheduler favours for a while): the ranks' changes since the last exchange show it. The
-        median over ranks, so that one rank really changing speed does not count as noise.
+        median over ranks, so that one rank really changing speed does not count as noise. Speeds
+        are compared in the time of a share (:func:`share_seconds`): a re-fitted cost shape moves
+        every rank's per-task mean, which is not wander.
         """
-        speeds = tuple(m.profile.mean for m in shared if m.profile is not None and m.profile.mean > 0)
+        speeds = tuple(
+            share_seconds(m.profile, share)
+            for m in shared
+            if m.profile is not None and share_seconds(m.profile, share) > 0
+        )
         previous, self._speeds = self._speeds, speeds if len(speeds) == len(shared) else None
         if previous is None or self._speeds is None or len(previous) != len(speeds):
             return FIRST_WINDOW_ERROR  # one window (the first, warm-up's noisiest) cannot show its wander
@@ -396,15 +405,18 @@ class ReplanPolicy:
         return proposed < (1.0 - self.threshold) * now
 
     def state_dict(self) -> dict:
-        return {"hold": self._hold}
+        # The cost shape too: under a direct plan every call has one size, so a restored run could
+        # not learn it again, and would read a rank of small calls as slow.
+        return {"hold": self._hold, "cost_shape": self._cost_shape}
 
     def load_state_dict(self, state: dict) -> None:
         self._hold = int(state.get("hold", 0))
+        shape = state.get("cost_shape")
         # What the windows since showed belongs to the run that was replaced.
         self._previous = self._window_before = self._switched_to = self._speeds = None
         self._unmeasured = self._deviations = ()
         self._waited = 0
-        self._cost_shape = None
+        self._cost_shape = float(shape) if shape is not None else None
 
 
 def share_seconds(profile: WorkerProfile, share: float) -> float:
@@ -451,16 +463,19 @@ def _pooled(profiles: Sequence[WorkerProfile]) -> WorkerProfile:
     )
 
 
-#: A rank's fitted mean moving by more than this share means its speed changed, not the plan's effect.
+#: A rank's speed moving by more than this share means its speed changed, not the plan's effect.
 SPEED_CHANGE = 0.25
 
 
-def _speeds_changed(before: Sequence[WorkerProfile] | None, shared: Sequence[Measurement]) -> bool:
-    """Whether some rank's fitted mean moved by more than :data:`SPEED_CHANGE` since ``before``."""
+def _speeds_changed(before: Sequence[WorkerProfile] | None, shared: Sequence[Measurement], share: float) -> bool:
+    """Whether some rank's time for a share moved by more than :data:`SPEED_CHANGE` since ``before``."""
     if before is None:
         return False
     for old, m in zip(before, shared):
-        if m.profile is not None and abs(m.profile.mean - old.mean) > SPEED_CHANGE * old.mean:
+        if m.profile is None:
+            continue
+        then, now = share_seconds(old, share), share_seconds(m.profile, share)
+        if abs(now - then) > SPEED_CHANGE * then:
             return True
     return False
 

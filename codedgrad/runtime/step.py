@@ -40,6 +40,10 @@ class CodedStepError(RuntimeError):
     disagreed, the gradient was not finite). Two failures are not step errors: the rank whose own
     task raised re-raises that exception, and a collective that failed
     (:class:`~codedgrad.runtime.release.CollectiveFailed`) leaves the engine unusable.
+
+    One case is on one rank only: a rank that reaches a step's end ``timeout`` seconds after the
+    others went on without it raises :class:`~codedgrad.runtime.coordinator.CodedStepTimeout` saying
+    "came ... too late"; it is out of step with the others, and going on does not help.
     """
 
 

@@ -206,9 +206,11 @@ def run(out_dir: Path) -> None:
     trainer_for(out_dir, "64-true", 3, [recorder_mid]).fit(
         model_mid, *loaders(Recording(N, 0)), ckpt_path=str(out_dir / "mid" / "mid.ckpt")
     )
+    saved = torch.load(out_dir / "mid" / "mid.ckpt", map_location="cpu", weights_only=False)
     result["resume_mid"] = {
         "max_abs_diff": float((flat(model_mid) - want3).abs().max()),
         "positions": recorder_mid.positions,
+        "saved_trained": list(saved["codedgrad_balanced"]["trained"]),  # also in the strategy's own state
     }
 
     # 3. other precisions, one epoch each.
