@@ -286,6 +286,16 @@ def test_a_rank_that_slowed_down_is_measured_at_its_new_speed_at_once():
     assert measured.cost.seconds(3.0 * measured.call_tasks) == pytest.approx(typical, rel=0.05)  # the old speed
     assert measured.call_seconds == pytest.approx(3 * typical, rel=0.05)
     assert measured.shape_known  # calls of 1 to 8 tasks
+    # Calls of one size, and one odd call among them, do not show the shape.
+    planner = Planner(None, EngineConfig(), rank=0, world_size=2)  # type: ignore[arg-type]
+    planner.step_ended(None)
+    for step in range(30):
+        for _ in range(8):
+            planner.record_task(8, 24.0, fixed + per_task * 8)
+        if step == 10:
+            planner.record_task(4, 12.0, fixed + per_task * 4)  # e.g. an epoch's smaller last batch
+        planner.step_ended(0.1)
+    assert not planner._measure().shape_known
     assert Measurement.from_json(measured.to_json()) == measured
 
 

@@ -40,13 +40,16 @@ from codedgrad.runtime.policy import (
     chunk_calls_shift,
 )
 
-__all__ = ["COST_SAMPLES", "MIN_SAMPLES_REPLAN", "Plan", "Planner"]
+__all__ = ["COST_SAMPLES", "MIN_SAMPLES_REPLAN", "SHAPE_CALLS", "Plan", "Planner"]
 
 #: A measurement gathers the newest windows until it holds this many task times (or :data:`MAX_WINDOWS`);
 #: with fewer, its speed error says how far to trust it (:func:`~codedgrad.runtime.policy.pool_equal_speeds`).
 MIN_SAMPLES_REPLAN = 16
 #: The cost model (fixed + per-sample compute of a call) is fitted to this many of the newest calls.
 COST_SAMPLES = 256
+#: Calls at each end of a 2x range of sizes that a cost model needs before its split into fixed and
+#: per-sample parts (the cost shape) counts.
+SHAPE_CALLS = 4
 
 
 @dataclass(frozen=True)
@@ -243,8 +246,12 @@ class Planner:
                     error = FEW_SAMPLES_ERROR
         elif profile is not None and profile.mean > 0:
             error = profile.std / profile.mean / math.sqrt(len(tasks)) if len(tasks) >= 3 else FEW_SAMPLES_ERROR
+        # The fit tells a call's fixed part from its per-sample part only with several calls at each
+        # end of a range of sizes at least 2x wide: one odd call (an epoch's smaller last batch)
+        # among hundreds of one size pins the intercept on its own noise.
         sizes = [w for w, _ in self._calls]
-        shape_known = bool(sizes) and max(sizes) >= 2 * min(sizes)
+        small = sum(1 for w in sizes if 2 * w <= max(sizes)) if sizes else 0
+        shape_known = min(small, len(sizes) - small) >= SHAPE_CALLS
         return Measurement(
             profile, step_time, len(tasks), cost, whole, task_weight, call_tasks, call_seconds, error, shape_known
         )
