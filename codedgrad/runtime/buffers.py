@@ -120,8 +120,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
     A NaN or an infinity anywhere makes the sum NaN or infinite, so a finite sum proves every element
     finite. Only a sum that is not (a non-finite element, or finite ones overflowing) pays for the
-    exact elementwise check. ``isfinite(t).all()`` alone cost 24 ms per step on a 6.3 M-parameter
-    model on one CPU thread, 15 % of the step; the sum about 3 ms.
+    exact elementwise check. ``isfinite(t).all()`` cost 24 ms of a 166 ms step on a 6.3 M-parameter
+    model (4 ranks, one CPU thread each); alone in one process, 10 ms against the sum's 0.4 ms.
     """
     if bool(torch.isfinite(tensor.sum())):
         return True

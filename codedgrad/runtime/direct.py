@@ -37,7 +37,7 @@ from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError
 from codedgrad.runtime.release import BufferShare, CollectiveFailed, read_decoded
 from codedgrad.runtime.step import StepRecord
 
-__all__ = ["AGREEMENT_SLOTS", "has_nothing_to_decide", "reduce_direct", "step_key"]
+__all__ = ["AGREEMENT_SLOTS", "has_nothing_to_decide", "one_copy_each", "reduce_direct", "step_key"]
 
 #: Elements per rank in the first bucket: its status and the two halves of its step key.
 AGREEMENT_SLOTS = 3
@@ -45,18 +45,17 @@ _OK, _FAILED = 1.0, 2.0  # a rank's status slot (0 would mean it never wrote one
 _HALF = 2**24  # integers below this are exact in float32
 
 
-def has_nothing_to_decide(plan: object, spare_work: bool) -> bool:
-    """Whether ``plan`` (an engine :class:`~codedgrad.runtime.replan.Plan`) runs as a direct step.
-
-    Every task on exactly one rank, no spare work, and measured task times (see the module docstring).
-    """
+def one_copy_each(plan: object, spare_work: bool) -> bool:
+    """Whether ``plan`` (an engine :class:`~codedgrad.runtime.replan.Plan`) puts every task on exactly
+    one rank, without spare work: once measured, such a plan runs direct steps."""
     code = getattr(plan, "code", None)
-    return (
-        not spare_work
-        and bool(getattr(plan, "measured", False))
-        and isinstance(code, RepetitionCode)
-        and not any(len(backups) for backups in code.backups)
-    )
+    return not spare_work and isinstance(code, RepetitionCode) and not any(len(b) for b in code.backups)
+
+
+def has_nothing_to_decide(plan: object, spare_work: bool) -> bool:
+    """Whether ``plan`` runs as a direct step: :func:`one_copy_each`, and measured task times (see the
+    module docstring)."""
+    return bool(getattr(plan, "measured", False)) and one_copy_each(plan, spare_work)
 
 
 def step_key(step: int, plan_version: int, fingerprint: str, digest: bytes) -> int:

@@ -266,7 +266,8 @@ class ReplanPolicy:
         threshold: switch only when the predicted step time improves by more than this share.
         hold_exchanges: after a revert, keep the plan for this many exchanges.
         gamma: the planner's γ.
-        direct: the measured plans run direct steps (each rank's share in one call).
+        direct: the measured plans run direct steps (each rank's share in one call); the Planner sets
+            it from the plan in use at every exchange.
     """
 
     threshold: float = 0.1
@@ -295,6 +296,7 @@ class ReplanPolicy:
             num_tasks: K.
             shared: every rank's measurement, in rank order.
         """
+        share = num_tasks / len(shared)
         self._cost_shape = cost_shape(shared, self._cost_shape)
         shared = harmonize(shared, num_tasks, self.direct, self._cost_shape)
         times = [m.step_time for m in shared if m.step_time is not None]
@@ -304,7 +306,6 @@ class ReplanPolicy:
             self._previous = self._window_before = self._switched_to = None
             # The switch made real steps slower by more than half the threshold: go back, and hold.
             # Unless the ranks' speeds changed since (the fits moved): then the windows do not compare.
-            share = num_tasks / len(shared)
             if window > before * (1.0 + self.threshold / 2) and not _speeds_changed(switched_to, shared, share):
                 self._hold = self.hold_exchanges
                 return "revert", previous
@@ -340,13 +341,12 @@ class ReplanPolicy:
             m if m.profile is not None else replace(m, profile=c, speed_error=FEW_SAMPLES_ERROR * 2 ** (n - 1))
             for m, c, n in zip(shared, current, self._unmeasured)
         ]
-        noise = self._window_noise(shared, num_tasks / len(shared))
+        noise = self._window_noise(shared, share)
         if measured_before:
             # A rank keeps the speed it is planned with unless its window shows a change beyond its
             # error, far beyond it or in the same direction as in the window before: on shared cores
             # the scheduler slows a rank by up to 2x for a window or two, and each plan switch costs a
             # coded step. What earlier windows established is not lost to one noisy window.
-            share = num_tasks / len(shared)
             deviations = [
                 _deviation(m, c, noise, share) if n == 0 else 0 for m, c, n in zip(shared, current, self._unmeasured)
             ]

@@ -30,7 +30,7 @@ from codedgrad.profile import (
 )
 from codedgrad.runtime.config import AUTO, AUTO_START, ConfigurationError, EngineConfig, agree
 from codedgrad.runtime.coordinator import StoreCoordinator
-from codedgrad.runtime.direct import has_nothing_to_decide
+from codedgrad.runtime.direct import has_nothing_to_decide, one_copy_each
 from codedgrad.runtime.policy import (
     FEW_SAMPLES_ERROR,
     MAX_WINDOWS,
@@ -103,9 +103,7 @@ class Planner:
         self._config = config
         self._rank = rank
         self._world_size = world_size
-        # Measured plans run direct steps when nothing is left to decide (no backups, no spare work).
-        self._direct = config.code in ("repetition", "uncoded") and config.redundancy == 1.0 and not config.spare_work
-        self._policy = ReplanPolicy(threshold=config.replan_threshold, gamma=config.gamma, direct=self._direct)
+        self._policy = ReplanPolicy(threshold=config.replan_threshold, gamma=config.gamma)
         self._guess = tuple(config.profiles) if config.profiles is not None else None
         self._measured_given = config.profiles is not None  # given profiles count as a real start
         self.plan: Plan | None = None
@@ -191,6 +189,7 @@ class Planner:
         prefix, self._pending = self._pending[0], None
         shared = [Measurement.from_json(v) for v in self._coordinator.collect(prefix)]
         self.shared_costs = tuple(m.cost for m in shared)
+        self._policy.direct = self._direct_plans  # the plans decided on are costed like the one in use
         action, profiles = self._policy.decide(self.plan.profiles, self.plan.measured, self.plan.num_tasks, shared)
         if action == "keep" or profiles is None:
             return
@@ -226,7 +225,7 @@ class Planner:
         task_weight = sum(w for _, w, _ in calls) / sum(n for n, _, _ in calls) if calls else 0.0
         if profile is not None and cost is not None and chunked:
             num_tasks = self.plan.num_tasks if self.plan is not None else self._world_size
-            shift = chunk_calls_shift(fixed, num_tasks, self._world_size, self._direct)
+            shift = chunk_calls_shift(fixed, num_tasks, self._world_size, self._direct_plans)
             mean = cost.per_sample * task_weight
             if mean > 0:
                 profile = WorkerProfile(shift=shift, mean=mean, std=min(profile.std, mean))
@@ -332,6 +331,12 @@ class Planner:
         """The least summed task weight of a chunk whose fixed cost is at most ``overhead_share`` of it."""
         cost = self.cost_model()
         return 0.0 if cost is None else cost.min_samples(overhead_share)
+
+    @property
+    def _direct_plans(self) -> bool:
+        """Whether the plan in use, once measured, runs direct steps (a share in one call per rank):
+        from the plan itself, since ``redundancy="auto"`` may choose Ω = 1 for one plan and not another."""
+        return one_copy_each(self.plan, self._config.spare_work)
 
     @property
     def direct_ready(self) -> bool:
