@@ -1,6 +1,8 @@
 """Heterogeneity emulation: deterministic, order-independent delays with the advertised statistics."""
 
 import dataclasses
+import datetime
+import gc
 import json
 import math
 import time
@@ -442,44 +444,54 @@ def test_compute_seconds_is_checked(value: object) -> None:
 
 def test_compute_mode_sleeps_in_the_last_buckets_hook_before_its_all_reduce(tmp_path) -> None:
     """The recipes' DDP delay (EmulatedDelay) and balanced's timed hook sleep once, in the last bucket."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    # A timeout bounds every gloo operation of this in-process group (the default is 30 minutes).
+    timeout = datetime.timedelta(seconds=60)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1, timeout=timeout)
+    try:
+        _check_last_bucket_sleeps()
+    finally:
+        # The DDP modules (their reducers hold the group) go before the group does: a reducer left to
+        # the garbage collector, freed later in another test, once hung a fresh clone's run.
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def _check_last_bucket_sleeps() -> None:
     from types import SimpleNamespace
 
     import torch
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from codedgrad.lightning._timed_hook import TimedHookState, timed_coded_hook
     from codedgrad.recipes.emulation import EmulatedDelay
     from codedgrad.runtime import CodedHookState
 
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        het = Heterogeneity(speeds=[1.0, 4.0], base=0.01, jitter=0.0, mode="compute")  # rank 0: 4× its compute
-        torch.manual_seed(0)
-        ddp = DistributedDataParallel(torch.nn.Linear(64, 64), bucket_cap_mb=0.001)  # several buckets
-        single = Heterogeneity(speeds=[1.0], base=0.01, jitter=0.0, mode="compute")
-        delay = EmulatedDelay(dataclasses.replace(single, change_step=0, change_speeds=[0.25]))
-        trainer = SimpleNamespace(strategy=SimpleNamespace(model=ddp), global_rank=0, global_step=0)
-        delay.on_fit_start(trainer, None)  # type: ignore[arg-type]
-        batch = (torch.randn(8, 64), torch.randn(8, 64))
-        delay.on_train_batch_start(trainer, SimpleNamespace(device=torch.device("cpu")), batch, 0)  # type: ignore[arg-type]
-        start = time.perf_counter()
-        delay.on_before_backward(trainer, None, None)  # type: ignore[arg-type]  # compute mode: no sleep here
-        assert delay.last_sample_seconds == []
-        ((ddp(batch[0]) - batch[1]) ** 2).mean().backward()
-        elapsed = time.perf_counter() - start
-        assert len(delay.last_sample_seconds) == 8 and sum(delay.last_sample_seconds) > 0
-        assert elapsed >= sum(delay.last_sample_seconds)  # slept 3× the compute, inside backward()
+    het = Heterogeneity(speeds=[1.0, 4.0], base=0.01, jitter=0.0, mode="compute")  # rank 0: 4× its compute
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(torch.nn.Linear(64, 64), bucket_cap_mb=0.001)  # several buckets
+    single = Heterogeneity(speeds=[1.0], base=0.01, jitter=0.0, mode="compute")
+    delay = EmulatedDelay(dataclasses.replace(single, change_step=0, change_speeds=[0.25]))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(model=ddp), global_rank=0, global_step=0)
+    delay.on_fit_start(trainer, None)  # type: ignore[arg-type]
+    batch = (torch.randn(8, 64), torch.randn(8, 64))
+    delay.on_train_batch_start(trainer, SimpleNamespace(device=torch.device("cpu")), batch, 0)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    delay.on_before_backward(trainer, None, None)  # type: ignore[arg-type]  # compute mode: no sleep here
+    assert delay.last_sample_seconds == []
+    ((ddp(batch[0]) - batch[1]) ** 2).mean().backward()
+    elapsed = time.perf_counter() - start
+    assert len(delay.last_sample_seconds) == 8 and sum(delay.last_sample_seconds) > 0
+    assert elapsed >= sum(delay.last_sample_seconds)  # slept 3× the compute, inside backward()
 
-        calls = []
-        other = DistributedDataParallel(torch.nn.Linear(64, 64), bucket_cap_mb=0.001)
-        state = TimedHookState(CodedHookState(sample_counts=[1]))
-        other.register_comm_hook(state, timed_coded_hook)
-        state.before_last = lambda: calls.append(het.sleep(0, 0, 0, compute_seconds=0.001))
-        other(batch[0]).sum().backward()
-        assert calls == [pytest.approx(0.003)] and state.before_last is None and state.ready_time is not None
-        other(batch[0]).sum().backward()
-        assert len(calls) == 1  # once per step: the strategy sets it again for the next one
-    finally:
-        dist.destroy_process_group()
+    calls = []
+    other = DistributedDataParallel(torch.nn.Linear(64, 64), bucket_cap_mb=0.001)
+    state = TimedHookState(CodedHookState(sample_counts=[1]))
+    other.register_comm_hook(state, timed_coded_hook)
+    state.before_last = lambda: calls.append(het.sleep(0, 0, 0, compute_seconds=0.001))
+    other(batch[0]).sum().backward()
+    assert calls == [pytest.approx(0.003)] and state.before_last is None and state.ready_time is not None
+    other(batch[0]).sum().backward()
+    assert len(calls) == 1  # once per step: the strategy sets it again for the next one
