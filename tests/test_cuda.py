@@ -31,12 +31,15 @@ def test_cuda_gradients_equal_single_process(tmp_path):
     for rank, result in enumerate(results):
         assert "crash" not in result, f"rank {rank} crashed:\n{result['crash']}"
         runs = {f"{mode}_{dtype}" for mode in ("no_wait", "sync") for dtype in TOLERANCE}
-        assert set(result) == runs | {"cyclic_float64", "ddp_hook_float64"}
+        assert set(result) == runs | {"cyclic_float64", "ddp_hook_float64", "direct_overlapped_float64"}
         for name, run in result.items():
             assert run["max_error"] <= TOLERANCE[name.rsplit("_", 1)[1]], (rank, name, run)
             assert run["identical"] and run["on_device"] and run["release_as_asked"], (rank, name, run)
             if not name.startswith("cyclic"):  # cyclic with s = 1 decodes from any two of the three ranks
                 assert run["used"] > 0, (rank, name, run)  # every rank contributed (speeds 1, 3, 2)
+        # Direct steps whose buckets went to the all-reduce during the backward (three of four buckets).
+        overlapped = result["direct_overlapped_float64"]
+        assert overlapped["buckets_overlapped"] == 3 and overlapped["used"] > 0, (rank, overlapped)
     # The cyclic code's decoding coefficients are not all 0/1: least squares on the host, applied on the device.
     coefficients = {c for result in results for c in result["cyclic_float64"]["coefficients"]}
     assert coefficients - {0.0, 1.0}, coefficients

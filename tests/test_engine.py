@@ -73,6 +73,15 @@ def test_a_plan_with_nothing_to_decide_runs_direct_and_exact(exact, name):
         assert max(counts) - min(counts) <= 2 * (WORLD + 1), (rank, counts)
         restored = runs["restored"]["direct"]
         assert restored[0] is False and any(restored), (rank, restored)
+        # "direct" has four buckets: the three after the first go to the all-reduce during the backward
+        # of a call that uses every parameter (an even task uses the branch); "direct_sync" has one.
+        for part in ("first", "batched", "other_k", "restored"):
+            run = runs[part]
+            assert run["hooks_left"] == 0, (rank, part, run["hooks_left"])
+            overlapped = [n for n, direct in zip(run["buckets_overlapped"], run["direct"]) if direct]
+            assert set(overlapped) <= ({0, 3} if name == "direct" else {0}), (rank, part, overlapped)
+        if name == "direct":
+            assert 3 in runs["batched"]["buckets_overlapped"] + runs["other_k"]["buckets_overlapped"], rank
 
 
 @pytest.mark.parametrize("name", CODES_FP64)
@@ -253,6 +262,21 @@ def test_a_direct_step_fails_everywhere_on_one_ranks_error_or_other_weights(fail
         assert ("ranks [0]" if rank != 0 else "ranks [1, 2]") in mismatch["message"], mismatch
         after = mismatch["after"]
         assert after["direct"] == [True, True] and after["max_error"] <= 1e-12 and after["identical"], after
+
+
+def test_a_backward_error_after_buckets_went_to_the_all_reduce_fails_the_step_everywhere(failures):
+    """Rank 1's backward raises after its last layers' buckets were launched from the backward's hooks:
+    its remaining buckets still go out (with a failed status), so every rank fails the step at once
+    instead of hanging; the hooks are gone, and the next steps are direct, overlapped and exact."""
+    for rank, result in enumerate(failures):
+        run = result["direct_backward_error"]
+        assert run["warm_direct"], (rank, run)
+        assert run["outcomes"] == ["ok", "ValueError" if rank == 1 else "CodedStepTimeout", "ok", "ok"], (rank, run)
+        assert all(run["identical"]) and run["hooks_left"] == 0, (rank, run)
+        assert run["buckets_overlapped"][2:] == [3, 3], (rank, run)
+        after = run["after"]
+        assert after["direct"] == [True, True] and after["max_error"] <= 1e-12 and after["identical"], after
+        assert after["buckets_overlapped"] == [3, 3] and after["hooks_left"] == 0, after
 
 
 def test_an_exception_after_the_decision_completes_the_step_on_every_rank(failures):

@@ -70,6 +70,7 @@ class FlatGradients:
         # which parameters no task used anywhere (their p.grad is left alone, as DDP does).
         self.uses = tail[end:]
         self.dtypes = [view.dtype for view in self.views]  # accumulation dtype of each parameter
+        self.bucket_of = [index for index, _ in layout]  # the bucket of each parameter
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.buckets)

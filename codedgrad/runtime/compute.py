@@ -43,6 +43,7 @@ from codedgrad.codes.repetition import RepetitionCode
 from codedgrad.codes.spare import next_spare_check, spare_work
 from codedgrad.runtime.config import EngineConfig
 from codedgrad.runtime.coordinator import StepChannel
+from codedgrad.runtime.direct import BucketLauncher
 from codedgrad.runtime.replan import Plan
 from codedgrad.runtime.step import StepPhase, StepRecord
 
@@ -227,12 +228,13 @@ class TaskRunner:
                 record.compute_busy = False
         self._spare_work(record, channel, loss)
 
-    def run_direct(self, record: StepRecord, loss: StepLoss) -> None:
+    def run_direct(self, record: StepRecord, loss: StepLoss, launcher: BucketLauncher | None = None) -> None:
         """A plan with nothing to decide (:mod:`~codedgrad.runtime.direct`): this rank's queue, all of it
         primaries, accumulated without commits.
 
         With ``batch_loss`` the tasks run in as few, as equal chunks as an even share (DDP's batch
-        per rank, what the user sized memory for) allows; with ``task_loss`` one call per task.
+        per rank, what the user sized memory for) allows; with ``task_loss`` one call per task. The
+        last call's backward hands its gradients to ``launcher``, which reduces buckets meanwhile.
         """
         plan: Plan = record.plan  # type: ignore[assignment]
         tasks = [work.result for work in plan.queue]
@@ -243,7 +245,8 @@ class TaskRunner:
         for i in range(calls):
             chunk = tuple(tasks[begin : begin + base + (i < extra)])
             begin += len(chunk)
-            computed = self._compute(record, None, Work(chunk[0], chunk, (1.0,) * len(chunk)), loss)
+            last = launcher if i == calls - 1 and launcher is not None and launcher.overlaps else None
+            computed = self._compute(record, None, Work(chunk[0], chunk, (1.0,) * len(chunk)), loss, last)
             assert computed is not None  # a direct step is never decided or released while it computes
             record.accumulator.add_(computed.grads, computed.loss_sum, computed.values)
             record.accumulated.extend(computed.results)
@@ -364,11 +367,20 @@ class TaskRunner:
             self._commit(record, channel, computed)
             record.report.commit_exposed += time.perf_counter() - begin  # on this thread: all exposed
 
-    def _compute(self, record: StepRecord, channel: StepChannel | None, work: Work, loss: StepLoss) -> _Computed | None:
+    def _compute(
+        self,
+        record: StepRecord,
+        channel: StepChannel | None,
+        work: Work,
+        loss: StepLoss,
+        launcher: BucketLauncher | None = None,
+    ) -> _Computed | None:
         """``work``'s gradient, scaled by its weight share; None when the step no longer needs it.
 
         A chunk of a repetition code (several tasks, all with coefficient 1) is one call of the
-        batch loss; a rank-level code's work (coefficients per task) is one call per task.
+        batch loss; a rank-level code's work (coefficients per task) is one call per task. With a
+        ``launcher`` (a direct step's last call) the gradients go straight into the accumulator
+        during the backward, and the result carries none.
         """
         start = time.perf_counter()
         weights, total = record.weights, record.weights_total
@@ -390,6 +402,8 @@ class TaskRunner:
             task_loss, task_values = output
             if record.phase is not StepPhase.RUNNING:
                 return None  # released during the forward pass: the backward would be wasted
+            if launcher is not None:
+                launcher.arm(scale)
             try:
                 task_grads = torch.autograd.grad(task_loss, self._params, allow_unused=True)
             except RuntimeError as error:
@@ -399,8 +413,13 @@ class TaskRunner:
                         "on the module's parameters (computed under torch.no_grad(), or detached)"
                     ) from error
                 raise
-            # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
-            _add_scaled(grads, task_grads, scale, record.accumulator.dtypes)
+            finally:
+                if launcher is not None:
+                    launcher.disarm()
+            if launcher is None:  # (with one, the hooks added them)
+                # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
+                _add_scaled(grads, task_grads, scale, record.accumulator.dtypes)
+            del task_grads
             loss_sum += scale * float(task_loss.detach())
             for slot, value in task_values.items():
                 weighted, share = values.get(slot, (0.0, 0.0))

@@ -15,6 +15,15 @@ rank whose task raised, or one that ran other tasks or another step, fails the s
 before anything is applied, with a message that names it. The exact gradient is the same sum as in
 the coded step (each rank's results scaled by their weight share, coefficient 1).
 
+The all-reduce overlaps the backward, as DDP's does. While the last call of a rank's share runs its
+backward, a hook on every parameter adds its gradient into its bucket, and a bucket whose parameters
+are all in is launched at once (:class:`BucketLauncher`). Buckets go strictly from the last to the
+first, on every rank in the same order whatever order autograd runs in (collectives must match). The
+first bucket, which holds the first layers' gradients (ready last anyway), the loss and the
+agreement, is launched after the compute, once the rank knows whether its tasks succeeded. A bucket
+whose parameters get no gradient in that call waits for the end of the compute, and so do the
+buckets before it (as with DDP, unused parameters cost the overlap, not the result).
+
 The difference a user can see: a rank waits for the others' compute inside the collective, so the
 collective's timeout bounds that wait, as with DDP: the engine's ``timeout`` on the release's
 process group (with ``no_wait=False``, the engine's own group and its timeout). That is why the first
@@ -28,16 +37,18 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from codedgrad.codes.repetition import RepetitionCode
+from codedgrad.runtime.buffers import FlatGradients
 from codedgrad.runtime.coordinator import CodedStepTimeout, StepMismatchError
 from codedgrad.runtime.release import BufferShare, CollectiveFailed, read_decoded
 from codedgrad.runtime.step import StepRecord
 
-__all__ = ["AGREEMENT_SLOTS", "has_nothing_to_decide", "one_copy_each", "reduce_direct", "step_key"]
+__all__ = ["AGREEMENT_SLOTS", "BucketLauncher", "has_nothing_to_decide", "one_copy_each", "reduce_direct", "step_key"]
 
 #: Elements per rank in the first bucket: its status and the two halves of its step key.
 AGREEMENT_SLOTS = 3
@@ -64,6 +75,83 @@ def step_key(step: int, plan_version: int, fingerprint: str, digest: bytes) -> i
     return int.from_bytes(hashlib.sha256(text).digest()[:6], "little")
 
 
+class BucketLauncher:
+    """Launches a direct step's bucket all-reduces, during the backward of its last call where it can.
+
+    Made per step. :meth:`arm` registers a hook on every parameter for one backward: each gradient is
+    added, scaled, to its slice of the accumulator, and the buckets whose parameters are all in are
+    launched, last bucket first. :meth:`disarm` removes the hooks. :meth:`launch_rest` launches
+    what is left, the first bucket last. With one bucket there is nothing to overlap, and :attr:`overlaps`
+    is False: the call then adds its gradients as any other.
+
+    Args:
+        accumulator: the step's flat buffers (their buckets are what is reduced).
+        group: the process group of the collectives.
+    """
+
+    def __init__(self, accumulator: FlatGradients, group: dist.ProcessGroup | None) -> None:
+        self._accumulator = accumulator
+        self._group = group
+        self._bucket_of = accumulator.bucket_of
+        self._waiting = [0] * len(accumulator.buckets)  # per bucket: its parameters' gradients still to come
+        self._next = len(accumulator.buckets) - 1  # the next bucket to launch (descending)
+        self._scale = 0.0
+        self._handles: list = []
+        self.works: list[dist.Work] = []
+        #: The error of a launch from a hook (the collective is broken: the step fails on this rank).
+        self.failure: BaseException | None = None
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether there is more than one bucket: a bucket can then be reduced while the backward runs."""
+        return len(self._accumulator.buckets) > 1
+
+    @property
+    def launched(self) -> int:
+        """How many buckets are on their way."""
+        return len(self.works)
+
+    def arm(self, scale: float) -> None:
+        """Hook the accumulator's parameters for one backward, of a loss scaled by ``scale``."""
+        self._scale = scale
+        self._waiting = [0] * len(self._waiting)
+        for bucket in self._bucket_of:
+            self._waiting[bucket] += 1
+        self._handles = [p.register_hook(self._hook(i)) for i, p in enumerate(self._accumulator.params)]
+
+    def disarm(self) -> None:
+        """Remove the hooks (also after a backward that raised)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def launch_rest(self) -> list[dist.Work]:
+        """Launch every bucket not yet launched, in order, the first (agreement) bucket last; all the works."""
+        while self._next >= 0:
+            self._launch(self._next)
+        return self.works
+
+    def _hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def add(grad: torch.Tensor) -> None:
+            view = self._accumulator.views[index]
+            # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
+            view.add_(grad.to(view.dtype), alpha=self._scale)
+            self._accumulator.uses[index] += 1
+            bucket = self._bucket_of[index]
+            self._waiting[bucket] -= 1
+            while self._next >= 1 and self._waiting[self._next] == 0 and self.failure is None:
+                try:
+                    self._launch(self._next)
+                except Exception as failure:  # raised again by reduce_direct, as CollectiveFailed
+                    self.failure = failure
+
+        return add
+
+    def _launch(self, bucket: int) -> None:
+        self._next = bucket - 1
+        self.works.append(dist.all_reduce(self._accumulator.buckets[bucket], group=self._group, async_op=True))
+
+
 def reduce_direct(
     record: StepRecord,
     group: dist.ProcessGroup | None,
@@ -72,11 +160,13 @@ def reduce_direct(
     key: int,
     error: BaseException | None,
     buffers: BufferShare | None = None,
+    launcher: BucketLauncher | None = None,
 ) -> KeyboardInterrupt | None:
     """The direct step's all-reduce and agreement, on the calling thread; raises if the step failed.
 
     Every rank calls it, also one whose tasks raised (``error``): it takes part with a failed status,
-    so the others fail at once instead of waiting out a timeout, then re-raises its own error. A
+    so the others fail at once instead of waiting out a timeout, then re-raises its own error. The
+    buckets ``launcher`` launched during the backward are joined here; the rest are launched. A
     Ctrl-C while the collective is in flight does not leave it half done (the others are in it too,
     and this rank's buffers would still be written): the step is finished and the interrupt returned,
     for the caller to raise once the step is applied, as a coded step does after its decision.
@@ -87,6 +177,7 @@ def reduce_direct(
         StepMismatchError: ranks computed different steps, plans or task weights.
     """
     accumulator = record.accumulator
+    launcher = launcher if launcher is not None else BucketLauncher(accumulator, group)
     agreement = accumulator.agreement.view(AGREEMENT_SLOTS, world_size)
     try:  # in the buckets' own dtype (float32 or float64 for gradients), never the default dtype
         entry = [_OK if error is None else _FAILED, key // _HALF, key % _HALF]
@@ -96,8 +187,10 @@ def reduce_direct(
     start = time.perf_counter()
     interrupted: KeyboardInterrupt | None = None
     try:
-        works = [dist.all_reduce(bucket, group=group, async_op=True) for bucket in accumulator]
-        for work in works:
+        if launcher.failure is not None:  # a launch from the backward's hooks failed
+            raise launcher.failure
+        record.report.buckets_overlapped = launcher.launched
+        for work in launcher.launch_rest():
             while True:
                 try:
                     work.wait()

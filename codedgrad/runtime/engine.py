@@ -45,7 +45,7 @@ from codedgrad.runtime.config import AUTO, ConfigurationError, EngineConfig, agr
 from codedgrad.runtime.coordinator import StepChannel, StepMismatchError, StoreCoordinator
 from codedgrad.runtime.coordinator import weights_digest as _digest
 from codedgrad.runtime.devices import DeviceSeat, SeatError, shared_devices
-from codedgrad.runtime.direct import AGREEMENT_SLOTS, reduce_direct, step_key
+from codedgrad.runtime.direct import AGREEMENT_SLOTS, BucketLauncher, reduce_direct, step_key
 from codedgrad.runtime.release import BufferShare, CollectiveFailed, Releaser, reduce_step
 from codedgrad.runtime.replan import Plan, Planner
 from codedgrad.runtime.step import NonFiniteGradientError, StepPhase, StepRecord, StepReport
@@ -490,13 +490,16 @@ class CodedDataParallel(nn.Module):
         record.report.direct = True
         group = self._release_group if self._release_group is not None else self._group
         error: BaseException | None = None
+        launcher = BucketLauncher(record.accumulator, group)
         try:
-            self._tasks.run_direct(record, loss)
+            self._tasks.run_direct(record, loss, launcher)
         except BaseException as exc:  # take part in the collective anyway: the others fail at once
             error = exc
         key = step_key(record.step, plan.version, plan.fingerprint, digest)
         try:
-            interrupted = reduce_direct(record, group, self._rank, self._world_size, key, error, self._buffer_share)
+            interrupted = reduce_direct(
+                record, group, self._rank, self._world_size, key, error, self._buffer_share, launcher
+            )
         except BaseException as failure:
             record.finish(StepPhase.FAILED, failure)
             if isinstance(failure, CollectiveFailed):

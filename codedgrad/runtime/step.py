@@ -80,7 +80,8 @@ class StepReport:
             one; the rank then applied it without computing anything of it.
         time_to_decision: seconds from the step's start until this rank saw it decided.
         time_waited: seconds this rank's compute thread spent waiting for others.
-        allreduce_time: seconds in the coded all-reduce.
+        allreduce_time: seconds in the coded all-reduce (in a direct step from the end of this rank's
+            compute: the buckets reduced during its backward count only where they were not done by then).
         release_lag: seconds from the decision to the end of the coded all-reduce on this rank.
         step_time: seconds of the whole :meth:`~codedgrad.runtime.engine.CodedDataParallel.backward`.
         rank_coefficient: this rank's decoding coefficient in the coded all-reduce.
@@ -96,6 +97,9 @@ class StepReport:
         timeline: ``(result, start, end, used)`` of each computed result, seconds since the step's start.
         direct: the plan left nothing to decide (every task on one rank, no spare work), so the step
             ran without the Store: its all-reduce was the agreement (:mod:`~codedgrad.runtime.direct`).
+        buckets_overlapped: of a direct step, the gradient buckets whose all-reduce began during this
+            rank's backward (all but the first when each bucket's parameters got their gradient in the
+            last call; 0 with one bucket).
         late_error: an exception on this rank that came after the step was decided without this
             rank's remaining work: the step completed exactly on every rank, so the error is reported
             here and as a ``RuntimeWarning`` instead of being raised on one rank only.
@@ -128,6 +132,7 @@ class StepReport:
     emulated_seconds: float = 0.0
     timeline: list[tuple[int, float, float, bool]] = field(default_factory=list)
     direct: bool = False
+    buckets_overlapped: int = 0
     late_error: str | None = None
 
     @property

@@ -24,6 +24,7 @@ from codedgrad import CodedDataParallel
 from codedgrad.emulate import Heterogeneity
 from codedgrad.runtime import CodedHookState, coded_allreduce_hook
 from tests.distributed.engine_worker import (
+    TINY_BUCKETS_MB,
     grads,
     identical_across_ranks,
     make_data,
@@ -63,6 +64,45 @@ def run(no_wait: bool, dtype: torch.dtype, device: torch.device, code: str = "re
         and (cdp._release_stream is not None) == (no_wait and device.type == "cuda"),
         "used": used,
         "coefficients": coefficients,
+    }
+
+
+def run_direct_overlapped(device: torch.device) -> dict:
+    """Direct steps (Ω = 1, no spare work, measured) with buckets reduced from the backward's hooks,
+    which on CUDA run on autograd's device thread: exact, and buckets launched during the backward."""
+    model = make_model(torch.float64, with_unused=False).to(device)
+    cdp = CodedDataParallel(
+        model,
+        redundancy=1.0,
+        spare_work=False,
+        bucket_cap_mb=TINY_BUCKETS_MB,
+        replan_every=2,
+        warmup_steps=2,
+        max_steps_ahead=1,
+        timeout=60,
+    )
+    reference = make_model(torch.float64, with_unused=False).to(device)
+    reference.load_state_dict(cdp.module.state_dict())
+    errors, direct, overlapped = [], 0, 0
+    for step in range(14):
+        x, y = (t.to(device) for t in make_data(12, torch.float64, step))
+        cdp.module.zero_grad(set_to_none=True)
+        task_loss = task_loss_fn(cdp.module, x, y)
+        report = cdp.backward(
+            tasks=12, batch_loss=lambda ids, task_loss=task_loss: sum(task_loss(j) for j in ids) / len(ids)
+        )
+        direct += report.direct
+        overlapped = max(overlapped, report.buckets_overlapped)
+        errors.append(relative_error(grads(cdp.module), reference_grads(reference, 12, x, y)))
+    cdp.close()
+    return {
+        "max_error": max(errors),
+        "identical": identical_across_ranks(grads(cdp.module)),
+        "on_device": all(p.grad.device == p.device and p.device.type == device.type for p in cdp.module.parameters()),
+        "release_as_asked": True,
+        "used": direct,  # direct steps run
+        "coefficients": [],
+        "buckets_overlapped": overlapped,
     }
 
 
@@ -117,6 +157,7 @@ def main() -> None:
         # A code whose decoding coefficients are not 0/1 (least squares on the host, applied on the device).
         results["cyclic_float64"] = run(True, torch.float64, device, code="cyclic", redundancy=2)
         results["ddp_hook_float64"] = run_ddp_hook(device)
+        results["direct_overlapped_float64"] = run_direct_overlapped(device)
     except Exception:
         results = {"crash": traceback.format_exc()}
     write_results_and_exit(out_dir, rank, results)

@@ -40,20 +40,27 @@ FEATURES = 5
 class Net(nn.Module):
     """A small MLP with a side branch that only even tasks use (parameters without gradient)."""
 
-    def __init__(self) -> None:
+    def __init__(self, with_unused: bool = True) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, 1))
         self.branch = nn.Linear(FEATURES, 1)
-        self.unused = nn.Linear(2, 2)  # never in any loss: its gradient must stay None
+        if with_unused:
+            self.unused = nn.Linear(2, 2)  # never in any loss: its gradient must stay None
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         out = self.body(x)
         return out + self.branch(x) if task % 2 == 0 else out
 
 
-def make_model(dtype: torch.dtype) -> Net:
+def make_model(dtype: torch.dtype, with_unused: bool = True) -> Net:
     torch.manual_seed(1234)
-    return Net().to(dtype)
+    return Net(with_unused).to(dtype)
+
+
+#: Gradient buckets of at most 13 float64 elements: Net(with_unused=False) fills four (the first layer's
+#: weight; its bias; the last layer; the side branch), so a direct step reduces three of them during
+#: its backward when its last call uses the branch (an even task).
+TINY_BUCKETS_MB = 1e-4
 
 
 def make_data(num_tasks: int, dtype: torch.dtype, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +110,7 @@ def run_steps(cdp: CodedDataParallel, steps: int, num_tasks: int, dtype: torch.d
 
     ``batched``: give the engine a ``batch_loss`` (the mean of the tasks' losses; equal task sizes).
     """
-    reference = make_model(dtype)
+    reference = make_model(dtype, with_unused=hasattr(cdp.module, "unused"))
     reference.load_state_dict(cdp.module.state_dict())
     errors, reports = [], []
     for step in range(steps):
@@ -122,7 +129,8 @@ def run_steps(cdp: CodedDataParallel, steps: int, num_tasks: int, dtype: torch.d
     return {
         "max_error": max(errors),
         "identical": identical_across_ranks(grads(cdp.module)),
-        "unused_grad_none": cdp.module.unused.weight.grad is None,  # no task uses it: left alone, as DDP
+        # no task uses it: left alone, as DDP
+        "unused_grad_none": not hasattr(cdp.module, "unused") or cdp.module.unused.weight.grad is None,
         "computed": [r.computed for r in reports],
         "used": [r.used for r in reports],
         "purged": [r.purged for r in reports],
@@ -132,6 +140,8 @@ def run_steps(cdp: CodedDataParallel, steps: int, num_tasks: int, dtype: torch.d
         "plan_version": [r.plan_version for r in reports],
         "commit_seconds": [c for r in reports for c in r.commit_seconds],
         "direct": [r.direct for r in reports],
+        "buckets_overlapped": [r.buckets_overlapped for r in reports],
+        "hooks_left": sum(len(p._backward_hooks or {}) for p in cdp.module.parameters()),  # the direct step's
     }
 
 
@@ -167,8 +177,12 @@ def scenario_exact(rank: int, world: int) -> dict:
     # Direct steps leave no Store keys behind (the exchanges' go with the steps), and a plan restored
     # from a checkpoint runs its first step coded (a first step may compile for longer than timeout).
     store = dist.distributed_c10d._get_default_store()
+    # "direct" reduces buckets during its backward (tiny buckets); "direct_sync" has one bucket.
     for name, no_wait in (("direct", True), ("direct_sync", False)):
-        with CodedDataParallel(make_model(torch.float64), no_wait=no_wait, **direct) as cdp:
+        overlapped = name == "direct"
+        model_args = (torch.float64, not overlapped)
+        direct["bucket_cap_mb"] = TINY_BUCKETS_MB if overlapped else 25.0
+        with CodedDataParallel(make_model(*model_args), no_wait=no_wait, **direct) as cdp:
             results[name] = {
                 "first": run_steps(cdp, steps=14, num_tasks=12, dtype=torch.float64),
                 "batched": run_steps(cdp, steps=2, num_tasks=12, dtype=torch.float64, batched=True),
@@ -184,7 +198,7 @@ def scenario_exact(rank: int, world: int) -> dict:
             # exchanges fall; 12 exchanges that each left their P + 1 keys would add 60.
             results[name]["key_counts"] = keys
             saved = cdp.state_dict()
-        with CodedDataParallel(make_model(torch.float64), no_wait=no_wait, **direct) as cdp:
+        with CodedDataParallel(make_model(*model_args), no_wait=no_wait, **direct) as cdp:
             cdp.load_state_dict(saved)
             results[name]["restored"] = run_steps(cdp, steps=3, num_tasks=10, dtype=torch.float64)
     for dtype in (torch.float32, torch.bfloat16):
@@ -330,6 +344,51 @@ def run_with_task_error(cdp: CodedDataParallel, rank: int, delay: float) -> dict
     }
 
 
+class FailingBackward(torch.autograd.Function):
+    """The identity whose backward raises: placed after the first layer, the layers above it have
+    their gradients (and, with tiny buckets, their all-reduce launched) before the error."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        raise ValueError("a bad backward")
+
+
+def run_with_backward_error(cdp: CodedDataParallel, rank: int) -> dict:
+    """Four direct steps (batch_loss) where rank 1's backward raises ValueError midway at step 1."""
+    x, y = make_data(8, torch.float64)
+    model = cdp.module
+    outcomes, identical, overlapped = [], [], []
+    for step in range(4):
+        good = task_loss_fn(model, x, y)
+
+        def batch_loss(ids, good=good, fail=(rank == 1 and step == 1)):
+            if not fail:
+                return sum(good(j) for j in ids) / len(ids)
+            hidden = FailingBackward.apply(model.body[1](model.body[0](x)))
+            return ((model.body[2](hidden) + model.branch(x) - y) ** 2).mean()
+
+        model.zero_grad(set_to_none=False)
+        try:
+            report = cdp.backward(tasks=8, batch_loss=batch_loss)
+            outcomes.append("ok")
+            overlapped.append(report.buckets_overlapped)
+        except (ValueError, CodedStepTimeout) as error:
+            outcomes.append(type(error).__name__)
+            overlapped.append(None)
+        identical.append(identical_across_ranks(grads(model)))
+    return {
+        "outcomes": outcomes,
+        "identical": identical,
+        "buckets_overlapped": overlapped,
+        "hooks_left": sum(len(p._backward_hooks or {}) for p in model.parameters()),
+        "after": run_steps(cdp, steps=2, num_tasks=8, dtype=torch.float64, batched=True),
+    }
+
+
 def scenario_failures(rank: int, world: int) -> dict:
     results: dict = {}
     model = make_model(torch.float64)
@@ -387,6 +446,21 @@ def scenario_failures(rank: int, world: int) -> dict:
         results["direct_mismatch"] = {"type": type(error).__name__, "message": str(error)}
     results["direct_mismatch"]["after"] = run_steps(cdp, steps=2, num_tasks=8, dtype=torch.float64)
     cdp.close()
+    # An error inside rank 1's backward after its last layers' buckets went to the all-reduce (launched
+    # from the backward's hooks): every rank fails that step at once, and the next steps are exact.
+    with CodedDataParallel(
+        make_model(torch.float64, with_unused=False),
+        bucket_cap_mb=TINY_BUCKETS_MB,
+        redundancy=1.0,
+        spare_work=False,
+        replan_every=50,
+        warmup_steps=2,
+        max_steps_ahead=1,
+        timeout=10.0,
+    ) as overlapped:
+        warm = run_steps(overlapped, steps=10, num_tasks=8, dtype=torch.float64)
+        results["direct_backward_error"] = run_with_backward_error(overlapped, rank)
+        results["direct_backward_error"]["warm_direct"] = warm["direct"][-1]
 
     # The same error after the step was decided without it: rank 1's first task of step 1 runs 1.5 s,
     # the others cover its work (spare work), the release reduces the step on every rank, and only
