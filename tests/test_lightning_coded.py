@@ -134,6 +134,26 @@ def test_other_precisions(results: list[dict]) -> None:
 
 
 @pytest.mark.distributed
+def test_direct_steps_reduce_buckets_during_the_backward_and_stay_exact(results: list[dict]) -> None:
+    """Ω = 1, no spare work, buckets of one or two parameters: once measured the steps run direct, the
+    two buckets after the first go to the all-reduce during the backward (on a rank that computes
+    something: a plan may give a rank measured as slow no task), and 4 epochs end at the
+    single-process parameters."""
+    overlapped = set()
+    for rank, result in enumerate(results):
+        run = result["direct_overlapped"]
+        assert run["max_abs_diff"] <= FP64_TOLERANCE, (rank, run["max_abs_diff"])
+        direct = [r["buckets_overlapped"] for r in run["reports"] if r["direct"]]
+        assert direct and set(direct) <= {0, 2}, (
+            rank,
+            [(r["direct"], r["buckets_overlapped"]) for r in run["reports"]],
+        )
+        overlapped |= set(direct)
+    assert 2 in overlapped
+    assert all(r["direct_overlapped"]["parameters"] == results[0]["direct_overlapped"]["parameters"] for r in results)
+
+
+@pytest.mark.distributed
 def test_bad_settings_fail_at_setup_with_one_message_on_every_rank(results: list[dict]) -> None:
     for result in results:
         refused = result["refused"]
@@ -196,6 +216,7 @@ def test_registered_by_name_on_import() -> None:
         ({"num_tasks": 0}, "num_tasks"),
         ({"num_tasks": 2.5}, "num_tasks"),
         ({"max_steps_ahead": -1}, "max_steps_ahead"),
+        ({"bucket_cap_mb": 0}, "bucket_cap_mb"),
         ({"find_unused_parameters": True}, "find_unused_parameters"),
         ({"ddp_comm_hook": lambda state, bucket: None}, "ddp_comm_hook"),
     ],

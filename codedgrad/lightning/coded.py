@@ -235,6 +235,10 @@ class CodedStrategy(CodedgradStrategy):
         spare_work: let an idle rank compute other ranks' open tasks when that ends the step sooner;
             ``"auto"`` (default): unless ranks share a compute device (sleep-mode emulation keeps it on).
         max_steps_ahead: steps the release may complete for a stalled rank meanwhile.
+        bucket_cap_mb: largest flat gradient bucket of the all-reduce, as DDP's: where a step has
+            nothing to decide (Ω = 1, no spare work) each bucket is reduced as soon as the last
+            chunk's backward has filled it, so smaller buckets overlap more of the all-reduce with the
+            backward, and larger ones cost fewer collectives.
         **kwargs: :class:`~pytorch_lightning.strategies.DDPStrategy`'s ``accelerator``,
             ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``,
             ``process_group_backend``, ``start_method`` (DDP wrapper arguments are refused: there is
@@ -261,6 +265,7 @@ class CodedStrategy(CodedgradStrategy):
         replan_threshold: float = 0.1,
         spare_work: bool | str = "auto",
         max_steps_ahead: int = 4,
+        bucket_cap_mb: float = 25.0,
         **kwargs: Any,
     ) -> None:
         unknown = sorted(k for k in kwargs if k not in _BASE_ARGUMENTS)
@@ -277,7 +282,7 @@ class CodedStrategy(CodedgradStrategy):
             config = EngineConfig(
                 redundancy=redundancy, gamma=gamma, code=code, profiles=profiles, emulate=emulate,
                 timeout=timeout, replan_every=replan_every, replan_threshold=replan_threshold,
-                spare_work=spare_work, max_steps_ahead=max_steps_ahead,
+                spare_work=spare_work, max_steps_ahead=max_steps_ahead, bucket_cap_mb=bucket_cap_mb,
             )  # fmt: skip
         except EmulationError as error:
             raise ValueError(f"emulate: {error}") from None
@@ -419,6 +424,7 @@ class CodedStrategy(CodedgradStrategy):
             replan_threshold=config.replan_threshold,
             spare_work=config.spare_work,
             max_steps_ahead=config.max_steps_ahead,
+            bucket_cap_mb=config.bucket_cap_mb,
             nonfinite="keep" if scaled else "raise",  # a GradScaler skips non-finite steps on every rank alike
         )
         self._params = [p for p in self.lightning_module.parameters() if p.requires_grad]

@@ -122,6 +122,8 @@ class Recorder(Callback):
                 "used": report.used,
                 "spare": report.spare,
                 "plan_version": report.plan_version,
+                "direct": report.direct,
+                "buckets_overlapped": report.buckets_overlapped,
                 "loss": report.loss,
                 "output_loss": float(outputs["loss"]),
                 "samples": len(batch),
@@ -260,6 +262,17 @@ def main_torchrun(out_dir: Path) -> None:
             "parameters": flat(model3).tolist(),
             "finite": bool(torch.isfinite(flat(model3)).all()),
         }
+
+    # 3b. a plan with nothing to decide (Ω = 1, no spare work) and gradient buckets of one or two
+    # parameters: once measured, steps run direct, their buckets reduced during the last chunk's backward.
+    recorder3 = Recorder()
+    direct = strategy(redundancy=1.0, spare_work=False, replan_every=2, max_steps_ahead=1, bucket_cap_mb=1e-4)
+    model3 = Module()
+    trainer_for(out_dir, "64-true", 4, [recorder3], strategy=direct).fit(
+        model3, DataLoader(Recording(N, 0), batch_size=BATCH, shuffle=True)
+    )
+    want4, losses4 = reference(4, torch.float64)
+    result["direct_overlapped"] = fit_summary(model3, recorder3, want4, losses4)
 
     # 4. settings refused on every rank at setup.
     result["refused"] = {
