@@ -22,3 +22,20 @@ def test_is_finite_finds_any_nan_or_infinity_and_is_not_fooled_by_an_overflowing
         flat.views[1][2] = huge
     flat.loss.fill_(float("nan"))  # the loss rides in the first bucket
     assert not flat.is_finite()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_scaled_gradients_and_use_counts_go_straight_into_the_buffers(dtype: torch.dtype) -> None:
+    """``add_scaled_`` adds scale times each gradient in the buffers' precision (float32 for bf16) and
+    counts one use per parameter that had a gradient; ``add_`` (already scaled) counts alike."""
+    params = [torch.nn.Parameter(torch.zeros(2, 3, dtype=dtype)) for _ in range(3)]
+    flat = FlatGradients(params, bucket_bytes=16)
+    grads = [torch.full((2, 3), 3.0, dtype=dtype), None, torch.full((2, 3), -1.0, dtype=dtype)]
+    flat.add_scaled_(grads, 0.5)
+    flat.add_scaled_([torch.ones(2, 3, dtype=dtype)] * 3, 0.25)  # every parameter: one operation
+    flat.add_([None, torch.ones(2, 3, dtype=dtype), None])
+    assert flat.views[0].dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+    assert [float(v[0, 0]) for v in flat.views] == [1.75, 1.25, -0.25]
+    assert flat.uses.tolist() == [2.0, 2.0, 2.0]
+    flat.count_uses([])  # nothing to count: no change
+    assert flat.uses.tolist() == [2.0, 2.0, 2.0]

@@ -86,14 +86,38 @@ class FlatGradients:
         values: dict[int, tuple[float, float]] | None = None,
     ) -> None:
         """Add one gradient per parameter (None adds nothing), a loss, and (Σ weight·value, Σ weight) per slot."""
+        used = []
         for i, (view, grad) in enumerate(zip(self.views, grads)):
             if grad is not None:
                 view.add_(grad)
-                self.uses[i] += 1
+                used.append(i)
+        self.count_uses(used)
         self.loss.add_(loss)
         for slot, (weighted, weight) in (values or {}).items():
             self.values[slot, 0] += weighted
             self.values[slot, 1] += weight
+
+    def add_scaled_(self, grads: Sequence[torch.Tensor | None], scale: float) -> None:
+        """Add ``scale`` times one gradient per parameter (None adds nothing), in the buffers' precision.
+
+        One pass, straight into the buffers: no scaled copy of the gradient is made first.
+        """
+        used = []
+        for i, (view, grad) in enumerate(zip(self.views, grads)):
+            if grad is not None:
+                # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
+                view.add_(grad.to(view.dtype), alpha=scale)
+                used.append(i)
+        self.count_uses(used)
+
+    def count_uses(self, indices: Sequence[int]) -> None:
+        """Count one more result that gave each parameter in ``indices`` (their positions) a gradient."""
+        if len(indices) == len(self.params):
+            self.uses.add_(1)  # one operation, not one per parameter
+        elif indices:
+            self.uses.index_add_(
+                0, torch.tensor(indices, device=self.uses.device), torch.ones_like(self.uses[: len(indices)])
+            )
 
     def is_finite(self) -> bool:
         """Whether every element (gradients and loss) is finite."""

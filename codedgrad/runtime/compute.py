@@ -234,7 +234,8 @@ class TaskRunner:
 
         With ``batch_loss`` the tasks run in as few, as equal chunks as an even share (DDP's batch
         per rank, what the user sized memory for) allows; with ``task_loss`` one call per task. The
-        last call's backward hands its gradients to ``launcher``, which reduces buckets meanwhile.
+        last call's backward hands its gradients to ``launcher``, which reduces buckets meanwhile;
+        every call adds its gradients straight into the accumulator.
         """
         plan: Plan = record.plan  # type: ignore[assignment]
         tasks = [work.result for work in plan.queue]
@@ -245,8 +246,9 @@ class TaskRunner:
         for i in range(calls):
             chunk = tuple(tasks[begin : begin + base + (i < extra)])
             begin += len(chunk)
-            last = launcher if i == calls - 1 and launcher is not None and launcher.overlaps else None
-            computed = self._compute(record, None, Work(chunk[0], chunk, (1.0,) * len(chunk)), loss, last)
+            overlap = i == calls - 1 and launcher is not None and launcher.overlaps
+            work = Work(chunk[0], chunk, (1.0,) * len(chunk))
+            computed = self._compute(record, None, work, loss, launcher, overlap)
             assert computed is not None  # a direct step is never decided or released while it computes
             record.accumulator.add_(computed.grads, computed.loss_sum, computed.values)
             record.accumulated.extend(computed.results)
@@ -373,14 +375,15 @@ class TaskRunner:
         channel: StepChannel | None,
         work: Work,
         loss: StepLoss,
-        launcher: BucketLauncher | None = None,
+        direct: BucketLauncher | None = None,
+        overlap: bool = False,
     ) -> _Computed | None:
         """``work``'s gradient, scaled by its weight share; None when the step no longer needs it.
 
         A chunk of a repetition code (several tasks, all with coefficient 1) is one call of the
-        batch loss; a rank-level code's work (coefficients per task) is one call per task. With a
-        ``launcher`` (a direct step's last call) the gradients go straight into the accumulator
-        during the backward, and the result carries none.
+        batch loss; a rank-level code's work (coefficients per task) is one call per task. In a
+        direct step (``direct``: nothing to commit) the gradients go straight into the accumulator,
+        during the backward with ``overlap`` (:meth:`BucketLauncher.arm`), and the result carries none.
         """
         start = time.perf_counter()
         weights, total = record.weights, record.weights_total
@@ -402,8 +405,9 @@ class TaskRunner:
             task_loss, task_values = output
             if record.phase is not StepPhase.RUNNING:
                 return None  # released during the forward pass: the backward would be wasted
-            if launcher is not None:
-                launcher.arm(scale)
+            if overlap:
+                assert direct is not None
+                direct.arm(scale)
             try:
                 task_grads = torch.autograd.grad(task_loss, self._params, allow_unused=True)
             except RuntimeError as error:
@@ -414,11 +418,13 @@ class TaskRunner:
                     ) from error
                 raise
             finally:
-                if launcher is not None:
-                    launcher.disarm()
-            if launcher is None:  # (with one, the hooks added them)
+                if overlap:
+                    direct.disarm()  # type: ignore[union-attr]
+            if direct is None:
                 # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
                 _add_scaled(grads, task_grads, scale, record.accumulator.dtypes)
+            elif not overlap:  # (with hooks, they added them during the backward)
+                direct.add(task_grads, scale)
             del task_grads
             loss_sum += scale * float(task_loss.detach())
             for slot, value in task_values.items():

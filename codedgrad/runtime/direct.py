@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -82,7 +82,7 @@ class BucketLauncher:
     added, scaled, to its slice of the accumulator, and the buckets whose parameters are all in are
     launched, last bucket first. :meth:`disarm` removes the hooks. :meth:`launch_rest` launches
     what is left, the first bucket last. With one bucket there is nothing to overlap, and :attr:`overlaps`
-    is False: the call then adds its gradients as any other.
+    is False; a call without hooks hands its gradients to :meth:`add`.
 
     Args:
         accumulator: the step's flat buffers (their buckets are what is reduced).
@@ -97,6 +97,7 @@ class BucketLauncher:
         self._next = len(accumulator.buckets) - 1  # the next bucket to launch (descending)
         self._scale = 0.0
         self._handles: list = []
+        self._used: list[int] = []  # parameters the hooks added a gradient to (counted before the first bucket goes)
         self.works: list[dist.Work] = []
         #: The error of a launch from a hook (the collective is broken: the step fails on this rank).
         self.failure: BaseException | None = None
@@ -125,8 +126,14 @@ class BucketLauncher:
             handle.remove()
         self._handles = []
 
+    def add(self, grads: Sequence[torch.Tensor | None], scale: float) -> None:
+        """A call's gradients, scaled, straight into the accumulator (a call without hooks)."""
+        self._accumulator.add_scaled_(grads, scale)
+
     def launch_rest(self) -> list[dist.Work]:
         """Launch every bucket not yet launched, in order, the first (agreement) bucket last; all the works."""
+        self._accumulator.count_uses(self._used)  # the use counts travel in the first bucket
+        self._used = []
         while self._next >= 0:
             self._launch(self._next)
         return self.works
@@ -136,7 +143,7 @@ class BucketLauncher:
             view = self._accumulator.views[index]
             # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
             view.add_(grad.to(view.dtype), alpha=self._scale)
-            self._accumulator.uses[index] += 1
+            self._used.append(index)
             bucket = self._bucket_of[index]
             self._waiting[bucket] -= 1
             while self._next >= 1 and self._waiting[self._next] == 0 and self.failure is None:
