@@ -41,6 +41,7 @@ from codedgrad.recipes.bench import (
     balanced_counts,
     build_strategy,
     build_workload,
+    code_provenance,
     ideal_bound,
     load_cluster,
     measure_allreduce,
@@ -323,8 +324,18 @@ def main(cfg: DictConfig) -> None:
     dist.broadcast_object_list(stamp, src=0)
     out = Path(cfg.out_dir) / stamp[0]
     log(f"{world} ranks, strategies {list(cfg.strategies)}, profiles {list(cfg.run_profiles)}; EMULATED clusters")
+    code = code_provenance()
+    log(f"codedgrad from {code['package']} at {code['commit']}{' with changes' if code['dirty'] else ''}")
+    here = Path(__file__).resolve().parent.parent
+    if not Path(code["package"]).is_relative_to(here):
+        log(f"codedgrad is not this script's ({here}): set PYTHONPATH={here} to measure this tree's code")
     started = time.perf_counter()
-    results: dict[str, Any] = {"world_size": world, "config": OmegaConf.to_container(cfg), "workloads": {}}
+    results: dict[str, Any] = {
+        "world_size": world,
+        "code": code,
+        "config": OmegaConf.to_container(cfg),
+        "workloads": {},
+    }
     for wname in cfg.run_workloads:
         workload = build_workload(cfg.workloads[wname], seed=cfg.seed)
         sizes = sorted({min(n, workload.num_tasks) for n in cfg.sizes})

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import codedgrad
 from codedgrad.emulate import Heterogeneity
 from codedgrad.recipes.bench import CostCurve, balanced_counts, ideal_bound, load_cluster, predicted_step, unit_factors
 
@@ -40,6 +41,9 @@ def test_tiny_bench_reports_every_field_and_exact_gradients(torchrun, tmp_path: 
     assert {p.name for p in run.iterdir()} == {"bench.json", "bench.png", "accuracy.png"}
     report = json.loads((run / "bench.json").read_text())
     assert report["world_size"] == 2
+    # The code measured: this checkout's package (tests run from it), at its commit.
+    assert report["code"]["package"] == str(Path(codedgrad.__file__).resolve().parent)
+    assert report["code"]["commit"] is None or len(report["code"]["commit"]) == 40
     cnn = report["workloads"]["cnn"]
     assert cnn["compute_curve"]["sizes"] == [1, 2, 4] and all(s > 0 for s in cnn["compute_curve"]["seconds"])
     profile = cnn["profiles"]["hetero4_stalls"]

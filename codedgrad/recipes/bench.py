@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -438,3 +439,27 @@ def load_cluster(name: str, conf_dir: Path) -> dict[str, Any]:
     for entry in defaults:
         merged.update(raw if entry == "_self_" else load_cluster(str(entry), conf_dir))
     return merged
+
+
+def code_provenance() -> dict[str, Any]:
+    """Which codedgrad this process imported: its directory, and the git commit of that tree.
+
+    A benchmark records it with its results, so a number can be traced to its code. It also shows a
+    mistake that is easy to make with an editable install: a script run from another checkout (a
+    snapshot of an older commit) still imports the installed tree unless ``PYTHONPATH`` names its own.
+    ``commit`` and ``dirty`` (uncommitted changes under the package) are None outside a git checkout.
+    """
+    import codedgrad
+
+    package = Path(codedgrad.__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--", ".") if commit is not None else None
+    return {"package": str(package), "commit": commit, "dirty": None if status is None else bool(status)}
