@@ -1,4 +1,4 @@
-"""FlatGradients on its own (no process group): the non-finite check the engine applies to every step."""
+"""FlatGradients and the direct step's BucketLauncher on their own (no process group)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from codedgrad.runtime.buffers import FlatGradients
+from codedgrad.runtime.direct import BucketLauncher
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -39,3 +40,18 @@ def test_scaled_gradients_and_use_counts_go_straight_into_the_buffers(dtype: tor
     assert flat.uses.tolist() == [2.0, 2.0, 2.0]
     flat.count_uses([])  # nothing to count: no change
     assert flat.uses.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_a_direct_step_that_cannot_hook_every_parameter_leaves_no_hook_behind() -> None:
+    """Arming the backward's hooks fails on a parameter frozen after the engine was built: the hooks
+    already registered are removed, so no later backward adds into buffers the next step reuses."""
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(3)]
+    flat = FlatGradients(params, bucket_bytes=8)  # one bucket per parameter
+    launcher = BucketLauncher(flat, group=None)
+    assert launcher.overlaps
+    params[2].requires_grad_(False)
+    with pytest.raises(RuntimeError):
+        launcher.arm(0.5)
+    assert all(not p._backward_hooks for p in params)
+    torch.autograd.grad((params[0] * params[1]).sum(), params[:2])
+    assert all(float(v.abs().sum()) == 0.0 for v in flat.views)

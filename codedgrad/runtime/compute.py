@@ -405,8 +405,8 @@ class TaskRunner:
             task_loss, task_values = output
             if record.phase is not StepPhase.RUNNING:
                 return None  # released during the forward pass: the backward would be wasted
-            if overlap:
-                assert direct is not None
+            if overlap:  # one call (a direct step's chunk): a second would add into buckets already sent
+                assert direct is not None and len(calls) == 1
                 direct.arm(scale)
             try:
                 task_grads = torch.autograd.grad(task_loss, self._params, allow_unused=True)
@@ -423,7 +423,9 @@ class TaskRunner:
             if direct is None:
                 # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
                 _add_scaled(grads, task_grads, scale, record.accumulator.dtypes)
-            elif not overlap:  # (with hooks, they added them during the backward)
+            elif overlap:  # the hooks added them during the backward
+                direct.record_uses()
+            else:
                 direct.add(task_grads, scale)
             del task_grads
             loss_sum += scale * float(task_loss.detach())

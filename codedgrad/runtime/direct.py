@@ -97,15 +97,19 @@ class BucketLauncher:
         self._next = len(accumulator.buckets) - 1  # the next bucket to launch (descending)
         self._scale = 0.0
         self._handles: list = []
-        self._used: list[int] = []  # parameters the hooks added a gradient to (counted before the first bucket goes)
+        self._armed = False  # a hook that outlives its backward (it should not) adds nothing
+        self._used: list[int] = []  # parameters the hooks added a gradient to (see record_uses)
         self.works: list[dist.Work] = []
         #: The error of a launch from a hook (the collective is broken: the step fails on this rank).
         self.failure: BaseException | None = None
 
     @property
     def overlaps(self) -> bool:
-        """Whether there is more than one bucket: a bucket can then be reduced while the backward runs."""
-        return len(self._accumulator.buckets) > 1
+        """Whether a bucket can be reduced while the backward runs: more than one bucket, all on one
+        device. (Parameters on two devices have their hooks run by two autograd threads at once, and
+        collectives on one group must not be issued from two threads.)"""
+        buckets = self._accumulator.buckets
+        return len(buckets) > 1 and len({b.device for b in buckets}) == 1
 
     @property
     def launched(self) -> int:
@@ -118,28 +122,41 @@ class BucketLauncher:
         self._waiting = [0] * len(self._waiting)
         for bucket in self._bucket_of:
             self._waiting[bucket] += 1
-        self._handles = [p.register_hook(self._hook(i)) for i, p in enumerate(self._accumulator.params)]
+        self._armed = True
+        try:  # a registration that fails (a parameter frozen since, a Ctrl-C) must not leave the others
+            for i, p in enumerate(self._accumulator.params):
+                self._handles.append(p.register_hook(self._hook(i)))
+        except BaseException:
+            self.disarm()
+            raise
 
     def disarm(self) -> None:
         """Remove the hooks (also after a backward that raised)."""
-        for handle in self._handles:
+        self._armed = False
+        handles, self._handles = self._handles, []
+        for handle in handles:
             handle.remove()
-        self._handles = []
 
     def add(self, grads: Sequence[torch.Tensor | None], scale: float) -> None:
         """A call's gradients, scaled, straight into the accumulator (a call without hooks)."""
         self._accumulator.add_scaled_(grads, scale)
 
+    def record_uses(self) -> None:
+        """After a hooked backward that succeeded: count the parameters it gave a gradient (the counts
+        travel in the first bucket, which is launched after the compute)."""
+        used, self._used = self._used, []
+        self._accumulator.count_uses(used)
+
     def launch_rest(self) -> list[dist.Work]:
         """Launch every bucket not yet launched, in order, the first (agreement) bucket last; all the works."""
-        self._accumulator.count_uses(self._used)  # the use counts travel in the first bucket
-        self._used = []
         while self._next >= 0:
             self._launch(self._next)
         return self.works
 
     def _hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def add(grad: torch.Tensor) -> None:
+            if not self._armed:
+                return
             view = self._accumulator.views[index]
             # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
             view.add_(grad.to(view.dtype), alpha=self._scale)
@@ -149,7 +166,7 @@ class BucketLauncher:
             while self._next >= 1 and self._waiting[self._next] == 0 and self.failure is None:
                 try:
                     self._launch(self._next)
-                except Exception as failure:  # raised again by reduce_direct, as CollectiveFailed
+                except BaseException as failure:  # a Ctrl-C too: reduce_direct raises it as CollectiveFailed
                     self.failure = failure
 
         return add
