@@ -84,14 +84,11 @@ class FlatGradients:
         grads: Sequence[torch.Tensor | None],
         loss: torch.Tensor | float = 0.0,
         values: dict[int, tuple[float, float]] | None = None,
+        scale: float = 1.0,
     ) -> None:
-        """Add one gradient per parameter (None adds nothing), a loss, and (Σ weight·value, Σ weight) per slot."""
-        used = []
-        for i, (view, grad) in enumerate(zip(self.views, grads)):
-            if grad is not None:
-                view.add_(grad)
-                used.append(i)
-        self.count_uses(used)
+        """Add ``scale`` times one gradient per parameter (None adds nothing, see :meth:`add_scaled_`), a
+        loss, and (Σ weight·value, Σ weight) per slot (both already scaled)."""
+        self.add_scaled_(grads, scale)
         self.loss.add_(loss)
         for slot, (weighted, weight) in (values or {}).items():
             self.values[slot, 0] += weighted
@@ -106,7 +103,10 @@ class FlatGradients:
         for i, (view, grad) in enumerate(zip(self.views, grads)):
             if grad is not None:
                 # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
-                view.add_(grad.to(view.dtype), alpha=scale)
+                if scale == 1.0:
+                    view.add_(grad.to(view.dtype))
+                else:
+                    view.add_(grad.to(view.dtype), alpha=scale)
                 used.append(i)
         self.count_uses(used)
 

@@ -108,11 +108,12 @@ class _Computed:
     """One result's gradients, computed and not yet committed."""
 
     results: tuple[int, ...]
-    grads: list[torch.Tensor | None]
+    grads: list[torch.Tensor | None]  # times grad_scale: the result's share of the step's gradient
     loss_sum: float
     values: dict[int, tuple[float, float]]  # slot -> (Σ scale·value, Σ scale)
     start: float
     computed: float
+    grad_scale: float = 1.0
 
 
 class _Committer:
@@ -389,6 +390,7 @@ class TaskRunner:
         weights, total = record.weights, record.weights_total
         assert weights is not None
         grads: list[torch.Tensor | None] = [None] * len(self._params)
+        grad_scale = 1.0
         loss_sum = 0.0
         values: dict[int, tuple[float, float]] = {}  # slot -> (Σ scale·value, Σ scale)
         chunked = len(work.tasks) > 1 and loss.batched and all(c == 1.0 for c in work.coefficients)
@@ -420,7 +422,10 @@ class TaskRunner:
             finally:
                 if overlap:
                     direct.disarm()  # type: ignore[union-attr]
-            if direct is None:
+            if direct is None and len(calls) == 1:
+                # Kept as autograd returned them, scaled when added: no scaled copy in fresh memory.
+                grads, grad_scale = list(task_grads), scale
+            elif direct is None:  # several calls (a rank-level code's coefficients) sum into one result
                 # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
                 _add_scaled(grads, task_grads, scale, record.accumulator.dtypes)
             elif overlap:  # the hooks added them during the backward
@@ -451,7 +456,7 @@ class TaskRunner:
         # flatten the measured speed ratios (a fast rank's tasks look relatively slower).
         self._record_task(len(work.tasks), math.fsum(weights[t] for t in work.tasks), computed - start)
         results = work.tasks if chunked else (work.result,)
-        return _Computed(tuple(results), grads, loss_sum, values, start, computed)
+        return _Computed(tuple(results), grads, loss_sum, values, start, computed, grad_scale)
 
     def _commit(self, record: StepRecord, channel: StepChannel, computed: _Computed) -> bool:
         """Commit a computed result (or chunk) and, if used, accumulate it: one critical section."""
@@ -464,7 +469,7 @@ class TaskRunner:
                 record.report.commit_seconds.append(time.perf_counter() - commit_start)
                 record.report.commit_round_trips += channel.commit_round_trips - trips
                 if used:
-                    record.accumulator.add_(computed.grads, computed.loss_sum, computed.values)
+                    record.accumulator.add_(computed.grads, computed.loss_sum, computed.values, computed.grad_scale)
                     record.accumulated.extend(computed.results)  # after the addition completed
                     self._mark_accumulated(record)
         _report_result(record, computed, used)

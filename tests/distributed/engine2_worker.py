@@ -203,10 +203,10 @@ def scenario_defects(rank: int, world: int, results: dict) -> None:
             for step in range(3):
                 inject = rank == 1 and step == 1
 
-                def add_then_fail(self, grads, loss=0.0, values=None, _inject=inject):
+                def add_then_fail(self, *args, _inject=inject, **kwargs):
                     if _inject:
                         raise RuntimeError("injected between commit and accumulation")
-                    return original_add(self, grads, loss, values)
+                    return original_add(self, *args, **kwargs)
 
                 FlatGradients.add_ = add_then_fail
                 try:
