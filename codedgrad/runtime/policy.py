@@ -363,12 +363,12 @@ class ReplanPolicy:
         measured = pool_equal_speeds(shared, noise)
         if not measured_before:  # a guess, perhaps not even in seconds: always replace it
             even = (_pooled(measured),) * len(measured)
-            if len(set(current)) == 1 and not self._pays(measured, even, num_tasks, window):
+            if len(set(current)) == 1 and not self._pays(measured, even, num_tasks):
                 # From an even guess, ranks whose measured differences do not pay for an uneven split
                 # (noise, on a homogeneous cluster) stay even: one pooled profile, in measured units.
                 return "switch", even
             return "switch", measured
-        if self._pays(measured, current, num_tasks, window):
+        if self._pays(measured, current, num_tasks):
             self._previous, self._window_before, self._switched_to = tuple(current), window, measured
             return "switch", measured
         return "keep", None
@@ -397,25 +397,12 @@ class ReplanPolicy:
         wander = 1.4826 * float(np.median(changes)) / math.sqrt(2.0)
         return min(MAX_WINDOW_NOISE, max(MIN_SPEED_ERROR, wander))
 
-    def _pays(
-        self,
-        measured: Sequence[WorkerProfile],
-        current: Sequence[WorkerProfile],
-        num_tasks: int,
-        step_seconds: float | None = None,
-    ) -> bool:
-        """Whether the split from ``measured`` beats ``current``'s split by more than the threshold.
-
-        Both splits' compute is predicted with the measured profiles. The threshold is a share of the
-        *step*, whose all-reduce and fixed costs no split changes: of the window's measured step time
-        (``step_seconds``) when it is longer than the predicted compute. Judged on compute alone, a
-        small model whose compute is a tenth of its step switched plans on noise (a 10 % threshold of
-        1 ms), and every switch costs a coded step.
-        """
+    def _pays(self, measured: Sequence[WorkerProfile], current: Sequence[WorkerProfile], num_tasks: int) -> bool:
+        """Whether the split from ``measured`` beats ``current``'s split by more than the threshold (both
+        predicted with the measured profiles)."""
         now = predicted_step_time(measured, optimal_split(list(current), num_tasks, 1.0, self.gamma))
         proposed = predicted_step_time(measured, optimal_split(list(measured), num_tasks, 1.0, self.gamma))
-        step = max(now, step_seconds or 0.0)
-        return now - proposed > self.threshold * step
+        return proposed < (1.0 - self.threshold) * now
 
     def state_dict(self) -> dict:
         # The cost shape too: under a direct plan every call has one size, so a restored run could

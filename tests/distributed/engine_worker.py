@@ -238,15 +238,10 @@ def scenario_exact(rank: int, world: int) -> dict:
 
     # Re-planning from measured task times: start homogeneous, re-plan after 3 warm-up steps and then
     # every 4 steps (each exchange read 2 steps after it is published); from step 12 on the speeds are
-    # reversed and the plan must follow. The threshold is a share of the measured step, of which the
-    # coded protocol is a good part here (16 tasks of 2.5-10 ms): telling rank 1 (speed 2 after the
-    # change) from ranks 2 and 3 gains about a tenth of it: at the default 10 % that switch is borderline.
+    # reversed and the plan must follow.
     speeds = [1.0, 1.0, 2.0, 4.0][:world]
     drifting = Heterogeneity(speeds=speeds, base=0.01, jitter=0.3, seed=5, change_step=12, change_speeds=speeds[::-1])
-    replanning = dict(
-        redundancy=1.0, emulate=drifting, replan_every=4, warmup_steps=3, max_steps_ahead=1, timeout=30,
-        replan_threshold=0.05,
-    )  # fmt: skip
+    replanning = dict(redundancy=1.0, emulate=drifting, replan_every=4, warmup_steps=3, max_steps_ahead=1, timeout=30)
     cdp = CodedDataParallel(make_model(torch.float64), **replanning)
     run = run_steps(cdp, steps=52, num_tasks=16, dtype=torch.float64)  # 40 steps after the change
     results["replan"] = {
