@@ -324,11 +324,12 @@ def main(cfg: DictConfig) -> None:
     dist.broadcast_object_list(stamp, src=0)
     out = Path(cfg.out_dir) / stamp[0]
     log(f"{world} ranks, strategies {list(cfg.strategies)}, profiles {list(cfg.run_profiles)}; EMULATED clusters")
-    code = code_provenance()
-    log(f"codedgrad from {code['package']} at {code['commit']}{' with changes' if code['dirty'] else ''}")
-    here = Path(__file__).resolve().parent.parent
-    if not Path(code["package"]).is_relative_to(here):
-        log(f"codedgrad is not this script's ({here}): set PYTHONPATH={here} to measure this tree's code")
+    code = code_provenance() if dist.get_rank() == 0 else {}  # git runs once, where the results are written
+    if code:
+        log(f"codedgrad from {code['package']} at {code['commit']}{' with changes' if code['dirty'] else ''}")
+        here = Path(__file__).resolve().parent.parent
+        if not Path(code["package"]).is_relative_to(here):
+            log(f"codedgrad is not this script's ({here}): set PYTHONPATH={here} to measure this tree's code")
     started = time.perf_counter()
     results: dict[str, Any] = {
         "world_size": world,

@@ -99,16 +99,16 @@ class FlatGradients:
 
         One pass, straight into the buffers: no scaled copy of the gradient is made first.
         """
-        used = []
-        for i, (view, grad) in enumerate(zip(self.views, grads)):
-            if grad is not None:
-                # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
-                if scale == 1.0:
-                    view.add_(grad.to(view.dtype))
-                else:
-                    view.add_(grad.to(view.dtype), alpha=scale)
-                used.append(i)
+        used = [i for i, grad in enumerate(grads) if grad is not None]
+        for i in used:
+            self.add_one_(i, grads[i], scale)  # type: ignore[arg-type]
         self.count_uses(used)
+
+    def add_one_(self, index: int, grad: torch.Tensor, scale: float) -> None:
+        """Add ``scale · grad`` to parameter ``index``'s slice (its use is counted by the caller)."""
+        view = self.views[index]
+        # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
+        view.add_(grad.to(view.dtype), alpha=scale)
 
     def count_uses(self, indices: Sequence[int]) -> None:
         """Count one more result that gave each parameter in ``indices`` (their positions) a gradient."""

@@ -431,7 +431,7 @@ class TaskRunner:
             elif overlap:  # the hooks added them during the backward
                 direct.record_uses()
             else:
-                direct.add(task_grads, scale)
+                record.accumulator.add_scaled_(task_grads, scale)
             del task_grads
             loss_sum += scale * float(task_loss.detach())
             for slot, value in task_values.items():

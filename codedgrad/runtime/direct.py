@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -82,7 +82,7 @@ class BucketLauncher:
     added, scaled, to its slice of the accumulator, and the buckets whose parameters are all in are
     launched, last bucket first. :meth:`disarm` removes the hooks. :meth:`launch_rest` launches
     what is left, the first bucket last. With one bucket there is nothing to overlap, and :attr:`overlaps`
-    is False; a call without hooks hands its gradients to :meth:`add`.
+    is False.
 
     Args:
         accumulator: the step's flat buffers (their buckets are what is reduced).
@@ -93,7 +93,10 @@ class BucketLauncher:
         self._accumulator = accumulator
         self._group = group
         self._bucket_of = accumulator.bucket_of
-        self._waiting = [0] * len(accumulator.buckets)  # per bucket: its parameters' gradients still to come
+        self._sizes = [0] * len(accumulator.buckets)  # per bucket: its parameters
+        for bucket in self._bucket_of:
+            self._sizes[bucket] += 1
+        self._waiting = list(self._sizes)  # per bucket: its parameters' gradients still to come
         self._next = len(accumulator.buckets) - 1  # the next bucket to launch (descending)
         self._scale = 0.0
         self._handles: list = []
@@ -119,9 +122,7 @@ class BucketLauncher:
     def arm(self, scale: float) -> None:
         """Hook the accumulator's parameters for one backward, of a loss scaled by ``scale``."""
         self._scale = scale
-        self._waiting = [0] * len(self._waiting)
-        for bucket in self._bucket_of:
-            self._waiting[bucket] += 1
+        self._waiting = list(self._sizes)
         self._armed = True
         try:  # a registration that fails (a parameter frozen since, a Ctrl-C) must not leave the others
             for i, p in enumerate(self._accumulator.params):
@@ -136,10 +137,6 @@ class BucketLauncher:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
-
-    def add(self, grads: Sequence[torch.Tensor | None], scale: float) -> None:
-        """A call's gradients, scaled, straight into the accumulator (a call without hooks)."""
-        self._accumulator.add_scaled_(grads, scale)
 
     def record_uses(self) -> None:
         """After a hooked backward that succeeded: count the parameters it gave a gradient (the counts
@@ -157,9 +154,7 @@ class BucketLauncher:
         def add(grad: torch.Tensor) -> None:
             if not self._armed:
                 return
-            view = self._accumulator.views[index]
-            # Scale in the accumulator's precision: bf16(w / W) would bias every gradient.
-            view.add_(grad.to(view.dtype), alpha=self._scale)
+            self._accumulator.add_one_(index, grad, self._scale)
             self._used.append(index)
             bucket = self._bucket_of[index]
             self._waiting[bucket] -= 1
@@ -183,8 +178,8 @@ def reduce_direct(
     world_size: int,
     key: int,
     error: BaseException | None,
+    launcher: BucketLauncher,
     buffers: BufferShare | None = None,
-    launcher: BucketLauncher | None = None,
 ) -> KeyboardInterrupt | None:
     """The direct step's all-reduce and agreement, on the calling thread; raises if the step failed.
 
@@ -201,7 +196,6 @@ def reduce_direct(
         StepMismatchError: ranks computed different steps, plans or task weights.
     """
     accumulator = record.accumulator
-    launcher = launcher if launcher is not None else BucketLauncher(accumulator, group)
     agreement = accumulator.agreement.view(AGREEMENT_SLOTS, world_size)
     try:  # in the buckets' own dtype (float32 or float64 for gradients), never the default dtype
         entry = [_OK if error is None else _FAILED, key // _HALF, key % _HALF]

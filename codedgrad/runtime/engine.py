@@ -498,7 +498,7 @@ class CodedDataParallel(nn.Module):
         key = step_key(record.step, plan.version, plan.fingerprint, digest)
         try:
             interrupted = reduce_direct(
-                record, group, self._rank, self._world_size, key, error, self._buffer_share, launcher
+                record, group, self._rank, self._world_size, key, error, launcher, self._buffer_share
             )
         except BaseException as failure:
             record.finish(StepPhase.FAILED, failure)

@@ -382,11 +382,8 @@ class ReplanPolicy:
         are compared in the time of a share (:func:`share_seconds`): a re-fitted cost shape moves
         every rank's per-task mean, which is not wander.
         """
-        speeds = tuple(
-            share_seconds(m.profile, share)
-            for m in shared
-            if m.profile is not None and share_seconds(m.profile, share) > 0
-        )
+        times = (share_seconds(m.profile, share) for m in shared if m.profile is not None)
+        speeds = tuple(t for t in times if t > 0)
         previous, self._speeds = self._speeds, speeds if len(speeds) == len(shared) else None
         if previous is None or self._speeds is None or len(previous) != len(speeds):
             return FIRST_WINDOW_ERROR  # one window (the first, warm-up's noisiest) cannot show its wander
