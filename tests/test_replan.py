@@ -30,8 +30,8 @@ TRUE = (
 )
 
 
-def shared(profiles, step_time=0.1, samples=100, speed_error=None):
-    return [Measurement(p, step_time, samples, speed_error=speed_error) for p in profiles]
+def shared(profiles, step_time=0.1, samples=100, speed_error=None, step_error=None):
+    return [Measurement(p, step_time, samples, speed_error=speed_error, step_error=step_error) for p in profiles]
 
 
 def test_the_first_measurement_replaces_the_guess():
@@ -119,6 +119,17 @@ def test_a_switch_that_made_steps_slower_is_reverted_and_held():
     assert policy.decide(TRUE, True, 32, shared(reversed_speeds))[0] == "keep"
     # ...then the switch may be tried again.
     assert policy.decide(TRUE, True, 32, shared(reversed_speeds))[0] == "switch"
+
+
+def test_a_slower_window_within_the_windows_noise_does_not_revert_a_switch():
+    """Windows of a few jittery steps: a slowdown within two combined errors is noise, not the switch."""
+    for error, expected in ((0.05, "keep"), (0.01, "revert")):
+        policy = ReplanPolicy(threshold=0.1)
+        action, new = policy.decide(TRUE, True, 32, shared(TRUE[::-1], step_time=0.100, step_error=error))
+        assert action == "switch"
+        # 12 % slower: beyond half the threshold; within 2 * sqrt(2) * 5 % = 14 %, not 2.8 %.
+        later = shared(TRUE[::-1], step_time=0.112, step_error=error)
+        assert policy.decide(new, True, 32, later)[0] == expected, error
 
 
 def test_a_switch_that_paid_is_kept():

@@ -82,6 +82,8 @@ class Measurement:
             :func:`pool_equal_speeds`; None when unknown.
         shape_known: ``cost``'s calls spanned sizes at least 2x apart, so its split into fixed and
             per-sample parts means something (calls of one size are fitted as all per sample).
+        step_error: the relative standard error of ``step_time`` (from the window's spread), or None
+            with fewer than 3 steps: whether a switch made steps slower is judged against it.
     """
 
     profile: WorkerProfile | None
@@ -94,6 +96,7 @@ class Measurement:
     call_seconds: float | None = None
     speed_error: float | None = None
     shape_known: bool = True
+    step_error: float | None = None
 
     def to_json(self) -> str:
         profile = profiles_to_dict([self.profile]) if self.profile is not None else None
@@ -110,6 +113,7 @@ class Measurement:
                 "call_seconds": self.call_seconds,
                 "speed_error": self.speed_error,
                 "shape_known": self.shape_known,
+                "step_error": self.step_error,
             }
         )
 
@@ -120,11 +124,12 @@ class Measurement:
         cost = CostModel(*data["cost"]) if data.get("cost") is not None else None
         whole = bool(data.get("whole_calls", False))
         weight = float(data.get("task_weight", 0.0))
-        call, error = data.get("call_seconds"), data.get("speed_error")
+        call, error, step_error = data.get("call_seconds"), data.get("speed_error"), data.get("step_error")
         return Measurement(
             profile, data["step_time"], int(data.get("samples", 0)), cost, whole, weight,
             float(data.get("call_tasks", 0.0)), float(call) if call is not None else None,
             float(error) if error is not None else None, bool(data.get("shape_known", True)),
+            float(step_error) if step_error is not None else None,
         )  # fmt: skip
 
 
@@ -276,6 +281,7 @@ class ReplanPolicy:
     direct: bool = False
     _previous: tuple[WorkerProfile, ...] | None = field(default=None, repr=False)  # the plan before a switch
     _window_before: float | None = field(default=None, repr=False)  # its measured step time
+    _window_error_before: float = field(default=0.0, repr=False)  # that time's relative error
     _switched_to: tuple[WorkerProfile, ...] | None = field(default=None, repr=False)  # the fits switched on
     _hold: int = field(default=0, repr=False)
     _speeds: tuple[float, ...] | None = field(default=None, repr=False)  # each rank's mean at the last exchange
@@ -301,12 +307,18 @@ class ReplanPolicy:
         shared = harmonize(shared, num_tasks, self.direct, self._cost_shape)
         times = [m.step_time for m in shared if m.step_time is not None]
         window = float(np.median(times)) if len(times) == len(shared) else None
+        window_error = _window_step_error(shared)
         if self._previous is not None and window is not None and self._window_before is not None:
             previous, before, switched_to = self._previous, self._window_before, self._switched_to
             self._previous = self._window_before = self._switched_to = None
-            # The switch made real steps slower by more than half the threshold: go back, and hold.
-            # Unless the ranks' speeds changed since (the fits moved): then the windows do not compare.
-            if window > before * (1.0 + self.threshold / 2) and not _speeds_changed(switched_to, shared, share):
+            # The switch made real steps slower by more than half the threshold and by more than the
+            # two windows' noise: go back, and hold. (A window is a few steps: with jittery tasks its
+            # median moves by 5-10 %, and a margin of half the threshold alone reverted a right
+            # switch about every other time.) Unless the ranks' speeds changed since (the fits
+            # moved): then the windows do not compare.
+            noise = SAME_SPEED_Z * math.hypot(self._window_error_before, window_error)
+            slower = window > before * (1.0 + max(self.threshold / 2, noise))
+            if slower and not _speeds_changed(switched_to, shared, share):
                 self._hold = self.hold_exchanges
                 return "revert", previous
         if self._hold > 0:
@@ -370,6 +382,7 @@ class ReplanPolicy:
             return "switch", measured
         if self._pays(measured, current, num_tasks):
             self._previous, self._window_before, self._switched_to = tuple(current), window, measured
+            self._window_error_before = window_error
             return "switch", measured
         return "keep", None
 
@@ -475,6 +488,13 @@ def _speeds_changed(before: Sequence[WorkerProfile] | None, shared: Sequence[Mea
         if abs(now - then) > SPEED_CHANGE * then:
             return True
     return False
+
+
+def _window_step_error(shared: Sequence[Measurement]) -> float:
+    """The relative error of a window's step time: the median of the ranks' (0 where unknown). Every
+    rank times the same synchronous steps, so the ranks' errors are not independent samples."""
+    errors = [m.step_error for m in shared if m.step_error is not None]
+    return float(np.median(errors)) if len(errors) == len(shared) else 0.0
 
 
 def predicted_step_time(profiles: Sequence[WorkerProfile], split: Sequence[int]) -> float:

@@ -231,6 +231,10 @@ class Planner:
                 profile = WorkerProfile(shift=shift, mean=mean, std=min(profile.std, mean))
         steps = list(self._step_seconds)
         step_time = float(np.median(steps)) if steps else None
+        step_error = None
+        if len(steps) >= 3 and step_time:  # the median's error, from the spread (MAD)
+            spread = 1.4826 * float(np.median(np.abs(np.array(steps) - step_time)))
+            step_error = spread / step_time / math.sqrt(len(steps))
         whole = cost is not None and not chunked
         call_tasks = sum(n * n for n, _, _ in calls) / sum(n for n, _, _ in calls) if calls else 0.0
         call_seconds, error = None, None
@@ -252,8 +256,9 @@ class Planner:
         small = sum(1 for w in sizes if 2 * w <= max(sizes)) if sizes else 0
         shape_known = min(small, len(sizes) - small) >= SHAPE_CALLS
         return Measurement(
-            profile, step_time, len(tasks), cost, whole, task_weight, call_tasks, call_seconds, error, shape_known
-        )
+            profile, step_time, len(tasks), cost, whole, task_weight, call_tasks, call_seconds, error, shape_known,
+            step_error,
+        )  # fmt: skip
 
     def _adopt(self, num_tasks: int, profiles: tuple[WorkerProfile, ...], measured: bool, step: int) -> None:
         """Build the plan, agree its fingerprint with every rank, and only then make it current."""
