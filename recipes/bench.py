@@ -100,6 +100,10 @@ def engine_report(infos: list[StepInfo]) -> dict[str, float]:
         tasks = [t for r in rows for t in getattr(r, "task_seconds", [])]
         out["task_seconds"] = float(np.mean(tasks)) if tasks else math.nan
         out["calls"] = float(np.mean([len(getattr(r, "task_seconds", ())) for r in rows]))
+        if all(hasattr(r, "plan_version") for r in rows):  # the engines': how often the plan moved
+            out["direct"] = float(np.mean([bool(getattr(r, "direct", False)) for r in rows]))
+            versions = [r.plan_version for r in rows]
+            out["plan_switches"] = float(sum(a != b for a, b in zip(versions, versions[1:])))
     for key in {k for i in infos for k in i.extra}:
         out[key] = float(np.mean([i.extra.get(key, math.nan) for i in infos]))
     return out
