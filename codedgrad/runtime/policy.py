@@ -23,6 +23,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -410,8 +411,8 @@ class ReplanPolicy:
     def _pays(self, measured: Sequence[WorkerProfile], current: Sequence[WorkerProfile], num_tasks: int) -> bool:
         """Whether the split from ``measured`` beats ``current``'s split by more than the threshold (both
         predicted with the measured profiles)."""
-        now = predicted_step_time(measured, optimal_split(list(current), num_tasks, 1.0, self.gamma))
-        proposed = predicted_step_time(measured, optimal_split(list(measured), num_tasks, 1.0, self.gamma))
+        now = predicted_step_time(measured, _split(tuple(current), num_tasks, self.gamma))
+        proposed = predicted_step_time(measured, _split(tuple(measured), num_tasks, self.gamma))
         return proposed < (1.0 - self.threshold) * now
 
     def state_dict(self) -> dict:
@@ -495,6 +496,13 @@ def _window_step_error(shared: Sequence[Measurement]) -> float:
     rank times the same synchronous steps, so the ranks' errors are not independent samples."""
     errors = [m.step_error for m in shared if m.step_error is not None]
     return float(np.median(errors)) if len(errors) == len(shared) else 0.0
+
+
+@lru_cache(maxsize=16)
+def _split(profiles: tuple[WorkerProfile, ...], num_tasks: int, gamma: float) -> tuple[int, ...]:
+    """:func:`~codedgrad.plan.optimal_split` without redundancy, cached: every exchange splits the
+    profiles of the plan in use again (a split costs ~0.3 ms of the compute thread)."""
+    return tuple(optimal_split(list(profiles), num_tasks, 1.0, gamma))
 
 
 def predicted_step_time(profiles: Sequence[WorkerProfile], split: Sequence[int]) -> float:

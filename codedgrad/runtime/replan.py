@@ -253,7 +253,8 @@ class Planner:
         # end of a range of sizes at least 2x wide: one odd call (an epoch's smaller last batch)
         # among hundreds of one size pins the intercept on its own noise.
         sizes = [w for w, _ in self._calls]
-        small = sum(1 for w in sizes if 2 * w <= max(sizes)) if sizes else 0
+        largest = max(sizes, default=0.0)
+        small = sum(1 for w in sizes if 2 * w <= largest)
         shape_known = min(small, len(sizes) - small) >= SHAPE_CALLS
         return Measurement(
             profile, step_time, len(tasks), cost, whole, task_weight, call_tasks, call_seconds, error, shape_known,
