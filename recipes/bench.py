@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import json
 import math
 import time
@@ -34,10 +35,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from codedgrad.recipes.bench import (
     EXACT,
+    STRATEGIES,
     CostCurve,
     StepInfo,
     Workload,
-    available,
     balanced_counts,
     build_strategy,
     build_workload,
@@ -103,7 +104,7 @@ def engine_report(infos: list[StepInfo]) -> dict[str, float]:
         if all(hasattr(r, "plan_version") for r in rows):  # the engines': how often the plan moved
             out["direct"] = float(np.mean([bool(getattr(r, "direct", False)) for r in rows]))
             versions = [r.plan_version for r in rows]
-            out["plan_switches"] = float(sum(a != b for a, b in zip(versions, versions[1:])))
+            out["plan_switches"] = float(sum(a != b for a, b in itertools.pairwise(versions)))
     for key in {k for i in infos for k in i.extra}:
         out[key] = float(np.mean([i.extra.get(key, math.nan) for i in infos]))
     return out
@@ -191,8 +192,6 @@ def run_profile(cfg: DictConfig, workload: Workload, curve: CostCurve, allreduce
             "gradient_relative_error": worst[s],
             "per_rank": [rank_info[s] for rank_info in per_rank],
         }
-        if s == "coded":
-            entry["batched_tasks"] = strategies[s].batched
         result["strategies"][s] = entry
     return result
 
@@ -321,9 +320,9 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=cfg.engine.timeout))
     world = dist.get_world_size()
-    missing = [s for s in cfg.strategies if not available(s)]
-    if missing:
-        raise SystemExit(f"strategies: {', '.join(missing)} not available here (codedgrad.baselines missing)")
+    unknown = [s for s in cfg.strategies if s not in STRATEGIES]
+    if unknown:  # before any collective or measurement
+        raise SystemExit(f"strategies: unknown {', '.join(unknown)} (known: {', '.join(STRATEGIES)})")
     stamp = [datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")]
     dist.broadcast_object_list(stamp, src=0)
     out = Path(cfg.out_dir) / stamp[0]

@@ -26,7 +26,6 @@ waits for the other ranks, which is not compute).
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import subprocess
 import time
@@ -43,7 +42,7 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from codedgrad import CodedDataParallel
+from codedgrad import CodedDataParallel, baselines
 from codedgrad.emulate import Heterogeneity
 from codedgrad.lightning._timed_hook import TimedHookState, timed_coded_hook
 from codedgrad.recipes.datamodules import build_datamodule
@@ -320,29 +319,20 @@ class DDPStep:
         """Nothing to end: DDP needs no clean-up."""
 
 
-def _takes_batch_loss() -> bool:
-    return "batch_loss" in inspect.signature(CodedDataParallel.backward).parameters
-
-
 class EngineStep:
     """A :class:`~codedgrad.CodedDataParallel` (``coded``, ``cyclic``) or a baseline with the same shape."""
 
     def __init__(self, engine: Any, num_tasks: int) -> None:
         self.engine, self.module, self.num_tasks = engine, engine.module, num_tasks
-        # The engine runs several of a rank's tasks as one micro-batch when given batch_loss; an engine
-        # without it runs every task alone (each call a batch of one task).
-        self.batched = not isinstance(engine, CodedDataParallel) or _takes_batch_loss()
 
     def backward(self, loss_for: LossFor) -> StepInfo:
         """One step of the engine; its report is kept in :attr:`StepInfo.report`."""
         start = time.perf_counter()
         batch_loss = loss_for(self.module)
-        if not isinstance(self.engine, CodedDataParallel):
-            report = self.engine.backward(batch_loss, self.num_tasks)
-        elif self.batched:
+        if isinstance(self.engine, CodedDataParallel):  # a rank's tasks in a few chunks (micro-batches)
             report = self.engine.backward(tasks=self.num_tasks, batch_loss=batch_loss)
         else:
-            report = self.engine.backward(lambda j: batch_loss([j]), self.num_tasks)
+            report = self.engine.backward(batch_loss, self.num_tasks)
         info = StepInfo(time.perf_counter() - start, report)
         plan = getattr(self.engine, "plan", None)
         if plan is not None:
@@ -383,24 +373,11 @@ def build_strategy(
     if name == "cyclic":
         return EngineStep(CodedDataParallel(module, code="cyclic", redundancy=2, emulate=het, **args), num_tasks)
     if name in ("drop_slowest", "pulling"):
-        from codedgrad import baselines  # built by another engineer; absent before it lands
-
         timeout = float(args.get("timeout", 300.0))
         if name == "drop_slowest":
             return EngineStep(baselines.DropSlowest(module, backups=1, emulate=het, timeout=timeout), num_tasks)
         return EngineStep(baselines.DynamicPulling(module, emulate=het, timeout=timeout), num_tasks)
     raise ValueError(f"strategies: unknown strategy {name!r} (known: {', '.join(STRATEGIES)})")
-
-
-def available(name: str) -> bool:
-    """Whether strategy ``name`` can be built here (the baselines need :mod:`codedgrad.baselines`)."""
-    if name not in ("drop_slowest", "pulling"):
-        return name in STRATEGIES
-    try:
-        import codedgrad.baselines  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # -- exactness -----------------------------------------------------------------------------------
