@@ -296,6 +296,8 @@ def test_a_rank_that_slowed_down_is_measured_at_its_new_speed_at_once():
     typical = fixed + per_task * measured.call_tasks
     assert measured.cost.seconds(3.0 * measured.call_tasks) == pytest.approx(typical, rel=0.05)  # the old speed
     assert measured.call_seconds == pytest.approx(3 * typical, rel=0.05)
+    # ...and so does its per-task profile: the model's per-task part at the window's level.
+    assert measured.profile.mean == pytest.approx(3 * per_task, rel=0.05)
     assert measured.shape_known  # calls of 1 to 8 tasks
     # Calls of one size, and one odd call among them, do not show the shape.
     planner = Planner(None, EngineConfig(), rank=0, world_size=2)  # type: ignore[arg-type]

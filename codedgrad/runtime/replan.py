@@ -10,6 +10,7 @@ switches plans is :class:`~codedgrad.runtime.policy.ReplanPolicy`'s decision (ru
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import warnings
 from collections import deque
@@ -41,6 +42,10 @@ from codedgrad.runtime.policy import (
 )
 
 __all__ = ["COST_SAMPLES", "MIN_SAMPLES_REPLAN", "SHAPE_CALLS", "Plan", "Planner"]
+
+#: Every exchange's decision at DEBUG level (``logging.getLogger("codedgrad.replan")``): what each rank
+#: measured and what the plan became, to see why a plan moved (or did not).
+log = logging.getLogger("codedgrad.replan")
 
 #: A measurement gathers the newest windows until it holds this many task times (or :data:`MAX_WINDOWS`);
 #: with fewer, its speed error says how far to trust it (:func:`~codedgrad.runtime.policy.pool_equal_speeds`).
@@ -191,10 +196,16 @@ class Planner:
         self.shared_costs = tuple(m.cost for m in shared)
         self._policy.direct = self._direct_plans  # the plans decided on are costed like the one in use
         action, profiles = self._policy.decide(self.plan.profiles, self.plan.measured, self.plan.num_tasks, shared)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", _describe_exchange(step, self.plan, shared, action, profiles))
         if action == "keep" or profiles is None:
             return
         try:
             self._adopt(self.plan.num_tasks, profiles, measured=True, step=step)
+            if log.isEnabledFor(logging.DEBUG):
+                code = self.plan.code
+                tasks = [sum(len(w.tasks) for w in code.queue(r)) for r in range(self._world_size)]
+                log.debug("codedgrad: plan v%d from step %d: tasks per rank %s", self.plan.version, step, tasks)
         except ConfigurationError as error:  # raised alike on every rank: all keep the current plan
             warnings.warn(f"codedgrad: re-plan skipped on every rank: {error}", RuntimeWarning, stacklevel=3)
 
@@ -215,18 +226,28 @@ class Planner:
         # larger chunks, and so on. So with chunks the fixed part is taken out of every call and
         # becomes the profile's shift (per step: fixed · the calls of an even share), and the mean is the
         # per-task part of the cost model (per sample times the tasks' mean weight), the same
-        # whatever the chunk sizes; the spread is fitted to the calls' per-task times net of the
-        # fixed part. One task per call (task_loss) leaves the times as they are.
+        # whatever the chunk sizes, at the window's speed (below); the spread is fitted to the
+        # calls' per-task times net of the fixed part. One task per call (task_loss) leaves the
+        # times as they are.
         cost = self.cost_model()
         chunked = cost is not None and any(n > 1 for n, _, _ in calls)
         fixed = cost.fixed if cost is not None and chunked else 0.0
         tasks = [max(0.0, seconds - fixed) / n for n, _, seconds in calls for _ in range(n)]
         profile = fit_profile(tasks) if tasks else None  # the policy weighs a few by their error
         task_weight = sum(w for _, w, _ in calls) / sum(n for n, _, _ in calls) if calls else 0.0
-        if profile is not None and cost is not None and chunked:
+        # The window's calls against the cost model: their median ratio is the window's speed level.
+        # The model is fitted to the newest 256 calls, which a rank that changed speed a few windows
+        # ago outvotes: its shape holds, its level is the window's. (A plan of direct steps runs one
+        # call size, so the policy cannot re-read the window's speed through the cost shape either:
+        # without this level a 4x change of speed moved the profile for 20 steps and more.)
+        ratios = np.array(
+            [seconds / cost.seconds(w) for _, w, seconds in calls if cost.seconds(w) > 0] if cost is not None else []
+        )
+        level = float(np.median(ratios)) if ratios.size else 1.0
+        if profile is not None and cost is not None and chunked and level > 0:
             num_tasks = self.plan.num_tasks if self.plan is not None else self._world_size
-            shift = chunk_calls_shift(fixed, num_tasks, self._world_size, self._direct_plans)
-            mean = cost.per_sample * task_weight
+            shift = chunk_calls_shift(fixed * level, num_tasks, self._world_size, self._direct_plans)
+            mean = cost.per_sample * task_weight * level
             if mean > 0:
                 profile = WorkerProfile(shift=shift, mean=mean, std=min(profile.std, mean))
         steps = list(self._step_seconds)
@@ -239,9 +260,8 @@ class Planner:
         call_tasks = sum(n * n for n, _, _ in calls) / sum(n for n, _, _ in calls) if calls else 0.0
         call_seconds, error = None, None
         if cost is not None and calls:
-            ratios = np.array([seconds / cost.seconds(w) for _, w, seconds in calls if cost.seconds(w) > 0])
             if ratios.size:
-                middle = float(np.median(ratios))
+                middle = level
                 call_seconds = middle * cost.seconds(task_weight * call_tasks)
                 if ratios.size >= 3 and middle > 0:  # the median's error, from the spread (MAD)
                     error = 1.4826 * float(np.median(np.abs(ratios - middle))) / middle / math.sqrt(ratios.size)
@@ -383,3 +403,23 @@ class Planner:
         self._pending = None  # an exchange in flight belongs to the run that was replaced
         self._steps_since_exchange = int(state.get("steps_since_exchange", 0))
         self._policy.load_state_dict(state.get("policy", {}))
+
+
+def _describe_exchange(
+    step: int, plan: Plan, shared: list[Measurement], action: str, profiles: tuple[WorkerProfile, ...] | None
+) -> str:
+    """One line per exchange for the DEBUG log: per rank, the task times measured (per-task mean in ms,
+    its relative error, the typical call's tasks) and the profiles planned before and after."""
+
+    def ms(p: WorkerProfile | None) -> str:
+        return "-" if p is None else f"{p.shift * 1e3:.2f}+{p.mean * 1e3:.2f}"
+
+    measured = ", ".join(
+        f"{ms(m.profile)} ±{m.speed_error or 0:.0%} ({m.samples} tasks, calls of {m.call_tasks:.1f})" for m in shared
+    )
+    planned = ", ".join(ms(p) for p in plan.profiles)
+    after = ", ".join(ms(p) for p in profiles) if profiles is not None else "as before"
+    return (
+        f"codedgrad: exchange at step {step} (plan v{plan.version}): {action}; measured (shift+mean ms) "
+        f"[{measured}]; planned [{planned}] -> [{after}]"
+    )
