@@ -112,7 +112,7 @@ _idle_lock = threading.Lock()
 
 def take_wait_client(store: dist.Store) -> dist.Store | None:
     """A second client of ``store``: an idle one this process opened before, or a new clone (None
-    where ``store`` cannot be cloned, e.g. a HashStore). Give it back with :func:`give_back_wait_client`."""
+    where ``store`` cannot be cloned, e.g. a FileStore). Give it back with :func:`give_back_wait_client`."""
     with _idle_lock:
         entry = _idle_clients.get(id(store))
         if entry is not None and entry[1]:
@@ -163,12 +163,9 @@ class StoreCoordinator:
         self.world_size = world_size
         self.timeout = timeout
         self.steps_behind = steps_behind
-        if wait_store is None:
-            try:
-                wait_store = store.clone()
-            except (RuntimeError, NotImplementedError):  # e.g. a FileStore or HashStore: share the client
-                wait_store = store
-        self.wait_store = wait_store
+        # Without a client of its own (a store that cannot be cloned), the waits share the compute thread's.
+        client = wait_store if wait_store is not None else take_wait_client(store)
+        self.wait_store = client if client is not None else store
         self.has_wait_client = self.wait_store is not store
         self._lock = threading.Lock()  # the deferred lists are used by both threads
         # (step after which every rank is past the key, key): this rank's keys, deleted by this rank,

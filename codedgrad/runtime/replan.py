@@ -202,12 +202,13 @@ class Planner:
             return
         try:
             self._adopt(self.plan.num_tasks, profiles, measured=True, step=step)
-            if log.isEnabledFor(logging.DEBUG):
-                code = self.plan.code
-                tasks = [sum(len(w.tasks) for w in code.queue(r)) for r in range(self._world_size)]
-                log.debug("codedgrad: plan v%d from step %d: tasks per rank %s", self.plan.version, step, tasks)
         except ConfigurationError as error:  # raised alike on every rank: all keep the current plan
             warnings.warn(f"codedgrad: re-plan skipped on every rank: {error}", RuntimeWarning, stacklevel=3)
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            code = self.plan.code
+            tasks = [sum(len(w.tasks) for w in code.queue(r)) for r in range(self._world_size)]
+            log.debug("codedgrad: plan v%d from step %d: tasks per rank %s", self.plan.version, step, tasks)
 
     def _measure(self) -> Measurement:
         """Fit the newest windows that together hold enough task times (or None).
@@ -252,21 +253,14 @@ class Planner:
                 profile = WorkerProfile(shift=shift, mean=mean, std=min(profile.std, mean))
         steps = list(self._step_seconds)
         step_time = float(np.median(steps)) if steps else None
-        step_error = None
-        if len(steps) >= 3 and step_time:  # the median's error, from the spread (MAD)
-            spread = 1.4826 * float(np.median(np.abs(np.array(steps) - step_time)))
-            step_error = spread / step_time / math.sqrt(len(steps))
+        step_error = _median_error(np.array(steps), step_time) if len(steps) >= 3 and step_time else None
         whole = cost is not None and not chunked
         call_tasks = sum(n * n for n, _, _ in calls) / sum(n for n, _, _ in calls) if calls else 0.0
         call_seconds, error = None, None
         if cost is not None and calls:
             if ratios.size:
-                middle = level
-                call_seconds = middle * cost.seconds(task_weight * call_tasks)
-                if ratios.size >= 3 and middle > 0:  # the median's error, from the spread (MAD)
-                    error = 1.4826 * float(np.median(np.abs(ratios - middle))) / middle / math.sqrt(ratios.size)
-                else:
-                    error = FEW_SAMPLES_ERROR
+                call_seconds = level * cost.seconds(task_weight * call_tasks)
+                error = _median_error(ratios, level) if ratios.size >= 3 and level > 0 else FEW_SAMPLES_ERROR
         elif profile is not None and profile.mean > 0:
             error = profile.std / profile.mean / math.sqrt(len(tasks)) if len(tasks) >= 3 else FEW_SAMPLES_ERROR
         # The fit tells a call's fixed part from its per-sample part only with several calls at each
@@ -403,6 +397,11 @@ class Planner:
         self._pending = None  # an exchange in flight belongs to the run that was replaced
         self._steps_since_exchange = int(state.get("steps_since_exchange", 0))
         self._policy.load_state_dict(state.get("policy", {}))
+
+
+def _median_error(values: np.ndarray, median: float) -> float:
+    """The relative standard error of ``median`` (the median of ``values``), from their spread (MAD)."""
+    return 1.4826 * float(np.median(np.abs(values - median))) / median / math.sqrt(values.size)
 
 
 def _describe_exchange(
