@@ -667,27 +667,3 @@ def test_a_chunk_after_the_decision_is_not_used():
     assert a.commit_all((0, 1)) and b.commit_all((2, 3))
     assert a.refresh().decided
     assert a.commit_all((0, 1)) is False
-
-
-def test_a_wait_client_given_back_is_the_next_engines_and_never_shared_while_taken(server):
-    """Engines built one after another in a process reuse one second Store client (a TCPStore connect
-    sometimes takes 5 s); two engines alive at once get two; a Store without clients shares itself."""
-    from codedgrad.runtime.coordinator import give_back_wait_client, take_wait_client
-
-    _, connections = server
-    base = connections[0][0]
-    first = take_wait_client(base)
-    assert first is not None and first is not base
-    give_back_wait_client(base, first)
-    again = take_wait_client(base)
-    assert again is first  # no new connection
-    other = take_wait_client(base)  # the first is still taken: a client of its own
-    assert other is not first and other is not base
-    again.set("pool-probe", b"1")
-    assert other.get("pool-probe") == b"1"  # both talk to the same server
-    give_back_wait_client(base, again)
-    give_back_wait_client(base, other)
-    hashed = dist.HashStore()
-    client = take_wait_client(hashed)
-    hashed.set("k", b"v")
-    assert client is not None and client.get("k") == b"v"

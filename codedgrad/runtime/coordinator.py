@@ -101,35 +101,6 @@ def _read_header(value: bytes, key: str, step: int) -> tuple[int, int, int, byte
     return header
 
 
-# One process's idle second clients of a Store, by the Store they were opened against (kept alive
-# with them, so its id is never reused). An engine takes one for its release thread's blocking waits
-# and gives it back at close: c10d's TCPStore sometimes takes exactly 5 s to connect a new client
-# (measured: 1 of about 12 connects per process, 4-8 processes opening clients together), so a
-# process that builds engine after engine pays that once, not once per engine.
-_idle_clients: dict[int, tuple[dist.Store, list[dist.Store]]] = {}
-_idle_lock = threading.Lock()
-
-
-def take_wait_client(store: dist.Store) -> dist.Store | None:
-    """A second client of ``store``: an idle one this process opened before, or a new clone (None
-    where ``store`` cannot be cloned, e.g. a FileStore). Give it back with :func:`give_back_wait_client`."""
-    with _idle_lock:
-        entry = _idle_clients.get(id(store))
-        if entry is not None and entry[1]:
-            return entry[1].pop()
-    try:
-        return store.clone()
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-def give_back_wait_client(store: dist.Store, client: dist.Store) -> None:
-    """Keep ``client`` (from :func:`take_wait_client` of ``store``) for the next engine; only once no
-    thread uses it any more."""
-    with _idle_lock:
-        _idle_clients.setdefault(id(store), (store, []))[1].append(client)
-
-
 def weights_digest(weights: Sequence[float]) -> bytes:
     """8 bytes that differ when the task weights differ (compared byte for byte across ranks)."""
     return hashlib.sha256(repr(tuple(float(w) for w in weights)).encode()).digest()[:8]
@@ -143,29 +114,18 @@ class StoreCoordinator:
         rank: this rank.
         world_size: number of ranks.
         timeout: seconds a wait may go on without progress from another rank.
-        steps_behind: how many steps a rank's compute thread may be behind its release.
-        wait_store: the same namespace on a second client, for the release thread's blocking waits
-            (see :func:`take_wait_client`); None: a clone of ``store``, or ``store`` itself where it
-            cannot be cloned.
     """
 
-    def __init__(
-        self,
-        store: dist.Store,
-        rank: int,
-        world_size: int,
-        timeout: float,
-        steps_behind: int = 0,
-        wait_store: dist.Store | None = None,
-    ) -> None:
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout: float, steps_behind: int = 0) -> None:
         self.store = store
         self.rank = rank
         self.world_size = world_size
         self.timeout = timeout
         self.steps_behind = steps_behind
-        # Without a client of its own (a store that cannot be cloned), the waits share the compute thread's.
-        client = wait_store if wait_store is not None else take_wait_client(store)
-        self.wait_store = client if client is not None else store
+        try:
+            self.wait_store = store.clone()
+        except (RuntimeError, NotImplementedError):  # e.g. a FileStore or HashStore: share the client
+            self.wait_store = store
         self.has_wait_client = self.wait_store is not store
         self._lock = threading.Lock()  # the deferred lists are used by both threads
         # (step after which every rank is past the key, key): this rank's keys, deleted by this rank,

@@ -42,13 +42,7 @@ from codedgrad.profile import WorkerProfile
 from codedgrad.runtime.buffers import FlatGradients
 from codedgrad.runtime.compute import MAX_OVERHEAD_SHARE, StepLoss, TaskRunner
 from codedgrad.runtime.config import AUTO, ConfigurationError, EngineConfig, agree, describe_module
-from codedgrad.runtime.coordinator import (
-    StepChannel,
-    StepMismatchError,
-    StoreCoordinator,
-    give_back_wait_client,
-    take_wait_client,
-)
+from codedgrad.runtime.coordinator import StepChannel, StepMismatchError, StoreCoordinator
 from codedgrad.runtime.coordinator import weights_digest as _digest
 from codedgrad.runtime.devices import DeviceSeat, SeatError, shared_devices
 from codedgrad.runtime.direct import AGREEMENT_SLOTS, BucketLauncher, reduce_direct, step_key
@@ -172,15 +166,11 @@ class CodedDataParallel(nn.Module):
             name = str(next(_instances.setdefault(group_ranks, itertools.count())))
         group_id = hashlib.sha256(repr(group_ranks).encode()).hexdigest()[:12]
         safe_timeout = timeout if isinstance(timeout, Real) and math.isfinite(timeout) and timeout > 0 else 300.0
-        namespace = f"codedgrad/{_job_namespace()}/{group_id}/{name}"
-        self._store = store
-        self._wait_client = take_wait_client(store)  # given back at close, for the next engine
         self._coordinator = StoreCoordinator(
-            dist.PrefixStore(namespace, store),
+            dist.PrefixStore(f"codedgrad/{_job_namespace()}/{group_id}/{name}", store),
             self._rank,
             self._world_size,
             safe_timeout,
-            wait_store=dist.PrefixStore(namespace, self._wait_client) if self._wait_client is not None else None,
         )
         # Validate locally, then agree: a bad setting on one rank fails every rank with its message,
         # before any collective.
@@ -453,12 +443,9 @@ class CodedDataParallel(nn.Module):
         """
         if self._closed:
             return
-        stopped = self._stop_release(join_timeout=max(5.0, self.config.timeout), destroy_group=True)
+        self._stop_release(join_timeout=max(5.0, self.config.timeout), destroy_group=True)
         self._closed = True
         _open_engines.discard(self)
-        client, self._wait_client = self._wait_client, None
-        if stopped and client is not None:  # no thread waits on it any more
-            give_back_wait_client(self._store, client)
         try:
             self._coordinator.close()
         except (RuntimeError, dist.DistError) as error:  # the Store went away first (e.g. at exit)
@@ -674,13 +661,12 @@ class CodedDataParallel(nn.Module):
         plan: Plan = record.plan  # type: ignore[assignment]
         return self._coordinator.channel(record.step, plan.code, plan.version, record.digest, wait=True)
 
-    def _stop_release(self, join_timeout: float, destroy_group: bool = False) -> bool:
-        """End the release thread (it is restarted at the next step), and destroy its group if asked.
-        False if the thread did not end in time (it may still use its group and Store client)."""
+    def _stop_release(self, join_timeout: float, destroy_group: bool = False) -> None:
+        """End the release thread (it is restarted at the next step), and destroy its group if asked."""
         releaser, self._releaser = self._releaser, None
         if releaser is not None and not releaser.close(join_timeout):
             self._broken = RuntimeError("the release thread did not end in time")
-            return False  # it may still use its group: leave the group alone
+            return  # it may still use its group: leave the group alone
         group, self._release_group = (self._release_group, None) if destroy_group else (None, self._release_group)
         if group is not None and dist.is_initialized():
             try:
@@ -689,7 +675,6 @@ class CodedDataParallel(nn.Module):
                 warnings.warn(
                     f"codedgrad: could not destroy the release's process group: {error}", RuntimeWarning, stacklevel=2
                 )
-        return True
 
     def _take_accumulator(self) -> FlatGradients:
         with self._free_lock:
