@@ -31,8 +31,12 @@ class _Record:
 class _Release(StepRelease[_Record]):
     """Serves a step by recording it; steps in ``fail`` end FAILED, steps in ``crash`` raise."""
 
-    def __init__(self, first_step: int = 0, max_steps_ahead: int = 2, fail=(), crash=()) -> None:
+    def __init__(self, first_step: int = 0, max_steps_ahead: int = 2, fail=(), crash=(), hold=None) -> None:
         super().__init__(first_step, max_steps_ahead, name="test-release")
+        self.hold: dict[int, threading.Event] = dict(hold or {})  # step: an event to wait for after its end
+        self.broken_store: set[int] = set()  # steps whose look-ahead raises
+        self.claim_while_probing: set[int] = set()
+        self.claimed: _Record | None = None
         self.served: list[tuple[int, bool]] = []
         self.begun: set[int] = set()  # steps "the other ranks began": _record_ahead finds them
         self.probed: set[int] = set()
@@ -48,9 +52,17 @@ class _Release(StepRelease[_Record]):
             self.served.append((record.step, record.ahead))
             self.served_event.notify_all()
         record.done.set()
+        if record.step in self.hold:  # the thread is descheduled after the record ended, before it books it
+            assert self.hold[record.step].wait(WAIT)
 
     def _record_ahead(self, step: int) -> _Record | None:
         self.probed.add(step)
+        if step in self.broken_store:
+            raise OSError("the Store is gone")
+        if step in self.claim_while_probing:  # the compute thread claims while the probe is out
+            self.left(step - 1)
+            self.claimed = self.claim(step, lambda: _Record(step))
+            return None
         return _Record(step, ahead=True) if step in self.begun else None
 
     def _serve_failed(self, record: _Record, error: BaseException) -> None:
@@ -125,6 +137,60 @@ def test_runs_ahead_of_a_stalled_compute_thread_at_most_max_steps(releases) -> N
     assert first.phase is StepPhase.REDUCED
     release.left(2)
     assert not threading.Event().wait(0.2) and len(release.served) == 5  # left step 2: not past step 4
+
+
+def test_a_step_claimed_right_after_the_last_one_ended_is_served(releases) -> None:
+    """Between a record's end (which wakes the compute thread) and the thread booking it, the compute
+    thread may leave the step, :meth:`skip_to` the next one and claim it: that step is still served.
+    (It was skipped, and the engine's compute thread waited for it for ever: about one launch in seven
+    of the engine's distributed tests hung so.)"""
+    booked = threading.Event()
+    release = releases(max_steps_ahead=0, hold={0: booked})
+    _done(release.claim(0, lambda: _Record(0)))
+    release.left(0)
+    release.skip_to(1)  # the engine calls it before every claim (after direct steps it did not serve)
+    second = release.claim(1, lambda: _Record(1))
+    assert not release.passed(1)
+    booked.set()
+    _done(second)
+    assert release.served == [(0, False), (1, False)]
+    assert release.passed(1)
+
+
+class _SlowProbes(_Release):
+    probe_intervals = (60.0, 60.0)  # a claim missed while looking ahead would wait a minute
+
+
+def test_a_claim_made_while_the_thread_looks_ahead_is_served_at_once() -> None:
+    """The claim's notification comes while the thread is out looking for the next step on the Store
+    (no one waits on the condition then): the thread must see the claim before it sleeps."""
+    release = _SlowProbes(max_steps_ahead=2)
+    release.claim_while_probing.add(1)
+    try:
+        _done(release.claim(0, lambda: _Record(0)))  # the compute thread stays inside step 0: look ahead
+        deadline = time.monotonic() + WAIT
+        while release.claimed is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert release.claimed is not None, "the thread never looked for step 1"
+        _done(release.claimed)
+        assert release.served == [(0, False), (1, False)]
+    finally:
+        assert release.close(WAIT)
+
+
+def test_a_look_ahead_that_raises_stops_running_ahead_and_keeps_serving(releases) -> None:
+    release = releases(max_steps_ahead=2)
+    release.broken_store.add(1)
+    with pytest.warns(RuntimeWarning, match="stops running ahead.*OSError: the Store is gone"):
+        _done(release.claim(0, lambda: _Record(0)))
+        deadline = time.monotonic() + WAIT
+        while 1 not in release.probed and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)  # the warning is issued right after the probe
+    assert 1 in release.probed and release.alive
+    release.left(0)
+    _done(release.claim(1, lambda: _Record(1)))
+    assert release.served == [(0, False), (1, False)]
 
 
 def test_no_run_ahead_without_max_steps_ahead(releases) -> None:

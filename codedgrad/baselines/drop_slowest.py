@@ -378,6 +378,8 @@ class DropSlowest:
         while not record.done.wait(timeout=1.0):
             if not self._release.alive:
                 raise BaselineStepError(f"DropSlowest: the release thread ended during step {record.step}")
+            if self._release.passed(record.step) and not record.done.is_set():  # never served: a bug
+                raise BaselineStepError(f"DropSlowest: the release thread went past step {record.step}")
 
     def _exact_gradient(
         self, local: list[torch.Tensor] | None, weights: tuple[float, ...], shares: list[range]

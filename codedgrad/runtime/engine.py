@@ -513,6 +513,11 @@ class CodedDataParallel(nn.Module):
             raise interrupted
         return report
 
+    def _release_gone_past(self, step: int) -> bool:
+        """Whether the release thread will never serve ``step``: it ended, or it went past it."""
+        releaser = self._releaser
+        return releaser is None or not releaser.alive or releaser.passed(step)
+
     def _wait_for_release(self, record: StepRecord, channel: StepChannel) -> None:
         """The step's reduction: on the release thread (wait for it), or here (synchronous step)."""
         begin = time.perf_counter()
@@ -523,6 +528,13 @@ class CodedDataParallel(nn.Module):
                     raise RuntimeError(
                         f"codedgrad: rank {self._rank}: the release thread ended during step {record.step}"
                     )
+                # A release that went past this step without ending its record never will: fail the
+                # step on every rank rather than wait for ever (``passed`` first: it is set after ``done``).
+                if releaser.passed(record.step) and not record.done.is_set():
+                    raise RuntimeError(
+                        f"codedgrad: rank {self._rank}: the release thread went past step {record.step} without "
+                        "reducing it (a bug in codedgrad: please report it)"
+                    )
         else:
             reduce_step(
                 record, channel, self._group, self._rank, self._buffer_share, cleanup=self._coordinator.step_done
@@ -530,6 +542,8 @@ class CodedDataParallel(nn.Module):
         waited = time.perf_counter() - begin - record.report.allreduce_time
         record.report.time_waited += max(0.0, waited)
         if record.phase is StepPhase.FAILED:
+            if isinstance(record.error, CollectiveFailed):
+                self._broken = record.error  # as after a direct step's: the group may be unusable
             raise record.error if record.error is not None else RuntimeError("codedgrad: the step failed")
 
     def _join_ahead(
@@ -563,7 +577,8 @@ class CodedDataParallel(nn.Module):
         under the lock, so the release can never arrive with it) and the others are woken. If it
         had, every rank goes on with the step; this waits for its end and says whether it completed.
         """
-        if record.fail(error):
+        failed_here = record.fail(error)
+        if failed_here:
             try:
                 channel.abandon(f"{type(error).__name__}: {error}")
             except Exception as store_error:
@@ -572,9 +587,16 @@ class CodedDataParallel(nn.Module):
                 )
             if not self._no_wait:
                 record.finish(StepPhase.FAILED)
-        if not record.done.wait(timeout=3 * self.config.timeout + 10):
-            self._broken = error  # a release thread still holds the accumulator: never reuse it
-            return False
+        deadline = time.monotonic() + 3 * self.config.timeout + 10
+        while not record.done.wait(timeout=1.0):
+            if failed_here and self._release_gone_past(record.step):
+                # Failed under the lock before any freeze, so no thread holds the accumulator; and the
+                # release, which ends such a record when it reaches the step, never will.
+                record.finish(StepPhase.FAILED)
+                break
+            if time.monotonic() > deadline:
+                self._broken = error  # a release thread still holds the accumulator: never reuse it
+                return False
         if record.phase is StepPhase.REDUCED:
             return True
         self._leave(record, failed=True)

@@ -219,6 +219,9 @@ class StepRelease(Generic[R]):
         name: the thread's name.
     """
 
+    #: Sleeps between two looks for a step the other ranks began: the first, and the longest (doubling).
+    probe_intervals: tuple[float, float] = (0.001, 0.02)
+
     def __init__(self, first_step: int, max_steps_ahead: int, name: str) -> None:
         self._max_ahead = max_steps_ahead
         self._cond = threading.Condition()
@@ -262,6 +265,12 @@ class StepRelease(Generic[R]):
         with self._cond:
             return any(step >= self._compute_step for step in self._records)
 
+    def passed(self, step: int) -> bool:
+        """Whether the thread has gone past ``step``. It serves steps in order and ends a record before it
+        moves on, so a record of ``step`` that is not done once this is True never will be."""
+        with self._cond:
+            return self._next > step
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -291,7 +300,8 @@ class StepRelease(Generic[R]):
     # -- the thread --------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        interval = 0.001
+        first, longest = self.probe_intervals
+        interval = first
         while True:
             with self._cond:
                 # Not a wait for another rank: idle until the compute thread submits a step or closes.
@@ -301,20 +311,27 @@ class StepRelease(Generic[R]):
                     return
                 record = self._records.get(self._next)
             if record is None:  # the compute thread is behind: join the next step if others began it
-                record = self._try_ahead(self._next)
+                record = self._probe_ahead(self._next)
                 if record is None:
                     with self._cond:
-                        self._cond.wait(interval)  # woken early by the compute thread's claim
-                    interval = min(2 * interval, 0.02)
+                        # A claim made while the probe was out (a Store round trip) has notified no
+                        # one: look again before sleeping, or the step waits out the interval.
+                        if not self._closing and self._next not in self._records:
+                            self._cond.wait(interval)  # woken early by the compute thread's claim
+                    interval = min(2 * interval, longest)
                     continue
-            interval = 0.001
+            interval = first
             try:
                 self._serve(record)
             except BaseException as error:  # the group may be unusable now: end the thread after this step
                 self._serve_failed(record, error)
                 return
             with self._cond:
-                self._next += 1
+                # Not ``+= 1``: between the record's end (which wakes the compute thread) and here, the
+                # compute thread may leave the step and :meth:`skip_to` the next one, which already
+                # moved ``_next`` on; counting it again skipped that step, whose compute thread then
+                # waited for it forever.
+                self._next = max(self._next, record.step + 1)
                 if record.phase is StepPhase.FAILED:
                     # Never run ahead of a failure: the compute thread decides what comes next.
                     self._compute_step = max(self._compute_step, record.step)
@@ -327,6 +344,22 @@ class StepRelease(Generic[R]):
         # Only after a step that this thread reduced and the compute thread has not left yet (it is
         # still inside it, or behind), never after a failure.
         return previous is not None and previous.phase is StepPhase.REDUCED and self._compute_step < self._next
+
+    def _probe_ahead(self, step: int) -> R | None:
+        """:meth:`_try_ahead`; if it raises (the Store, or memory for a record), stop running ahead for good
+        and say so: this thread must live on to serve the steps the compute thread claims."""
+        try:
+            return self._try_ahead(step)
+        except Exception as error:
+            with self._cond:
+                self._max_ahead = 0
+            warnings.warn(
+                f"codedgrad: the release stops running ahead of this rank's compute thread: looking for step "
+                f"{step} failed ({type(error).__name__}: {error})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
 
     def _try_ahead(self, step: int) -> R | None:
         record = self._record_ahead(step)
