@@ -5,6 +5,10 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
 BIN := $(VENV)/bin
+# c10d looks up a name for every Store address it connects to (a reverse DNS query that /etc/hosts
+# does not answer). Where the resolver drops a query, glibc waits 5 s before it retries, and a
+# launch or an engine starts 5 s late: for a local answer one second is plenty (docs/design.md).
+export RES_OPTIONS ?= timeout:1 attempts:1
 STAMP := $(VENV)/.codedgrad-installed
 DEMO_DIR ?= outputs/demo
 PAPER_DIR ?= outputs/paper
