@@ -219,11 +219,16 @@ def test_replanning_follows_measured_speeds(exact):
         assert result["replan"]["new_k_error"] <= 1e-10
         # Spare work judges task times against the clock only while they are measured for this K.
         assert result["replan"]["measured_before_k_change"] and not result["replan"]["measured_after_k_change"]
-    # Before the change speeds are 1, 1, 2, 4: measured means fall and primaries rise with rank.
+    # Before the change speeds are 1, 1, 2, 4: measured means fall and primaries rise with rank. This
+    # is the first measured plan, from the warm-up's window, where ranks measured less than ~28 %
+    # apart are pooled (policy.FIRST_WINDOW_ERROR) until the next exchange tells them apart: with
+    # jitter 0.3, a speed-1 rank's window at -13 % and a speed-2 rank's at +23 % (seen) share one
+    # profile, in about one run in seven. So a slower rank may tie with a faster one, never pass it.
     mid = exact[0]["replan"]["means_mid"]
-    assert mid[3] < mid[2] < min(mid[0], mid[1]), mid
+    assert mid[3] < mid[2] <= min(mid[0], mid[1]), mid
     primaries_mid = [r["replan"]["primaries_mid"] for r in exact]
-    assert primaries_mid[3] > primaries_mid[2] > max(primaries_mid[0], primaries_mid[1]), primaries_mid
+    assert primaries_mid[3] > primaries_mid[2] >= max(primaries_mid[0], primaries_mid[1]), primaries_mid
+    assert sum(primaries_mid[2:]) > sum(primaries_mid[:2]), primaries_mid  # the measured speeds, not even
     # After the change (4, 2, 1, 1) the order flips.
     end = exact[0]["replan"]["means_end"]
     assert end[0] < end[1] < min(end[2], end[3]), end
