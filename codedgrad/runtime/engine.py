@@ -688,7 +688,10 @@ class CodedDataParallel(nn.Module):
         releaser, self._releaser = self._releaser, None
         if releaser is not None and not releaser.close(join_timeout):
             self._broken = RuntimeError("the release thread did not end in time")
-            return  # it may still use its group: leave the group alone
+            # It may still use its group: leave the group alone, now and at a later close() (destroying
+            # a group under a thread inside one of its collectives aborts the process).
+            self._release_group = None
+            return
         group, self._release_group = (self._release_group, None) if destroy_group else (None, self._release_group)
         if group is not None and dist.is_initialized():
             try:
