@@ -82,7 +82,9 @@ def test_logged_loss_and_hooks_see_the_global_batch(results: list[dict]) -> None
 def test_a_stalled_rank_does_not_hold_the_others_at_the_next_step_start(results: list[dict]) -> None:
     # Rank 1 stalls 1.5 s in step 2; the others finish step 2 without it and start step 3 at once (with
     # Lightning's per-step broadcast they would wait at step 3's start until rank 1 got there).
-    stalled_end = results[1]["fit"]["reports"][2]["end"]
+    stalled = results[1]["fit"]["reports"][2]
+    stalled_end = stalled["end"]
+    assert stalled_end - stalled["start"] >= 1.4, stalled  # the premise: rank 1 did stall in step 2
     for rank in (0, 2):
         start = results[rank]["fit"]["reports"][3]["start"]
         # With a barrier, start >= stalled_end; half a second of margin keeps a loaded machine from flaking.

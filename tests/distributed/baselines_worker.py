@@ -182,7 +182,9 @@ def run_failures(rank: int) -> dict:
     two = Heterogeneity(speeds=[1.0, 1.0], base=0.01)
     out["world_mismatch"] = expect_error((ConfigurationError,), lambda: DropSlowest(model, emulate=two))
 
-    emulate = Heterogeneity(speeds=SPEEDS, base=BASE, jitter=0.0)
+    # Ranks 0 and 1 stall 0.5 s after their first chunk of step 0 (the failing call's), so rank 2 pulls
+    # a task and raises even if it comes late: ranks 0 and 1 pull all 9 tasks in ~55 ms otherwise.
+    emulate = Heterogeneity(speeds=SPEEDS, base=BASE, jitter=0.0, forced_stalls=((0, 0, 0.5), (1, 0, 0.5)))
     with DynamicPulling(model, chunk=1, emulate=emulate, timeout=30) as pulling:
         loss = batch_loss_for(model, 0)
         out["pulling_too_few_tasks"] = expect_error((ValueError,), lambda: pulling.backward(loss, 2))

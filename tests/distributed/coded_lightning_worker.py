@@ -46,7 +46,11 @@ from tests.distributed.lightning_data import Recording, Stream, make_data, make_
 N, EVAL_N, BATCH = 100, 24, 8
 LR, MOMENTUM, CLIP, LR_STEP, LR_GAMMA = 0.1, 0.9, 0.5, 4, 0.5
 STALL = (1, 2, 1.5)  # rank 1 stalls 1.5 s in its first task of engine step 2
-EMULATE = Heterogeneity(speeds=(1.0, 2.0, 4.0), base=0.002, jitter=0.2, seed=0, forced_stalls=(STALL,))
+# Ranks 0 and 2 spend 0.3 s on their first task of step 2, so that rank 1 is inside its first task
+# (and stalls) before they could cover its share: with 1-2 ms tasks a rank 1 that came 20-40 ms late
+# found step 2 decided and never stalled.
+PACE = ((0, 2, 0.3), (2, 2, 0.3))
+EMULATE = Heterogeneity(speeds=(1.0, 2.0, 4.0), base=0.002, jitter=0.2, seed=0, forced_stalls=(STALL, *PACE))
 TIMEOUT = 60.0
 
 

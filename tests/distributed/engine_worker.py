@@ -468,10 +468,10 @@ def scenario_failures(rank: int, world: int) -> dict:
     # A buffer makes every completed step end with a broadcast: rank 1 must take part in it too.
     with_buffer = make_model(torch.float64)
     with_buffer.register_buffer("marker", torch.full((3,), float(rank)))
-    # Every task takes 50 ms, so that rank 1 is inside its first task before the others can cover its
-    # share: with the tiny model's 1-2 ms tasks a rank late by a few ms into step 1 found the step
-    # decided, computed nothing and had no error to report (one fresh-clone run in several).
-    paced = Heterogeneity(speeds=[1.0] * world, base=0.05, jitter=0.0, seed=0)
+    # Every task takes 100 ms, so that rank 1 is inside its first task before the others can cover its
+    # share (~300 ms): with the tiny model's 1-2 ms tasks a rank late by a few ms into step 1 found the
+    # step decided, computed nothing and had no error to report (one fresh-clone run in several).
+    paced = Heterogeneity(speeds=[1.0] * world, base=0.1, jitter=0.0, seed=0)
     cdp = CodedDataParallel(with_buffer, redundancy=1.0, spare_work=True, replan_every=0, timeout=10.0, emulate=paced)
     results["late_task_error"] = run_with_task_error(cdp, rank, delay=1.5)
     results["late_task_error"]["buffer"] = with_buffer.marker.tolist()
