@@ -45,7 +45,10 @@ def test_a_stall_inside_a_task_holds_nobody(results):
     stalled = results[1]["stalled_plain"]
     assert stalled["step_time"][5] >= 2.5, stalled["step_time"][:8]  # it did stall
     ahead = [step for step, flag in enumerate(stalled["ahead"]) if flag]
-    assert ahead and min(ahead) == 6, ahead  # the steps after the stall were completed for it
+    # The steps after the stall were completed for it, one run from step 6. (A step before 5 may be
+    # completed for it too, correctly, when rank 1 came ~100 ms late into it on a loaded machine.)
+    after = [step for step in ahead if step > 5]
+    assert after and after == list(range(6, 6 + len(after))), ahead
     assert max(ahead) < len(stalled["ahead"]) - 1, ahead  # and ordinary steps followed before the comparison
     assert all(stalled["computed"][step] == 0 for step in ahead), stalled["computed"]
     assert all(stalled["step_time"][step] < 0.5 for step in ahead), stalled["step_time"]  # it catches up
