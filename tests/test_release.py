@@ -69,7 +69,7 @@ class _Release(StepRelease[_Record]):
         record.phase, record.error = StepPhase.FAILED, error
         record.done.set()
 
-    def wait_served(self, count: int) -> None:
+    def wait_count(self, count: int) -> None:
         with self.served_event:
             if not self.served_event.wait_for(lambda: len(self.served) >= count, WAIT):
                 pytest.fail(f"waited {WAIT} s for {count} steps served; served: {self.served}")
@@ -119,7 +119,7 @@ def test_runs_ahead_of_a_stalled_compute_thread_at_most_max_steps(releases) -> N
     release = releases(max_steps_ahead=2)
     release.begun.update({1, 2, 3, 4})
     first = _done(release.claim(0, lambda: _Record(0)))  # the compute thread stays inside step 0
-    release.wait_served(3)
+    release.wait_count(3)
     assert release.served == [(0, False), (1, True), (2, True)]
     assert release.holds_steps()
     time.sleep(0.2)  # time to look for step 3, were it allowed to
@@ -132,7 +132,7 @@ def test_runs_ahead_of_a_stalled_compute_thread_at_most_max_steps(releases) -> N
         if step == 1:
             release.left(step)
     # Stalled inside step 2 now: the window moved on, to steps 3 and 4.
-    release.wait_served(5)
+    release.wait_count(5)
     assert release.served[3:] == [(3, True), (4, True)]
     assert first.phase is StepPhase.REDUCED
     release.left(2)
@@ -150,11 +150,21 @@ def test_a_step_claimed_right_after_the_last_one_ended_is_served(releases) -> No
     release.left(0)
     release.skip_to(1)  # the engine calls it before every claim (after direct steps it did not serve)
     second = release.claim(1, lambda: _Record(1))
-    assert not release.passed(1)
+    assert release.will_serve(1)
     booked.set()
     _done(second)
     assert release.served == [(0, False), (1, False)]
-    assert release.passed(1)
+    assert not release.will_serve(1)
+
+
+def test_wait_served_says_why_a_record_will_never_be_done(releases) -> None:
+    release = releases(max_steps_ahead=0)
+    assert release.wait_served(_done(release.claim(0, lambda: _Record(0)))) is None
+    release.left(0)
+    assert release.close(WAIT)
+    orphan = release.claim(1, lambda: _Record(1))  # nobody will serve it
+    assert not release.will_serve(1)
+    assert release.wait_served(orphan) == "the release thread ended during step 1"
 
 
 class _SlowProbes(_Release):

@@ -375,11 +375,9 @@ class DropSlowest:
 
     def _wait(self, record: _Step) -> None:
         # The release's own waits are bounded (the gate by ``timeout``, the collective by the group's).
-        while not record.done.wait(timeout=1.0):
-            if not self._release.alive:
-                raise BaselineStepError(f"DropSlowest: the release thread ended during step {record.step}")
-            if self._release.passed(record.step) and not record.done.is_set():  # never served: a bug
-                raise BaselineStepError(f"DropSlowest: the release thread went past step {record.step}")
+        problem = self._release.wait_served(record)
+        if problem is not None:
+            raise BaselineStepError(f"DropSlowest: {problem}")
 
     def _exact_gradient(
         self, local: list[torch.Tensor] | None, weights: tuple[float, ...], shares: list[range]

@@ -513,28 +513,15 @@ class CodedDataParallel(nn.Module):
             raise interrupted
         return report
 
-    def _release_gone_past(self, step: int) -> bool:
-        """Whether the release thread will never serve ``step``: it ended, or it went past it."""
-        releaser = self._releaser
-        return releaser is None or not releaser.alive or releaser.passed(step)
-
     def _wait_for_release(self, record: StepRecord, channel: StepChannel) -> None:
         """The step's reduction: on the release thread (wait for it), or here (synchronous step)."""
         begin = time.perf_counter()
         if self._no_wait:
+            # A release that will never end this record fails the step on every rank, not a wait for ever.
             releaser = self._releaser
-            while not record.done.wait(timeout=1.0):
-                if releaser is None or not releaser.alive:
-                    raise RuntimeError(
-                        f"codedgrad: rank {self._rank}: the release thread ended during step {record.step}"
-                    )
-                # A release that went past this step without ending its record never will: fail the
-                # step on every rank rather than wait for ever (``passed`` first: it is set after ``done``).
-                if releaser.passed(record.step) and not record.done.is_set():
-                    raise RuntimeError(
-                        f"codedgrad: rank {self._rank}: the release thread went past step {record.step} without "
-                        "reducing it (a bug in codedgrad: please report it)"
-                    )
+            problem = "the release thread is gone" if releaser is None else releaser.wait_served(record)
+            if problem is not None:
+                raise RuntimeError(f"codedgrad: rank {self._rank}: {problem}")
         else:
             reduce_step(
                 record, channel, self._group, self._rank, self._buffer_share, cleanup=self._coordinator.step_done
@@ -589,7 +576,8 @@ class CodedDataParallel(nn.Module):
                 record.finish(StepPhase.FAILED)
         deadline = time.monotonic() + 3 * self.config.timeout + 10
         while not record.done.wait(timeout=1.0):
-            if failed_here and self._release_gone_past(record.step):
+            releaser = self._releaser
+            if failed_here and (releaser is None or not releaser.will_serve(record.step)):
                 # Failed under the lock before any freeze, so no thread holds the accumulator; and the
                 # release, which ends such a record when it reaches the step, never will.
                 record.finish(StepPhase.FAILED)

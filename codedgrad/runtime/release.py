@@ -187,10 +187,11 @@ def read_decoded(record: StepRecord, group: dist.ProcessGroup | None, buffers: B
 
 
 class ServedStep(Protocol):
-    """What :class:`StepRelease` reads of a step's record: its step and how far it has got."""
+    """What :class:`StepRelease` reads of a step's record: its step, how far it has got, and its end."""
 
     step: int
     phase: StepPhase
+    done: threading.Event
 
 
 R = TypeVar("R", bound=ServedStep)
@@ -265,11 +266,23 @@ class StepRelease(Generic[R]):
         with self._cond:
             return any(step >= self._compute_step for step in self._records)
 
-    def passed(self, step: int) -> bool:
-        """Whether the thread has gone past ``step``. It serves steps in order and ends a record before it
-        moves on, so a record of ``step`` that is not done once this is True never will be."""
+    def will_serve(self, step: int) -> bool:
+        """Whether the thread may still serve ``step``: it is alive and has not gone past it. It serves
+        steps in order and ends a record before it moves on, so a record of ``step`` that is not done
+        once this is False never will be."""
         with self._cond:
-            return self._next > step
+            return self._thread.is_alive() and self._next <= step
+
+    def wait_served(self, record: R) -> str | None:
+        """Block until ``record`` is done (None), or say why it never will be: the thread ended, or it went
+        past the step without ending the record (a bug). Its own waits are bounded, so this is too."""
+        while not record.done.wait(timeout=1.0):
+            # ``done`` again after ``will_serve``: the thread sets it before it moves on.
+            if not self.will_serve(record.step) and not record.done.is_set():
+                if not self.alive:
+                    return f"the release thread ended during step {record.step}"
+                return f"the release thread went past step {record.step} without reducing it (a bug: please report it)"
+        return None
 
     @property
     def alive(self) -> bool:
@@ -311,7 +324,7 @@ class StepRelease(Generic[R]):
                     return
                 record = self._records.get(self._next)
             if record is None:  # the compute thread is behind: join the next step if others began it
-                record = self._probe_ahead(self._next)
+                record = self._try_ahead(self._next)
                 if record is None:
                     with self._cond:
                         # A claim made while the probe was out (a Store round trip) has notified no
@@ -345,11 +358,12 @@ class StepRelease(Generic[R]):
         # still inside it, or behind), never after a failure.
         return previous is not None and previous.phase is StepPhase.REDUCED and self._compute_step < self._next
 
-    def _probe_ahead(self, step: int) -> R | None:
-        """:meth:`_try_ahead`; if it raises (the Store, or memory for a record), stop running ahead for good
-        and say so: this thread must live on to serve the steps the compute thread claims."""
+    def _try_ahead(self, step: int) -> R | None:
+        """The record of ``step`` if the others began it, else None. If looking raises (the Store, or
+        memory for a record), stop running ahead for good and say so: this thread must live on to serve
+        the steps the compute thread claims."""
         try:
-            return self._try_ahead(step)
+            record = self._record_ahead(step)
         except Exception as error:
             with self._cond:
                 self._max_ahead = 0
@@ -360,9 +374,6 @@ class StepRelease(Generic[R]):
                 stacklevel=2,
             )
             return None
-
-    def _try_ahead(self, step: int) -> R | None:
-        record = self._record_ahead(step)
         if record is None:
             return None
         with self._cond:

@@ -241,9 +241,8 @@ class Planner:
         # ago outvotes: its shape holds, its level is the window's. (A plan of direct steps runs one
         # call size, so the policy cannot re-read the window's speed through the cost shape either:
         # without this level a 4x change of speed moved the profile for 20 steps and more.)
-        ratios = np.array(
-            [seconds / cost.seconds(w) for _, w, seconds in calls if cost.seconds(w) > 0] if cost is not None else []
-        )
+        predicted = [(seconds, cost.seconds(w)) for _, w, seconds in calls] if cost is not None else []
+        ratios = np.array([seconds / model for seconds, model in predicted if model > 0])
         level = float(np.median(ratios)) if ratios.size else 1.0
         if profile is not None and cost is not None and chunked and level > 0:
             num_tasks = self.plan.num_tasks if self.plan is not None else self._world_size
