@@ -11,6 +11,7 @@ import math
 
 import pytest
 
+from codedgrad.plan import optimal_split
 from codedgrad.profile import CostModel, WorkerProfile
 from codedgrad.runtime.policy import (
     FEW_SAMPLES_ERROR,
@@ -55,6 +56,10 @@ def test_an_even_guess_stays_even_when_measured_differences_are_noise():
     assert action == "switch" and profiles[:2] == wider[:2] and profiles[2] == profiles[3] != wider[2]
     # Measured with 5 % error, the window cannot tell the ranks apart: even, whatever the threshold.
     action, profiles = ReplanPolicy(threshold=0.003).decide(GUESS, False, 32, shared(noisy, 8, speed_error=0.05))
+    assert action == "switch" and len(set(profiles)) == 1
+    # However precise its own spread, one window's ranks 20 % apart may be its wander (FIRST_WINDOW_ERROR).
+    apart = tuple(WorkerProfile(0.0, 0.010 * f, 0.002) for f in (1.0, 1.0, 1.2, 1.2))
+    action, profiles = ReplanPolicy(threshold=0.05).decide(GUESS, False, 32, shared(apart, 8, speed_error=0.01))
     assert action == "switch" and len(set(profiles)) == 1
 
 
@@ -393,6 +398,61 @@ def test_a_change_within_twice_the_error_must_show_in_two_windows_in_a_row():
     assert policy.decide(even, True, 32, window(1)) == ("keep", None)  # then rank 1: wander
     action, profiles = policy.decide(even, True, 32, window(1))  # rank 1 again: a change
     assert action == "switch" and profiles[1].mean == pytest.approx(0.016) and len(set(profiles)) == 2
+
+
+def test_evidence_accumulates_so_that_ranks_one_window_cannot_tell_apart_are_told_apart_later():
+    """hetero4 under a direct plan: a window is 3-4 calls per rank (20 % error), and the speed-4 and
+    speed-2 ranks measure only 1.6x apart (per-task overhead): the first window rightly pools them.
+    The windows after it say the same, and together they are precise enough to tell them apart."""
+    measured = tuple(WorkerProfile(0.0, m, 0.1 * m) for m in (0.010, 0.016, 0.032, 0.032))
+    policy = ReplanPolicy(threshold=0.1)
+    action, first = policy.decide(GUESS, False, 32, shared(measured, speed_error=0.2))
+    assert action == "switch" and first[0] == first[1] != first[2]  # one window: pooled
+    current, splits = first, []
+    for _ in range(4):
+        action, profiles = policy.decide(current, True, 32, shared(measured, speed_error=0.2))
+        current = profiles if profiles is not None else current
+        splits.append(tuple(optimal_split(list(current), 32, 1.0)))
+    assert current[0].mean < current[1].mean < current[2].mean  # told apart: the fastest rank leads
+    assert splits[-1][0] > splits[-1][1] > splits[-1][2]
+    assert all(split == splits[-1] for split in splits[-2:])  # and then held
+
+
+def test_an_uneven_first_plan_that_made_steps_slower_goes_back_to_even():
+    """The first window is the noisiest: equal ranks, one of which measured 2x fast in it, get an uneven
+    split; when the next window's steps are slower than the even guess's were, the plan goes back to
+    even and holds. A first split that made steps faster stays."""
+    fast_one = tuple(WorkerProfile(0.0, 0.010 * f, 0.001) for f in (1.0, 0.5, 1.0, 1.0))
+    policy = ReplanPolicy(threshold=0.1, hold_exchanges=2)
+    action, uneven = policy.decide(GUESS, False, 32, shared(fast_one, step_time=0.100, speed_error=0.05))
+    assert action == "switch" and uneven[1].mean < uneven[0].mean  # trusted, for now
+    # Given more tasks, rank 1 runs the end of its steps alone on shared cores and still looks fast.
+    still = tuple(WorkerProfile(0.0, 0.010 * f, 0.001) for f in (1.0, 0.6, 1.0, 1.0))
+    action, back = policy.decide(uneven, True, 32, shared(still, step_time=0.130, step_error=0.02))
+    assert action == "revert" and len(set(back)) == 1 and back[0].mean == pytest.approx(0.00875)
+    assert policy.decide(back, True, 32, shared(fast_one, step_time=0.100))[0] == "keep"  # held
+    # A new K starts from a guess again: the first split made for the old K is not judged by its steps.
+    policy = ReplanPolicy(threshold=0.1)
+    policy.decide(GUESS, False, 32, shared(fast_one, step_time=0.100, speed_error=0.05))
+    assert policy.decide(GUESS, False, 64, shared(fast_one, step_time=0.300, samples=4)) == ("keep", None)
+    # hetero4 measured in the first window: the split made steps faster, so it stays.
+    policy = ReplanPolicy(threshold=0.1)
+    action, measured = policy.decide(GUESS, False, 32, shared(TRUE, step_time=0.160, speed_error=0.05))
+    assert action == "switch"
+    assert policy.decide(measured, True, 32, shared(TRUE, step_time=0.080, step_error=0.02))[0] == "keep"
+
+
+def test_a_homogeneous_cluster_whose_windows_wander_stays_even():
+    """Equal ranks whose windows wander by ±12 % in turn: the estimates converge on one speed, and the
+    plan stays even for many exchanges (no wander is mistaken for a change as the errors shrink)."""
+    policy = ReplanPolicy(threshold=0.1)
+    even = (WorkerProfile(0.0, 0.010, 0.001),) * 4
+    policy.decide(GUESS, False, 32, shared(even, speed_error=0.1))
+    factors = (1.12, 0.9, 1.0, 0.95)
+    for exchange in range(30):
+        turn = factors[exchange % 4 :] + factors[: exchange % 4]
+        window = [WorkerProfile(0.0, 0.010 * f, 0.001) for f in turn]
+        assert policy.decide(even, True, 32, shared(window, speed_error=0.1)) == ("keep", None), exchange
 
 
 def test_ranks_are_compared_in_the_time_of_a_share_not_in_their_per_task_mean():

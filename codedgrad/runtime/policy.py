@@ -12,9 +12,9 @@ things slower is reverted and the plan held for a while.
 
 What the policy plans with is filtered for noise, because on shared cores a rank's window speed
 wanders by 10–50 %: :func:`harmonize` describes every rank in one cost shape and reads its speed at
-its own call size, ranks it cannot tell apart share one pooled profile (:func:`pool_equal_speeds`),
-and a rank keeps its planned speed unless its window shows a change beyond its error, far beyond it
-or twice in a row.
+its own call size; a rank's windows accumulate in a :class:`SpeedEstimate` until one shows a change
+beyond their error, far beyond it or twice in a row; and ranks whose estimates cannot be told apart
+share one pooled profile (:func:`pool_equal_speeds`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ __all__ = [
     "SAME_SPEED_Z",
     "Measurement",
     "ReplanPolicy",
+    "SpeedEstimate",
     "chunk_calls_shift",
     "cost_shape",
     "harmonize",
@@ -233,8 +234,39 @@ MAX_WINDOW_NOISE = 0.15
 FIRST_WINDOW_ERROR = 0.1
 
 
+@dataclass(frozen=True)
+class SpeedEstimate:
+    """A rank's speed from one or more windows: the log of its time for a share
+    (:func:`share_seconds`), and that log's variance (the squared relative error)."""
+
+    log_seconds: float
+    variance: float
+    windows: int = 1
+
+    @staticmethod
+    def of(profile: WorkerProfile, error: float, share: float) -> SpeedEstimate:
+        """One window's (or a planned profile's) estimate, ``error`` its relative error."""
+        return SpeedEstimate(math.log(max(share_seconds(profile, share), 1e-12)), error**2)
+
+    @property
+    def seconds(self) -> float:
+        return math.exp(self.log_seconds)
+
+    @property
+    def error(self) -> float:
+        return math.sqrt(self.variance)
+
+    def merged(self, window: SpeedEstimate) -> SpeedEstimate:
+        """This estimate and a new window, each weighed by the inverse of its variance (the result's
+        error at least :data:`MIN_SPEED_ERROR`: no number of windows makes a speed exact)."""
+        weight, other = 1.0 / self.variance, 1.0 / window.variance
+        log_seconds = (weight * self.log_seconds + other * window.log_seconds) / (weight + other)
+        variance = max(MIN_SPEED_ERROR**2, 1.0 / (weight + other))
+        return SpeedEstimate(log_seconds, variance, self.windows + window.windows)
+
+
 def pool_equal_speeds(shared: Sequence[Measurement], error_floor: float = MIN_SPEED_ERROR) -> tuple[WorkerProfile, ...]:
-    """Every rank's profile, ranks that the window cannot tell apart sharing one pooled profile.
+    """Every rank's profile, ranks that the measurements cannot tell apart sharing one pooled profile.
 
     Ranks are taken from the fastest; a rank joins the group of the rank that opened it when their
     per-task means differ by less than :data:`SAME_SPEED_Z` times their combined relative error
@@ -290,6 +322,8 @@ class ReplanPolicy:
     _waited: int = field(default=0, repr=False)  # exchanges a guess has waited for enough task times
     _deviations: tuple[int, ...] = field(default=(), repr=False)  # per rank: the last window's _deviation
     _cost_shape: float | None = field(default=None, repr=False)  # the last known cost_shape
+    _estimates: tuple[SpeedEstimate, ...] = field(default=(), repr=False)  # per rank: its windows so far
+    _basis: tuple[int, bool] | None = field(default=None, repr=False)  # (K, direct) the speeds are read for
 
     def decide(
         self, current: Sequence[WorkerProfile], measured_before: bool, num_tasks: int, shared: Sequence[Measurement]
@@ -304,6 +338,14 @@ class ReplanPolicy:
             shared: every rank's measurement, in rank order.
         """
         share = num_tasks / len(shared)
+        if self._basis != (num_tasks, self.direct) or len(self._estimates) not in (0, len(shared)):
+            # A time for a share depends on K and on the calls a step is charged (direct or not):
+            # windows read in another basis neither accumulate nor show wander.
+            self._basis = (num_tasks, self.direct)
+            self._estimates = self._deviations = ()
+            self._speeds = None
+        if not measured_before:  # a new guess (a new K): a switch made for another K is not judged here
+            self._previous = self._window_before = self._switched_to = None
         self._cost_shape = cost_shape(shared, self._cost_shape)
         shared = harmonize(shared, num_tasks, self.direct, self._cost_shape)
         times = [m.step_time for m in shared if m.step_time is not None]
@@ -321,6 +363,7 @@ class ReplanPolicy:
             slower = window > before * (1.0 + max(self.threshold / 2, noise))
             if slower and not _speeds_changed(switched_to, shared, share):
                 self._hold = self.hold_exchanges
+                self._deviations = ()
                 return "revert", previous
         if self._hold > 0:
             self._hold -= 1
@@ -335,6 +378,7 @@ class ReplanPolicy:
                 self._waited += 1
                 return "keep", None
             self._waited = 0
+            made_up = [m.profile is None for m in shared]
             if short:  # waited long enough: a rank with no task time is planned like the others
                 pooled = _pooled([m.profile for m in shared if m.profile is not None])
                 shared = [
@@ -355,31 +399,68 @@ class ReplanPolicy:
             for m, c, n in zip(shared, current, self._unmeasured)
         ]
         noise = self._window_noise(shared, share)
+        errors = [max(noise, m.speed_error if m.speed_error is not None else 0.0) for m in shared]
+        windows = [SpeedEstimate.of(m.profile, e, share) for m, e in zip(shared, errors)]  # type: ignore[arg-type]
         if measured_before:
-            # A rank keeps the speed it is planned with unless its window shows a change beyond its
-            # error, far beyond it or in the same direction as in the window before: on shared cores
-            # the scheduler slows a rank by up to 2x for a window or two, and each plan switch costs a
-            # coded step. What earlier windows established is not lost to one noisy window.
-            deviations = [
-                _deviation(m, c, noise, share) if n == 0 else 0 for m, c, n in zip(shared, current, self._unmeasured)
-            ]
+            # A rank's speed is what its windows since its last change show together, each weighed by
+            # its error, so that evidence accumulates: one window of a direct plan is 3-4 calls per
+            # rank, and ranks 2x apart (1.6x measured: per-task overhead compresses speeds) cannot be
+            # told apart by any single window. Judged one window at a time against their pooled plan,
+            # such ranks stayed pooled for good (hetero4: the speed-4 and speed-2 ranks, [4, 4, 12, 12]).
+            # A window within the combined error joins the estimate. One beyond it is set aside, unless
+            # it is far beyond or in the same direction as the window before: then the estimate starts
+            # again from this window. On shared cores the scheduler slows a rank by up to 2x for a
+            # window or two, and each plan switch costs a coded step: what earlier windows established
+            # is not lost to one noisy window.
+            priors = self._priors(current, noise, share)
+            deviations = [_deviation(w, p) if n == 0 else 0 for w, p, n in zip(windows, priors, self._unmeasured)]
             before = self._deviations if len(self._deviations) == len(shared) else (0,) * len(shared)
             self._deviations = tuple(deviations)
-            kept = [
-                n == 0 and abs(d) < 2 and (d == 0 or d * b <= 0)
-                for d, b, n in zip(deviations, before, self._unmeasured)
-            ]
-            shared = [
-                replace(m, profile=_at_speed_of(m.profile, c, share), speed_error=None) if k else m
-                for m, c, k in zip(shared, current, kept)
-            ]
-        measured = pool_equal_speeds(shared, noise)
+            estimates = []
+            for own, prior, d, b, n in zip(windows, priors, deviations, before, self._unmeasured):
+                if n > 0:  # no window: the prior, as uncertain as the rank's (growing) error says
+                    estimates.append(SpeedEstimate(prior.log_seconds, max(prior.variance, own.variance), 1))
+                elif d == 0:
+                    estimates.append(prior.merged(own))
+                elif abs(d) < 2 and d * b <= 0:  # set aside: wander, unless the next window shows it too
+                    estimates.append(prior)
+                else:
+                    estimates.append(own)
+        else:
+            estimates = windows
+            self._deviations = ()
+        self._estimates = tuple(estimates)
+        if not measured_before:  # a profile made up for a rank without task times is no evidence
+            self._estimates = tuple(
+                SpeedEstimate(e.log_seconds, max(e.variance, 1.0), 0) if m else e for e, m in zip(estimates, made_up)
+            )
+        # An estimate's error is at least a window's wander over the square root of its windows, and
+        # no less than from four windows: windows do not wander independently (the scheduler favours a
+        # rank for a while; a rank given more tasks runs longer alone on shared cores), so many windows
+        # are less precise than their count says.
+        pooling_errors = [max(e.error, noise / math.sqrt(min(max(e.windows, 1), 4))) for e in estimates]
+        shared = [
+            replace(m, speed_error=error)
+            if e.log_seconds == w.log_seconds  # the window's speed: its profile as it is
+            else replace(m, profile=_at_speed(m.profile, e.seconds, share), speed_error=error)  # type: ignore[arg-type]
+            for m, w, e, error in zip(shared, windows, estimates, pooling_errors)
+        ]
+        measured = pool_equal_speeds(shared)
         if not measured_before:  # a guess, perhaps not even in seconds: always replace it
             even = (_pooled(measured),) * len(measured)
-            if len(set(current)) == 1 and not self._pays(measured, even, num_tasks):
-                # From an even guess, ranks whose measured differences do not pay for an uneven split
-                # (noise, on a homogeneous cluster) stay even: one pooled profile, in measured units.
-                return "switch", even
+            if len(set(current)) == 1:
+                if not self._pays(measured, even, num_tasks):
+                    # From an even guess, ranks whose measured differences do not pay for an uneven
+                    # split (noise, on a homogeneous cluster) stay even: one pooled profile, in
+                    # measured units.
+                    return "switch", even
+                # An uneven split from the first window is judged like any switch: if the next window's
+                # steps are slower than the even guess's, go back to even. The first window is the
+                # noisiest (warm-up; on shared cores one equal rank measured 1.9x faster than the
+                # others), and a rank given more tasks runs longer alone and keeps looking faster.
+                # (No speeds to compare it with: the first window's speeds are what is being judged.)
+                self._previous, self._window_before, self._switched_to = even, window, None
+                self._window_error_before = window_error
             return "switch", measured
         if self._pays(measured, current, num_tasks):
             self._previous, self._window_before, self._switched_to = tuple(current), window, measured
@@ -408,6 +489,13 @@ class ReplanPolicy:
         wander = 1.4826 * float(np.median(changes)) / math.sqrt(2.0)
         return min(MAX_WINDOW_NOISE, max(MIN_SPEED_ERROR, wander))
 
+    def _priors(self, current: Sequence[WorkerProfile], noise: float, share: float) -> list[SpeedEstimate]:
+        """Every rank's estimate so far; without one (a restored run, or K or the kind of step changed),
+        the profile it is planned with, as precise as a window's wander (``noise``)."""
+        if len(self._estimates) == len(current):
+            return list(self._estimates)
+        return [SpeedEstimate.of(c, noise, share) for c in current]
+
     def _pays(self, measured: Sequence[WorkerProfile], current: Sequence[WorkerProfile], num_tasks: int) -> bool:
         """Whether the split from ``measured`` beats ``current``'s split by more than the threshold (both
         predicted with the measured profiles)."""
@@ -425,7 +513,7 @@ class ReplanPolicy:
         shape = state.get("cost_shape")
         # What the windows since showed belongs to the run that was replaced.
         self._previous = self._window_before = self._switched_to = self._speeds = None
-        self._unmeasured = self._deviations = ()
+        self._unmeasured = self._deviations = self._estimates = ()
         self._waited = 0
         self._cost_shape = float(shape) if shape is not None else None
 
@@ -441,27 +529,28 @@ def share_seconds(profile: WorkerProfile, share: float) -> float:
     return profile.shift + share * profile.mean
 
 
-def _deviation(measurement: Measurement, planned: WorkerProfile, noise: float, share: float) -> int:
-    """How a rank's window compares with the profile it is planned with (both uncertain): 0 within
-    :data:`SAME_SPEED_Z` combined errors, +1 / -1 slower / faster beyond them, +2 / -2 beyond twice that."""
-    assert measurement.profile is not None
-    error = max(noise, measurement.speed_error if measurement.speed_error is not None else 0.0)
-    now, planned_seconds = share_seconds(measurement.profile, share), share_seconds(planned, share)
-    if now <= 0 or planned_seconds <= 0:
-        return 2
-    gap = math.log(now / planned_seconds)
-    bound = SAME_SPEED_Z * math.sqrt(2.0) * error
+def _deviation(window: SpeedEstimate, prior: SpeedEstimate) -> int:
+    """How a rank's window compares with its estimate so far (both uncertain): 0 within
+    :data:`SAME_SPEED_Z` combined errors, +1 / -1 slower / faster beyond them, +2 / -2 beyond twice
+    what they would be if the estimate were at least as uncertain as the window.
+
+    The last: a window's error describes its spread, not the scheduler's heavy tail (a rank slowed 2x
+    for a window): a precise estimate must not make one such window move the plan at once.
+    """
+    gap = window.log_seconds - prior.log_seconds
+    bound = SAME_SPEED_Z * math.sqrt(window.variance + prior.variance)
     if abs(gap) <= bound:
         return 0
-    return int(math.copysign(2 if abs(gap) > 2 * bound else 1, gap))
+    far = 2 * SAME_SPEED_Z * math.sqrt(window.variance + max(prior.variance, window.variance))
+    return int(math.copysign(2 if abs(gap) > far else 1, gap))
 
 
-def _at_speed_of(window: WorkerProfile | None, planned: WorkerProfile, share: float) -> WorkerProfile:
-    """The window's profile (its cost shape) scaled to the planned speed: a kept rank is planned in the
-    same shape as the ranks measured anew, so that only speeds, not shapes, tell ranks apart."""
-    if window is None or share_seconds(window, share) <= 0:
-        return planned
-    factor = share_seconds(planned, share) / share_seconds(window, share)
+def _at_speed(window: WorkerProfile, seconds: float, share: float) -> WorkerProfile:
+    """The window's profile (its cost shape) scaled to take ``seconds`` for a share: every rank is
+    planned in the same shape, so that only speeds, not shapes, tell ranks apart."""
+    if share_seconds(window, share) <= 0:
+        return WorkerProfile(shift=0.0, mean=seconds / share, std=0.0)
+    factor = seconds / share_seconds(window, share)
     return WorkerProfile(shift=window.shift * factor, mean=window.mean * factor, std=window.std * factor)
 
 
