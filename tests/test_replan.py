@@ -418,30 +418,6 @@ def test_evidence_accumulates_so_that_ranks_one_window_cannot_tell_apart_are_tol
     assert all(split == splits[-1] for split in splits[-2:])  # and then held
 
 
-def test_an_uneven_first_plan_that_made_steps_slower_goes_back_to_even():
-    """The first window is the noisiest: equal ranks, one of which measured 2x fast in it, get an uneven
-    split; when the next window's steps are slower than the even guess's were, the plan goes back to
-    even and holds. A first split that made steps faster stays."""
-    fast_one = tuple(WorkerProfile(0.0, 0.010 * f, 0.001) for f in (1.0, 0.5, 1.0, 1.0))
-    policy = ReplanPolicy(threshold=0.1, hold_exchanges=2)
-    action, uneven = policy.decide(GUESS, False, 32, shared(fast_one, step_time=0.100, speed_error=0.05))
-    assert action == "switch" and uneven[1].mean < uneven[0].mean  # trusted, for now
-    # Given more tasks, rank 1 runs the end of its steps alone on shared cores and still looks fast.
-    still = tuple(WorkerProfile(0.0, 0.010 * f, 0.001) for f in (1.0, 0.6, 1.0, 1.0))
-    action, back = policy.decide(uneven, True, 32, shared(still, step_time=0.130, step_error=0.02))
-    assert action == "revert" and len(set(back)) == 1 and back[0].mean == pytest.approx(0.00875)
-    assert policy.decide(back, True, 32, shared(fast_one, step_time=0.100))[0] == "keep"  # held
-    # A new K starts from a guess again: the first split made for the old K is not judged by its steps.
-    policy = ReplanPolicy(threshold=0.1)
-    policy.decide(GUESS, False, 32, shared(fast_one, step_time=0.100, speed_error=0.05))
-    assert policy.decide(GUESS, False, 64, shared(fast_one, step_time=0.300, samples=4)) == ("keep", None)
-    # hetero4 measured in the first window: the split made steps faster, so it stays.
-    policy = ReplanPolicy(threshold=0.1)
-    action, measured = policy.decide(GUESS, False, 32, shared(TRUE, step_time=0.160, speed_error=0.05))
-    assert action == "switch"
-    assert policy.decide(measured, True, 32, shared(TRUE, step_time=0.080, step_error=0.02))[0] == "keep"
-
-
 def test_a_homogeneous_cluster_whose_windows_wander_stays_even():
     """Equal ranks whose windows wander by ±12 % in turn: the estimates converge on one speed, and the
     plan stays even for many exchanges (no wander is mistaken for a change as the errors shrink)."""

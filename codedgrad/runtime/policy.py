@@ -448,19 +448,10 @@ class ReplanPolicy:
         measured = pool_equal_speeds(shared)
         if not measured_before:  # a guess, perhaps not even in seconds: always replace it
             even = (_pooled(measured),) * len(measured)
-            if len(set(current)) == 1:
-                if not self._pays(measured, even, num_tasks):
-                    # From an even guess, ranks whose measured differences do not pay for an uneven
-                    # split (noise, on a homogeneous cluster) stay even: one pooled profile, in
-                    # measured units.
-                    return "switch", even
-                # An uneven split from the first window is judged like any switch: if the next window's
-                # steps are slower than the even guess's, go back to even. The first window is the
-                # noisiest (warm-up; on shared cores one equal rank measured 1.9x faster than the
-                # others), and a rank given more tasks runs longer alone and keeps looking faster.
-                # (No speeds to compare it with: the first window's speeds are what is being judged.)
-                self._previous, self._window_before, self._switched_to = even, window, None
-                self._window_error_before = window_error
+            if len(set(current)) == 1 and not self._pays(measured, even, num_tasks):
+                # From an even guess, ranks whose measured differences do not pay for an uneven split
+                # (noise, on a homogeneous cluster) stay even: one pooled profile, in measured units.
+                return "switch", even
             return "switch", measured
         if self._pays(measured, current, num_tasks):
             self._previous, self._window_before, self._switched_to = tuple(current), window, measured
