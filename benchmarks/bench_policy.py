@@ -43,7 +43,9 @@ def split_of(profiles: tuple[WorkerProfile, ...], num_tasks: int) -> tuple[int, 
     return tuple(int(n) for n in optimal_split(list(profiles), num_tasks, 1.0))
 
 
-def run(speeds: tuple[float, ...], wander: float, error: float, args: argparse.Namespace, seed: int):
+def run(
+    speeds: tuple[float, ...], wander: float, error: float, args: argparse.Namespace, seed: int
+) -> tuple[int, float, tuple[int, ...]]:
     """One run: (switches after the first measured plan, mean step / ideal from exchange 5, final split)."""
     rng = random.Random(seed)
     true = [args.overhead + (1.0 - args.overhead) / s for s in speeds]

@@ -482,8 +482,9 @@ class ReplanPolicy:
 
     def _priors(self, current: Sequence[WorkerProfile], noise: float, share: float) -> list[SpeedEstimate]:
         """Every rank's estimate so far; without one (a restored run, or K or the kind of step changed),
-        the profile it is planned with, as precise as a window's wander (``noise``)."""
-        if len(self._estimates) == len(current):
+        the profile it is planned with, as precise as a window's wander (``noise``). ``decide`` has
+        dropped estimates of another world size, so any that are left are one per rank."""
+        if self._estimates:
             return list(self._estimates)
         return [SpeedEstimate.of(c, noise, share) for c in current]
 
